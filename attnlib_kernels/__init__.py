@@ -1,0 +1,1 @@
+"""Triton kernels for attnlib (attention, rotary/mRoPE). Importable without a GPU or Triton."""

@@ -1,0 +1,1 @@
+"""Small reference model blocks built only on attnlib."""
