@@ -1,0 +1,9 @@
+"""``flash``: placeholder until the backend is built; it resolves by name and falls back cleanly."""
+from __future__ import annotations
+
+from .base import PlaceholderBackend
+
+
+class FlashBackend(PlaceholderBackend):
+    def __init__(self):
+        super().__init__("flash", "not implemented yet in this attnlib version")

@@ -1,0 +1,225 @@
+"""The backend registry and the selection rules.
+
+Selection, first match wins:
+
+1. ``backend=`` on the call or on ``Attention(...)``;
+2. ``with attnlib.use_backend(name):`` (a contextvar: thread- and task-safe);
+3. the environment variable ``DIFFUSION_ATTENTION_BACKEND``;
+4. ``auto``: the first backend of ``AUTO_ORDER[device]`` that can serve the call.
+
+A chosen backend that cannot serve a call falls back to ``auto`` with one warning per
+(backend, reason), or raises :class:`BackendUnavailableError` when ``ATTNLIB_FALLBACK=error``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import threading
+import warnings
+from typing import Iterable, Iterator
+
+from .backends.base import Backend, PlaceholderBackend
+from .errors import BackendUnavailableError
+from .inputs import AttentionCall, validate_call
+
+ENV_BACKEND = "DIFFUSION_ATTENTION_BACKEND"
+ENV_FALLBACK = "ATTNLIB_FALLBACK"
+
+#: built-in backends: canonical name -> (module, class)
+BUILTIN_BACKENDS = {
+    "math": ("attnlib.backends.math", "MathBackend"),
+    "sdpa": ("attnlib.backends.sdpa", "SdpaBackend"),
+    "flex": ("attnlib.backends.flex", "FlexBackend"),
+    "flash": ("attnlib.backends.flash", "FlashBackend"),
+    "xformers": ("attnlib.backends.xformers", "XformersBackend"),
+    "triton": ("attnlib.backends.triton", "TritonBackend"),
+}
+
+#: other spellings (vLLM-Omni, diffusers, common shorthands), after lower-casing and '-' -> '_'
+ALIASES = {
+    # math
+    "_native_math": "math", "native_math": "math", "torch_math": "math", "reference": "math",
+    # sdpa
+    "torch_sdpa": "sdpa", "native": "sdpa", "native_sdpa": "sdpa", "_native_efficient": "sdpa",
+    "_native_cudnn": "sdpa", "scaled_dot_product_attention": "sdpa",
+    # flash
+    "flash_attn": "flash", "flash_attention": "flash", "flash_varlen": "flash", "_flash_3": "flash",
+    "_flash_varlen_3": "flash", "flash_attn_3": "flash", "fa2": "flash", "fa3": "flash", "fa4": "flash",
+    "_native_flash": "flash", "flash_attn_varlen": "flash",
+    # flex
+    "flex_attention": "flex", "_native_flex": "flex",
+    # xformers
+    "xformers_attn": "xformers",
+    # triton
+    "triton_attn": "triton", "attnlib_triton": "triton",
+}
+
+#: auto-selection order per device type; the first backend whose ``why_not`` is empty serves.
+#: Evidence for the order: docs/backends.md (benchmarks in bench/results/).
+AUTO_ORDER = {
+    "cuda": ("flash", "xformers", "triton", "sdpa", "flex", "math"),
+    "cpu": ("sdpa", "flex", "math"),
+}
+DEFAULT_AUTO_ORDER = ("sdpa", "math")
+
+_registry: dict[str, Backend] = {}
+_aliases: dict[str, str] = {}
+_extra_auto: dict[str, str] = {}          # third-party name -> name it is tried before
+_lock = threading.Lock()
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnlib_backend", default=None)
+_warned: set = set()
+
+
+def _load_builtins() -> None:
+    for name, (module, cls) in BUILTIN_BACKENDS.items():
+        try:
+            backend = getattr(importlib.import_module(module), cls)()
+        except (ImportError, AttributeError) as e:  # a module that cannot even import is reported, not fatal
+            backend = PlaceholderBackend(name, f"backend module failed to import: {e}")
+        _registry[name] = backend
+    _aliases.update(ALIASES)
+
+
+def register_backend(backend: Backend, *, aliases: Iterable[str] = (), auto_before: str | None = None,
+                     replace: bool = False) -> Backend:
+    """Add a backend (an instance of :class:`attnlib.backends.base.Backend`) under ``backend.name``.
+
+    ``aliases`` are extra spellings; ``auto_before`` names the backend it is tried before in auto
+    selection (left out: it is only used when asked for by name). ``replace=True`` swaps a backend
+    registered under the same name.
+    """
+    if not isinstance(backend, Backend):
+        raise TypeError(f"register_backend needs a Backend instance, got {type(backend).__name__}")
+    name = _normalize(backend.name)
+    if not name or name == "auto":
+        raise ValueError(f"backend name {backend.name!r} is reserved or empty")
+    with _lock:
+        if not _registry:
+            _load_builtins()
+        if (name in _registry or name in _aliases) and not replace:
+            raise ValueError(f"a backend named {name!r} is already registered; pass replace=True to swap it")
+        if auto_before is not None and _canonical(auto_before) not in _registry:
+            raise ValueError(f"auto_before={auto_before!r} is not a registered backend")
+        _registry[name] = backend
+        for a in aliases:
+            _aliases[_normalize(a)] = name
+        if auto_before is not None:
+            _extra_auto[name] = _canonical(auto_before)
+    return backend
+
+
+def _backends() -> dict[str, Backend]:
+    if not _registry:
+        with _lock:
+            if not _registry:
+                _load_builtins()
+    return _registry
+
+
+def _normalize(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def _canonical(name: str) -> str:
+    """Canonical backend name for any accepted spelling; ``ValueError`` listing valid names otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str name, got {type(name).__name__}")
+    n = _normalize(name)
+    reg = _backends()
+    if n == "auto" or n in reg:
+        return n
+    if n in _aliases:
+        return _aliases[n]
+    valid = ", ".join(["auto", *reg])
+    raise ValueError(f"unknown attention backend {name!r}; valid names: {valid} "
+                     f"(also vLLM-Omni/diffusers spellings such as TORCH_SDPA, FLASH_ATTN, native, _native_math, "
+                     f"flash_varlen, _flash_3)")
+
+
+def get_backend(name: str) -> Backend:
+    """The backend object for a name or alias (not ``auto``)."""
+    n = _canonical(name)
+    if n == "auto":
+        raise ValueError("'auto' is a selection rule, not a backend; use resolve_backend(...)")
+    return _backends()[n]
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Select a backend inside a ``with`` block (thread- and task-local); ``None`` clears the override."""
+    token = _override.set(None if name is None else _canonical(name))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def _requested(backend: str | None) -> tuple[str, str]:
+    if backend is not None:
+        return _canonical(backend), "the backend= argument"
+    ctx = _override.get()
+    if ctx is not None:
+        return ctx, "use_backend(...)"
+    env = os.environ.get(ENV_BACKEND)
+    if env:
+        return _canonical(env), f"${ENV_BACKEND}"
+    return "auto", "auto"
+
+
+def auto_order(device_type: str) -> tuple[str, ...]:
+    order = list(AUTO_ORDER.get(device_type, DEFAULT_AUTO_ORDER))
+    for name, before in _extra_auto.items():
+        if before in order:
+            order.insert(order.index(before), name)
+    return tuple(order)
+
+
+def _auto(call: AttentionCall) -> Backend:
+    reg = _backends()
+    reasons = {}
+    for name in auto_order(call.device.type):
+        b = reg[name]
+        why = b.why_not(call)
+        if not why:
+            return b
+        reasons[name] = why
+    raise BackendUnavailableError("no attention backend can serve this call", reasons)
+
+
+def select_backend(call: AttentionCall, backend: str | None = None) -> Backend:
+    """Apply the selection rules to a validated call."""
+    name, source = _requested(backend)
+    if name == "auto":
+        return _auto(call)
+    chosen = _backends()[name]
+    why = chosen.why_not(call)
+    if not why:
+        return chosen
+    if os.environ.get(ENV_FALLBACK, "warn").strip().lower() == "error":
+        raise BackendUnavailableError(f"backend {name!r} (chosen by {source}) cannot serve this call "
+                                      f"(${ENV_FALLBACK}=error forbids falling back)", {name: why})
+    fallback = _auto(call)
+    key = (name, tuple(why))
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"attnlib: backend {name!r} (chosen by {source}) cannot serve this call: {'; '.join(why)}; "
+                      f"using {fallback.name!r} instead (set {ENV_FALLBACK}=error to raise)", RuntimeWarning,
+                      stacklevel=4)
+    return fallback
+
+
+def resolve_backend(q, k, v, mask=None, backend: str | None = None, *, scale=None, return_lse: bool = False) -> str:
+    """The name of the backend that would serve this call (validates the inputs like a real call)."""
+    return select_backend(validate_call(q, k, v, mask, scale, return_lse), backend).name
+
+
+def list_backends() -> list[dict]:
+    """One row per registered backend: ``name``, ``available``, ``reason``, ``implementation``."""
+    rows = []
+    for name, b in _backends().items():
+        reason = b.unavailable_reason()
+        rows.append({"name": name, "available": reason is None, "reason": reason or "",
+                     "implementation": b.implementation if reason is None else ""})
+    return rows
