@@ -127,9 +127,15 @@ def _sdpa_with_lse(qh, kh, vh, attn_mask, is_causal: bool, scale: float):
         float_mask = attn_mask if attn_mask.dtype != torch.bool else torch.zeros(
             attn_mask.shape, dtype=qh.dtype, device=qh.device).masked_fill(~attn_mask, _NEG_INF)
     if qh.device.type == "cpu":
+        d, dv = qh.shape[-1], vh.shape[-1]
+        qp, kp, vp = qh, kx, vx
+        if dv < d:    # the fused kernel wants one head size: zero columns change no score and no output
+            vp = F.pad(vx, (0, d - dv))
+        elif d < dv:
+            qp, kp = F.pad(qh, (0, dv - d)), F.pad(kx, (0, dv - d))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            qh, kx, vx, 0.0, is_causal, attn_mask=float_mask, scale=scale)
-        return out, lse.float()
+            qp, kp, vp, 0.0, is_causal, attn_mask=float_mask, scale=scale)
+        return out[..., :dv], lse.float()
     if qh.device.type == "cuda" and qh.dtype != torch.float64:
         try:
             bias = None if float_mask is None else float_mask.expand(qh.shape[0], qh.shape[1], qh.shape[2], kx.shape[2])

@@ -1,0 +1,184 @@
+"""The conformance matrix: named cases (one per mask situation) run on a backend against ``math``.
+
+Shared by ``attnlib check`` and ``tests/test_conformance.py``, so the CLI and CI check the same
+thing. Shapes are small: the matrix must run in well under a minute on a 2-core CPU (and the Triton
+interpreter).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .masks import BlockDiagonal, Causal, DenseMask, KeyPadding
+from .testing import Comparison, compare, reference_and_naive
+
+#: (Hq, Hkv) per GQA ratio checked
+HEADS = {1: (4, 4), 2: (4, 2), 4: (4, 1)}
+HEAD_DIM = 32
+
+
+@dataclass(frozen=True)
+class Case:
+    """A named call: ``build(dtype, device, hq, hkv, gen) -> (q, k, v, mask)``."""
+
+    name: str
+    kind: str            # the mask kind it exercises (table column)
+    build: Callable
+    packed: bool = False
+    note: str = ""
+
+
+def _rand(gen, *shape, dtype, device):
+    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def _dense(b, sq, sk, mask_fn=lambda b, sq, sk, hq, gen, device: None, d=HEAD_DIM, dv=None):
+    dv = d if dv is None else dv
+
+    def build(dtype, device, hq, hkv, gen):
+        q = _rand(gen, b, sq, hq, d, dtype=dtype, device=device)
+        k = _rand(gen, b, sk, hkv, d, dtype=dtype, device=device)
+        v = _rand(gen, b, sk, hkv, dv, dtype=dtype, device=device)
+        return q, k, v, mask_fn(b, sq, sk, hq, gen, device)
+    return build
+
+
+def _packed(q_lens, kv_lens=None, causal=False, window=None, d=HEAD_DIM):
+    mask = BlockDiagonal(q_lens, kv_lens, causal=causal, window=window)
+
+    def build(dtype, device, hq, hkv, gen):
+        q = _rand(gen, mask.total_q, hq, d, dtype=dtype, device=device)
+        k = _rand(gen, mask.total_k, hkv, d, dtype=dtype, device=device)
+        v = _rand(gen, mask.total_k, hkv, d, dtype=dtype, device=device)
+        return q, k, v, mask
+    return build
+
+
+def _padding(kind):
+    def mask_fn(b, sq, sk, hq, gen, device):
+        valid = torch.ones(b, sk, dtype=torch.bool)
+        valid[0, sk - 5:] = False                  # right padding
+        valid[1, :7] = False                       # left padding
+        valid[2, 3:9] = False                      # a hole
+        valid[2, sk - 2:] = False
+        if kind == "empty":
+            valid[1] = False                       # a row with no visible key at all
+        return KeyPadding(valid.to(device))
+    return mask_fn
+
+
+def _dense_bool(b, sq, sk, hq, gen, device):
+    m = torch.rand(b, 1, sq, sk, generator=gen) > 0.4
+    m[0, 0, 2] = False                             # one query row sees nothing
+    return DenseMask(m.to(device))
+
+
+def _dense_additive(b, sq, sk, hq, gen, device):
+    bias = torch.randn(1, hq, sq, sk, generator=gen)
+    bias[..., ::3] = float("-inf")
+    return DenseMask(bias.to(device))
+
+
+def _const(mask):
+    return lambda b, sq, sk, hq, gen, device: mask
+
+
+CASES: tuple[Case, ...] = (
+    Case("full", "none", _dense(2, 33, 33)),
+    Case("full_cross", "none", _dense(2, 17, 40), note="Sq != Sk"),
+    Case("single_token", "none", _dense(1, 1, 1)),
+    Case("odd_head_dim", "none", _dense(2, 13, 21, d=24), note="D=24"),
+    Case("head_dim_v", "none", _dense(2, 13, 21, d=32, dv=16), note="Dv != D"),
+    Case("causal", "causal", _dense(2, 33, 33, _const(Causal()))),
+    Case("causal_decode", "causal", _dense(2, 1, 37, _const(Causal())), note="1 query vs 37-key cache"),
+    Case("causal_cache", "causal", _dense(2, 6, 29, _const(Causal())), note="prefill with cache: bottom-right"),
+    Case("causal_q_longer", "causal", _dense(2, 12, 7, _const(Causal())), note="Sq > Sk: 5 empty rows"),
+    Case("causal_top_left", "causal", _dense(2, 6, 29, _const(Causal(align="top_left")))),
+    Case("causal_window", "causal+window", _dense(2, 33, 33, _const(Causal(window=8)))),
+    Case("causal_window_cache", "causal+window", _dense(2, 5, 30, _const(Causal(window=7)))),
+    Case("varlen", "block_diagonal", _packed([7, 1, 19, 12]), packed=True),
+    Case("varlen_causal", "block_diagonal", _packed([7, 1, 19, 12], causal=True), packed=True),
+    Case("varlen_cache", "block_diagonal", _packed([3, 1, 5], [10, 1, 20], causal=True), packed=True,
+         note="per-request KV caches"),
+    Case("varlen_window", "block_diagonal", _packed([11, 16], causal=True, window=4), packed=True),
+    Case("cfg_branches", "block_diagonal", _packed([9, 9, 9], [30, 21, 14]), packed=True,
+         note="3 CFG branches, different cache lengths"),
+    Case("key_padding", "key_padding", _dense(3, 10, 21, _padding("holes"))),
+    Case("key_padding_empty_row", "key_padding", _dense(3, 10, 21, _padding("empty"))),
+    Case("dense_bool", "dense", _dense(2, 11, 19, _dense_bool)),
+    Case("dense_additive", "dense", _dense(2, 11, 19, _dense_additive)),
+)
+
+
+def case_names() -> list[str]:
+    return [c.name for c in CASES]
+
+
+def get_case(name: str) -> Case:
+    for c in CASES:
+        if c.name == name:
+            return c
+    raise KeyError(name)
+
+
+@dataclass
+class Result:
+    backend: str
+    case: str
+    dtype: torch.dtype
+    gqa: int
+    comparisons: list[Comparison] = field(default_factory=list)
+    skipped: str = ""          # why the backend cannot serve this call (then not a failure)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.skipped) or all(c.passed for c in self.comparisons)
+
+    @property
+    def worst(self) -> Comparison | None:
+        if not self.comparisons:
+            return None
+        return max(self.comparisons, key=lambda c: c.error / c.tol if c.tol else float("inf"))
+
+
+def run_case(backend: str, case: Case, dtype: torch.dtype, gqa: int = 1, *, device="cpu", grad: bool = False,
+             seed: int = 0) -> Result:
+    """Run one case on one backend and compare out, LSE (and grads) with the float64 reference."""
+    from .api import attention
+    from .inputs import validate_call
+    from .registry import get_backend
+
+    gen = torch.Generator().manual_seed(seed)
+    hq, hkv = HEADS[gqa]
+    q, k, v, mask = case.build(dtype, torch.device(device), hq, hkv, gen)
+    result = Result(backend, case.name, dtype, gqa)
+    if grad:
+        q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    call = validate_call(q, k, v, mask, None, True)
+    why = get_backend(backend).why_not(call)
+    if why:
+        result.skipped = "; ".join(why)
+        return result
+    out, lse = attention(q, k, v, mask, backend=backend, return_lse=True)
+    (ref_out, ref_lse), (naive_out, naive_lse) = reference_and_naive(q, k, v, mask, call.scale, packed=call.packed)
+    result.comparisons.append(compare(out, ref_out, naive_out, dtype, "out"))
+    result.comparisons.append(compare(lse, ref_lse, naive_lse, dtype, "lse"))
+    if grad:
+        result.comparisons.extend(_grad_comparisons(out, q, k, v, mask, call.scale, call.packed, dtype, gen))
+    return result
+
+
+def _grad_comparisons(out, q, k, v, mask, scale, packed, dtype, gen):
+    from .backends.math import reference_attention
+
+    dout = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref_out, _ = reference_attention(*leaves64, mask, scale, packed=packed, compute_dtype=torch.float64)
+    ref = torch.autograd.grad(ref_out, leaves64, dout.double())
+    leaves_lp = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    naive_out, _ = reference_attention(*leaves_lp, mask, scale, packed=packed, compute_dtype=dtype)
+    naive = torch.autograd.grad(naive_out, leaves_lp, dout)
+    return [compare(g, r, n, dtype, name) for g, r, n, name in zip(got, ref, naive, ("dq", "dk", "dv"))]

@@ -1,0 +1,86 @@
+"""The tolerance policy, in one place, for tests, ``attnlib check`` and anyone testing a backend.
+
+A backend passes when its max error against the float64 reference is at most
+``ERROR_RATIO`` times the error of a naive implementation in the same dtype (the plain formula
+computed in that dtype), plus a small floor — the policy of flash-attn's own tests. The error budget
+thus comes from the data, not from a constant per test.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .backends.math import reference_attention
+
+#: a backend may be this many times less accurate than the naive same-dtype implementation
+ERROR_RATIO = 2.0
+#: absolute floor per dtype (relative to the reference's magnitude, at least 1)
+ERROR_FLOOR = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 1e-4,
+    torch.bfloat16: 1e-3,
+}
+
+
+def max_abs_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max ``|x - ref|`` in float64; equal infinities (LSE ``-inf`` rows) count as 0, NaN as inf."""
+    x = x.detach().to(torch.float64)
+    ref = ref.detach().to(torch.float64)
+    if x.shape != ref.shape:
+        raise ValueError(f"shape {tuple(x.shape)} differs from reference {tuple(ref.shape)}")
+    if x.numel() == 0:
+        return 0.0
+    same_inf = torch.isinf(x) & torch.isinf(ref) & (torch.sign(x) == torch.sign(ref))
+    diff = (x - ref).abs().masked_fill(same_inf, 0.0)
+    diff = torch.nan_to_num(diff, nan=float("inf"), posinf=float("inf"))
+    return float(diff.max())
+
+
+def tolerance(naive_error: float, dtype: torch.dtype, ref: torch.Tensor | None = None) -> float:
+    """The allowed error: ``ERROR_RATIO * naive_error + floor(dtype) * max(1, max|ref|)``."""
+    scale = 1.0
+    if ref is not None and ref.numel():
+        finite = ref.detach()[torch.isfinite(ref.detach())]
+        if finite.numel():
+            scale = max(1.0, float(finite.abs().max()))
+    return ERROR_RATIO * naive_error + ERROR_FLOOR.get(dtype, 1e-3) * scale
+
+
+@dataclass
+class Comparison:
+    """One quantity of one call: ``error`` vs ``tol`` (``naive`` = the same-dtype naive error)."""
+
+    what: str
+    error: float
+    naive: float
+    tol: float
+
+    @property
+    def passed(self) -> bool:
+        return self.error <= self.tol
+
+
+def compare(actual: torch.Tensor, reference: torch.Tensor, naive: torch.Tensor, dtype: torch.dtype,
+            what: str = "out") -> Comparison:
+    naive_err = max_abs_error(naive, reference)
+    return Comparison(what, max_abs_error(actual, reference), naive_err, tolerance(naive_err, dtype, reference))
+
+
+def assert_close_to_reference(actual, reference, naive, dtype, what: str = "out") -> Comparison:
+    """Assert the policy; the message gives the numbers."""
+    c = compare(actual, reference, naive, dtype, what)
+    assert c.passed, (f"{what}: max error {c.error:.3g} > tolerance {c.tol:.3g} "
+                      f"(naive {dtype} error {c.naive:.3g} x {ERROR_RATIO} + floor)")
+    return c
+
+
+def reference_and_naive(q, k, v, mask, scale: float, *, packed: bool):
+    """``(ref64, naive)``: each an ``(out, lse)`` pair; ref in float64, naive in q's dtype."""
+    f64 = [t.detach().to(torch.float64) for t in (q, k, v)]
+    m64 = mask
+    ref = reference_attention(*f64, m64, scale, packed=packed, compute_dtype=torch.float64)
+    naive = reference_attention(q.detach(), k.detach(), v.detach(), mask, scale, packed=packed,
+                                compute_dtype=q.dtype)
+    return ref, naive
