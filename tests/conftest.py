@@ -1,0 +1,29 @@
+"""Shared test settings: deterministic seeds, the Triton interpreter on machines without a GPU."""
+import os
+
+import torch
+
+# Triton kernels run on the CPU through the interpreter; it must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# tests pick backends explicitly; a developer's environment must not redirect them
+os.environ.pop("DIFFUSION_ATTENTION_BACKEND", None)
+os.environ.pop("ATTNLIB_FALLBACK", None)
+
+try:  # hypothesis is a test extra; keep property tests small and without deadlines on a 2-core CI box
+    from hypothesis import settings
+
+    settings.register_profile("ci", max_examples=25, deadline=None)
+    settings.load_profile("ci")
+except ImportError:  # pragma: no cover
+    pass
+
+
+def pytest_report_header(config):
+    import attnlib
+
+    rows = attnlib.list_backends()
+    lines = [f"torch {torch.__version__}, cuda={torch.cuda.is_available()}"]
+    lines += [f"  backend {r['name']:9s} {'available' if r['available'] else 'unavailable: ' + r['reason']}" for r in rows]
+    return lines
