@@ -1,0 +1,222 @@
+"""Triton forward kernel for attnlib attention (FlashAttention-2 style online softmax).
+
+Imported lazily by :mod:`attnlib_kernels.attention`, so that ``TRITON_INTERPRET`` can be set
+before Triton is first imported. Nothing here validates input: the wrapper does that.
+
+Index conventions shared by every kernel in this package
+---------------------------------------------------------
+* Dense BSHD: q ``[B, Sq, Hq, D]``, k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, DV]``.
+* Packed THD: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, *]``; the wrapper passes batch stride 0 and
+  ``cu_seqlens_q/k`` (int32 ``[N + 1]``); block ``b`` starts at row ``cu[b]``.
+* Every position is *block relative*: query ``i`` in ``[0, Lq)``, key ``j`` in ``[0, Lk)``, where
+  ``Lq/Lk`` are the lengths of this batch row / packed block. Key tiles always start at multiples of
+  ``BLOCK_K`` from the start of the sequence, so a sequence meets the same tiles, in the same order,
+  whether it runs alone, padded in a batch or packed with others (batch invariance).
+* Mask, per block: causal ``j <= i + off`` with ``off = Lk - Lq`` (bottom-right) or ``0``
+  (top-left); window ``W`` also needs ``j > i + off - W``; key_valid ``[B, Sk]`` hides keys.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    """``a @ b + acc`` in float32. ``IEEE`` (fp32 inputs) forbids TF32 so fp32 matches the reference."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _visible(offs_q, offs_k, Lk, off, window, kv_valid,
+             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_VALID: tl.constexpr):
+    """Bool ``[len(offs_q), len(offs_k)]``: may query ``offs_q[i]`` see key ``offs_k[j]``?
+
+    ``kv_valid`` is the ``[len(offs_k)]`` int8 row of key_valid (ignored unless HAS_KEY_VALID).
+    """
+    ok = offs_k[None, :] < Lk
+    if CAUSAL:
+        ok = ok & (offs_k[None, :] <= offs_q[:, None] + off)
+        if HAS_WINDOW:
+            ok = ok & (offs_k[None, :] > offs_q[:, None] + off - window)
+    if HAS_KEY_VALID:
+        ok = ok & (kv_valid[None, :] != 0)
+    return ok
+
+
+@triton.jit
+def _fwd_key_tiles(
+    acc, l_i, m_i, q, k_base, v_base, kv_base,
+    offs_q, offs_d, offs_dv, lo, hi, Lk, off, window, qk_scale,
+    stride_ks, stride_vs,
+    D: tl.constexpr, DV: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_KEY_VALID: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Fold key tiles starting at ``lo, lo + BLOCK_K, ... < hi`` into the online softmax state.
+
+    ``MASKED=False`` is only used for tiles that every query row of the tile sees completely
+    (inside ``Lk``, below the causal diagonal, inside the window, no key_valid); the arithmetic
+    after the mask is identical in both variants, so a tile gives the same bits either way.
+    """
+    for start_k in range(lo, hi, BLOCK_K):
+        offs_k = start_k + tl.arange(0, BLOCK_K)
+        # kT: [BLOCK_D, BLOCK_K], element (d, j) at k_base + j * stride_ks + d
+        kt_ptrs = k_base + offs_k[None, :] * stride_ks + offs_d[:, None]
+        v_ptrs = v_base + offs_k[:, None] * stride_vs + offs_dv[None, :]
+        if MASKED:
+            in_k = offs_k < Lk
+            kv = tl.zeros([BLOCK_K], dtype=tl.int8)
+            if HAS_KEY_VALID:
+                kv = tl.load(kv_base + offs_k, mask=in_k, other=0)
+                # hidden keys load as 0 so garbage (even NaN) in padded V rows cannot leak in
+                in_k = in_k & (kv != 0)
+            kt = tl.load(kt_ptrs, mask=(offs_k[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
+            v = tl.load(v_ptrs, mask=in_k[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        else:
+            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < D, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
+        qk = _dot(q, kt, tl.zeros([BLOCK_Q, BLOCK_K], dtype=tl.float32), IEEE)
+        if MASKED:
+            ok = _visible(offs_q, offs_k, Lk, off, window, kv, CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
+            qk = tl.where(ok, qk, float("-inf"))
+        # scores in log2 units: s * scale * log2(e)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # row with nothing visible yet
+        p = tl.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = _dot(p.to(v.dtype), v, acc, IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "window"])
+def _attn_fwd_kernel(
+    Q, K, V, Out, Lse, KeyValid, CuQ, CuK,
+    # Q    : dense [B, Sq, Hq, D] strides (stride_qb, stride_qs, stride_qh, 1);
+    #        packed [Tq, Hq, D] strides (-, stride_qs, stride_qh, 1) with stride_qb = 0
+    # K    : [B, Sk, Hkv, D] / [Tk, Hkv, D]    strides (stride_kb, stride_ks, stride_kh, 1)
+    # V    : [B, Sk, Hkv, DV] / [Tk, Hkv, DV]  strides (stride_vb, stride_vs, stride_vh, 1)
+    # Out  : [B, Sq, Hq, DV] / [Tq, Hq, DV]    strides (stride_ob, stride_os, stride_oh, 1)
+    # Lse  : float32 [B, Hq, Sq] / [Hq, Tq]    strides (stride_lb, stride_lh, 1)
+    # KeyValid : int8 [B, Sk] strides (stride_mb, 1); dummy unless HAS_KEY_VALID
+    # CuQ, CuK : int32 [N + 1]; dummies unless IS_VARLEN
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    stride_mb,
+    seqlen_q, seqlen_k,        # dense Sq, Sk (ignored when IS_VARLEN)
+    qk_scale,                  # scale * log2(e)
+    window,                    # causal window W (ignored unless HAS_WINDOW)
+    GROUP: tl.constexpr,       # Hq // Hkv
+    D: tl.constexpr, DV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, CAUSAL: tl.constexpr, TOP_LEFT: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_KEY_VALID: tl.constexpr,
+    BLOCK_Q: tl.constexpr,     # query rows per program
+    BLOCK_K: tl.constexpr,     # key rows per inner step
+    BLOCK_D: tl.constexpr,     # next_pow2(D), masked loads pad the tail
+    BLOCK_DV: tl.constexpr,    # next_pow2(DV)
+    IEEE: tl.constexpr,
+):
+    # grid: (cdiv(max Sq, BLOCK_Q), Hq, B or N)
+    pid_q = tl.program_id(0)
+    if CAUSAL:
+        # heaviest query tiles (most keys) first: better tail balance
+        pid_q = tl.num_programs(0) - 1 - pid_q
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    hk = h // GROUP
+
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + b)
+        k_start = tl.load(CuK + b)
+        Lq = tl.load(CuQ + b + 1) - q_start
+        Lk = tl.load(CuK + b + 1) - k_start
+        q_off = q_start.to(tl.int64) * stride_qs
+        k_off = k_start.to(tl.int64) * stride_ks
+        v_off = k_start.to(tl.int64) * stride_vs
+        o_off = q_start.to(tl.int64) * stride_os
+        l_off = q_start.to(tl.int64)
+    else:
+        Lq = seqlen_q
+        Lk = seqlen_k
+        q_off = b.to(tl.int64) * stride_qb
+        k_off = b.to(tl.int64) * stride_kb
+        v_off = b.to(tl.int64) * stride_vb
+        o_off = b.to(tl.int64) * stride_ob
+        l_off = b.to(tl.int64) * stride_lb
+    q0 = pid_q * BLOCK_Q
+
+    q_base = Q + q_off + h.to(tl.int64) * stride_qh
+    k_base = K + k_off + hk.to(tl.int64) * stride_kh
+    v_base = V + v_off + hk.to(tl.int64) * stride_vh
+    o_base = Out + o_off + h.to(tl.int64) * stride_oh
+    l_base = Lse + l_off + h.to(tl.int64) * stride_lh
+    kv_base = KeyValid + b.to(tl.int64) * stride_mb
+
+    offs_q = q0 + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(q_base + offs_q[:, None] * stride_qs + offs_d[None, :],
+                mask=(offs_q[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
+
+    # ---- key range this query tile can see (tile-skipping; bounds are block relative) ----
+    off = 0
+    if CAUSAL:
+        if not TOP_LEFT:
+            off = Lk - Lq
+    lo = 0
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, q0 + BLOCK_Q + off)
+        if HAS_WINDOW:
+            lo = (tl.maximum(q0 + off - window + 1, 0) // BLOCK_K) * BLOCK_K
+    hi = tl.where(q0 < Lq, hi, 0)  # programs past this block's end do nothing
+    # ---- tiles in [a, b) are fully visible to every row of the tile: no mask arithmetic ----
+    if HAS_KEY_VALID:
+        a = hi
+        b_ = hi
+    else:
+        full_hi = Lk
+        if CAUSAL:
+            full_hi = tl.minimum(full_hi, q0 + off + 1)
+        full_hi = (tl.maximum(full_hi, 0) // BLOCK_K) * BLOCK_K
+        full_lo = lo
+        if HAS_WINDOW:
+            x = tl.maximum(q0 + BLOCK_Q + off - window, 0)
+            full_lo = tl.maximum(lo, ((x + BLOCK_K - 1) // BLOCK_K) * BLOCK_K)
+        a = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
+        b_ = tl.maximum(a, tl.minimum(full_hi, hi))
+
+    m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_DV], dtype=tl.float32)
+    # ascending tile order in all three parts: same order as a sequence run alone
+    acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, k_base, v_base, kv_base, offs_q, offs_d, offs_dv,
+                                   lo, a, Lk, off, window, qk_scale, stride_ks, stride_vs,
+                                   D, DV, BLOCK_Q, BLOCK_K, BLOCK_D, BLOCK_DV,
+                                   True, CAUSAL, HAS_WINDOW, HAS_KEY_VALID, IEEE)
+    acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, k_base, v_base, kv_base, offs_q, offs_d, offs_dv,
+                                   a, b_, Lk, off, window, qk_scale, stride_ks, stride_vs,
+                                   D, DV, BLOCK_Q, BLOCK_K, BLOCK_D, BLOCK_DV,
+                                   False, CAUSAL, HAS_WINDOW, HAS_KEY_VALID, IEEE)
+    acc, l_i, m_i = _fwd_key_tiles(acc, l_i, m_i, q, k_base, v_base, kv_base, offs_q, offs_d, offs_dv,
+                                   b_, hi, Lk, off, window, qk_scale, stride_ks, stride_vs,
+                                   D, DV, BLOCK_Q, BLOCK_K, BLOCK_D, BLOCK_DV,
+                                   True, CAUSAL, HAS_WINDOW, HAS_KEY_VALID, IEEE)
+
+    # rows that saw no key: l = 0 -> output 0 and LSE -inf (never 0/0)
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    row_ok = offs_q < Lq
+    tl.store(o_base + offs_q[:, None] * stride_os + offs_dv[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(l_base + offs_q, lse, mask=row_ok)
