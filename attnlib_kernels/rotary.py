@@ -72,20 +72,43 @@ def _rotate_heads(
     X, XO,  # in/out of one tensor (q or k); see _rotary_qk_kernel for shapes and strides
     stride_xb, stride_xs, stride_xh,
     stride_ob, stride_os, stride_oh,
-    pid_b, t, d, partner, rot, io_mask,
-    c, s,  # [BLOCK_TOKENS, BLOCK_HEADDIM] float32; pass-through dims have c = 1, s = 0
+    pid_b, t, t_mask, D, R,
+    c, s,  # [BLOCK_TOKENS, BLOCK_FREQS] float32; s already carries the sign of the direction
     h_start, h_end,
+    INTERLEAVED: tl.constexpr,
+    HAS_PASS: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    BLOCK_FREQS: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
 ):
     x_row = X + pid_b.to(tl.int64) * stride_xb + t.to(tl.int64)[:, None] * stride_xs
     o_row = XO + pid_b.to(tl.int64) * stride_ob + t.to(tl.int64)[:, None] * stride_os
-    rot_mask = io_mask & rot[None, :]
+    f = tl.arange(0, BLOCK_FREQS)
+    f_mask = t_mask[:, None] & (f < R)[None, :]
+    e = tl.arange(0, 2 * BLOCK_FREQS)  # interleaved: the 2R rotated dims as one contiguous tile
+    e_mask = t_mask[:, None] & (e < 2 * R)[None, :]
+    p = tl.arange(0, BLOCK_PASS)  # dims [2R, D) pass through
+    p_mask = t_mask[:, None] & (p < D - 2 * R)[None, :]
     for h in range(h_start, h_end):
         xh = x_row + h * stride_xh
-        x = tl.load(xh + d[None, :], mask=io_mask, other=0.0).to(tl.float32)
-        # The partner element of each pair: a second read of the same row, served from L1/L2.
-        xp = tl.load(xh + partner[None, :], mask=rot_mask, other=0.0).to(tl.float32)
-        out = x * c + xp * s
-        tl.store(o_row + h * stride_oh + d[None, :], out.to(XO.dtype.element_ty), mask=io_mask)
+        oh = o_row + h * stride_oh
+        if INTERLEAVED:
+            xe = tl.load(xh + e[None, :], mask=e_mask, other=0.0).to(tl.float32)
+            a, b = tl.split(tl.reshape(xe, [BLOCK_TOKENS, BLOCK_FREQS, 2]))
+        else:
+            a = tl.load(xh + f[None, :], mask=f_mask, other=0.0).to(tl.float32)
+            b = tl.load(xh + R + f[None, :], mask=f_mask, other=0.0).to(tl.float32)
+        out_a = a * c - b * s
+        out_b = b * c + a * s
+        if INTERLEAVED:
+            oe = tl.reshape(tl.join(out_a, out_b), [BLOCK_TOKENS, 2 * BLOCK_FREQS])
+            tl.store(oh + e[None, :], oe.to(XO.dtype.element_ty), mask=e_mask)
+        else:
+            tl.store(oh + f[None, :], out_a.to(XO.dtype.element_ty), mask=f_mask)
+            tl.store(oh + R + f[None, :], out_b.to(XO.dtype.element_ty), mask=f_mask)
+        if HAS_PASS:
+            xp = tl.load(xh + 2 * R + p[None, :], mask=p_mask, other=0.0)
+            tl.store(oh + 2 * R + p[None, :], xp.to(XO.dtype.element_ty), mask=p_mask)
 
 
 @triton.jit
@@ -116,8 +139,10 @@ def _rotary_qk_kernel(
     INTERLEAVED: tl.constexpr,  # False: pairs (i, i + R); True: pairs (2i, 2i + 1)
     CONJ: tl.constexpr,  # True: rotate by -theta (the backward pass)
     PRECISE_TRIG: tl.constexpr,  # libdevice sin/cos (full range reduction) instead of tl.sin/tl.cos
+    HAS_PASS: tl.constexpr,  # D > 2R: copy the untouched tail of each head
     BLOCK_TOKENS: tl.constexpr,  # tokens per program
-    BLOCK_HEADDIM: tl.constexpr,  # next power of two >= D: one tile row is a whole head
+    BLOCK_FREQS: tl.constexpr,  # next power of two >= R: one tile row holds every frequency
+    BLOCK_PASS: tl.constexpr,  # next power of two >= D - 2R (1 when there is no tail)
 ):
     # grid = (cdiv(S, BLOCK_TOKENS), NB, N_Q_GROUPS + N_K_GROUPS); a program rotates BLOCK_TOKENS tokens
     # of HEADS_PER_PROG heads, of q (group < N_Q_GROUPS) or of k, computing cos/sin once for them all.
@@ -126,20 +151,9 @@ def _rotary_qk_kernel(
     pid_g = tl.program_id(2)
 
     t = pid_t * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
-    d = tl.arange(0, BLOCK_HEADDIM)
+    f = tl.arange(0, BLOCK_FREQS)
     t_mask = t < S
-    rot = d < 2 * R
-    if INTERLEAVED:
-        f = d // 2
-        partner = d ^ 1
-        first = (d % 2) == 0
-    else:
-        first = d < R
-        f = tl.where(first, d, d - R)
-        partner = tl.where(first, d + R, d - R)
-    f = tl.where(rot, f, 0)
-    partner = tl.where(rot, partner, d)
-    cs_mask = t_mask[:, None] & rot[None, :]
+    cs_mask = t_mask[:, None] & (f < R)[None, :]
 
     if ANGLE == 0:
         c_off = pid_b.to(tl.int64) * stride_cb + t.to(tl.int64)[:, None] * stride_cs + f[None, :] * stride_cr
@@ -159,7 +173,7 @@ def _rotary_qk_kernel(
                 m3 = f % 3
                 row = tl.where((m3 == 1) & (f < 3 * SEC1), 1, tl.where((m3 == 2) & (f < 3 * SEC2), 2, 0))
             pos = tl.where(row[None, :] == 0, p0, tl.where(row[None, :] == 1, p1, p2))
-        inv_freq = tl.load(INV_FREQ + f, mask=rot, other=0.0).to(tl.float32)
+        inv_freq = tl.load(INV_FREQ + f, mask=f < R, other=0.0).to(tl.float32)
         angle = pos * inv_freq[None, :]
         if PRECISE_TRIG:
             c = libdevice.cos(angle)
@@ -167,26 +181,21 @@ def _rotary_qk_kernel(
         else:
             c = tl.cos(angle)
             s = tl.sin(angle)
-        c = tl.where(cs_mask, c, 1.0)
-        s = tl.where(cs_mask, s, 0.0)
-
-    # out_first = x * cos - partner * sin; out_second = x * cos + partner * sin (sign folded into s).
     if CONJ:
-        s = tl.where(first[None, :], s, -s)
-    else:
-        s = tl.where(first[None, :], -s, s)
-    io_mask = t_mask[:, None] & (d < D)[None, :]
+        s = -s
 
     if pid_g < N_Q_GROUPS:
         h_start = pid_g * HEADS_PER_PROG
         h_end = tl.minimum(h_start + HEADS_PER_PROG, Hq)
         _rotate_heads(Q, QO, stride_qb, stride_qs, stride_qh, stride_qob, stride_qos, stride_qoh,
-                      pid_b, t, d, partner, rot, io_mask, c, s, h_start, h_end)
+                      pid_b, t, t_mask, D, R, c, s, h_start, h_end,
+                      INTERLEAVED, HAS_PASS, BLOCK_TOKENS, BLOCK_FREQS, BLOCK_PASS)
     else:
         h_start = (pid_g - N_Q_GROUPS) * HEADS_PER_PROG
         h_end = tl.minimum(h_start + HEADS_PER_PROG, Hkv)
         _rotate_heads(K, KO, stride_kb, stride_ks, stride_kh, stride_kob, stride_kos, stride_koh,
-                      pid_b, t, d, partner, rot, io_mask, c, s, h_start, h_end)
+                      pid_b, t, t_mask, D, R, c, s, h_start, h_end,
+                      INTERLEAVED, HAS_PASS, BLOCK_TOKENS, BLOCK_FREQS, BLOCK_PASS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,14 +227,17 @@ def _launch(q, k, *, angle, interleaved, conj, cos=None, sin=None, pos=None, inv
     else:
         k4, ko, Hkv = q4, qo, 0
 
-    block_headdim = triton.next_power_of_2(D)
+    block_freqs = triton.next_power_of_2(R)
+    block_pass = triton.next_power_of_2(max(D - 2 * R, 1))
     if _interpreting():
         # The interpreter pays per program and per op: few, large programs.
         block_tokens = min(triton.next_power_of_2(max(S, 1)), 64)
         heads_per_prog = max(Hq, Hkv, 1)
     else:
-        block_tokens = max(1, min(32, 2048 // block_headdim))
-        heads_per_prog = 8 if S * NB >= 2048 else 4
+        # ~2K elements of one head per tile (16 tokens at D = 128), up to 8 heads per program so
+        # cos/sin are loaded or computed once per 8 heads while the grid still fills the GPU.
+        block_tokens = max(1, min(64, 2048 // triton.next_power_of_2(D)))
+        heads_per_prog = 8 if triton.cdiv(S, block_tokens) * NB >= 512 else 4
     n_q_groups = triton.cdiv(Hq, heads_per_prog)
     n_k_groups = triton.cdiv(Hkv, heads_per_prog)
     if S == 0 or NB == 0 or (n_q_groups + n_k_groups) == 0:
@@ -259,8 +271,10 @@ def _launch(q, k, *, angle, interleaved, conj, cos=None, sin=None, pos=None, inv
         INTERLEAVED=bool(interleaved),
         CONJ=bool(conj),
         PRECISE_TRIG=not _interpreting(),
+        HAS_PASS=D > 2 * R,
         BLOCK_TOKENS=block_tokens,
-        BLOCK_HEADDIM=block_headdim,
+        BLOCK_FREQS=block_freqs,
+        BLOCK_PASS=block_pass,
         num_warps=4,
     )
     return qo.reshape(q.shape), (ko.reshape(k.shape) if k is not None else None)
