@@ -28,7 +28,7 @@ Importing this module needs Triton. The kernels run on CUDA tensors, or on CPU t
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import triton
