@@ -16,13 +16,24 @@ Index conventions shared by every kernel in this package
   (top-left); window ``W`` also needs ``j > i + off - W``; key_valid ``[B, Sk]`` hides keys.
 """
 
+import os
+
 import triton
 import triton.language as tl
+
+# The Triton 3.9 interpreter multiplies bf16 operands of tl.dot as their raw uint16 bits (numpy has no
+# bfloat16). Under the interpreter only, bf16 dot operands are widened to fp32 first: bf16 x bf16
+# products are exact in fp32 and the accumulation is fp32, as on the tensor cores.
+_WIDEN_BF16_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     """``a @ b + acc`` in float32. ``IEEE`` (fp32 inputs) forbids TF32 so fp32 matches the reference."""
+    if _WIDEN_BF16_DOT:
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
     if IEEE:
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
