@@ -1,0 +1,144 @@
+"""``attnlib`` command line: ``info`` (environment, backends) and ``check`` (the conformance matrix)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+import torch
+
+from . import conformance
+from .registry import AUTO_ORDER, get_backend, list_backends
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+
+def _version(module: str) -> str:
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - report anything that stops the import
+        return f"not installed ({type(e).__name__})" if isinstance(e, ImportError) else f"broken: {e}"
+    return getattr(mod, "__version__", "installed")
+
+
+def _device() -> str:
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name()} (capability {'.'.join(map(str, torch.cuda.get_device_capability()))})"
+    return "cpu (no CUDA device)"
+
+
+def cmd_info(args) -> int:
+    print(f"attnlib     {__import__('attnlib').__version__}")
+    print(f"torch       {torch.__version__}")
+    for name, mod in (("triton", "triton"), ("flash-attn", "flash_attn"), ("flash-attn3", "flash_attn_interface"),
+                      ("xformers", "xformers")):
+        print(f"{name:11s} {_version(mod)}")
+    print(f"device      {_device()}")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"auto order  {' > '.join(AUTO_ORDER.get(dev, ()))} ({dev})")
+    print()
+    rows = list_backends()
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        status = "available" if r["available"] else "unavailable"
+        detail = r["implementation"] if r["available"] else r["reason"]
+        print(f"  {r['name']:{width}s}  {status:11s}  {detail}")
+    return 0
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.1e}" if x else "0"
+
+
+def cmd_check(args) -> int:
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    names = args.backend or [r["name"] for r in list_backends() if r["available"]]
+    skipped = [r for r in list_backends() if not r["available"] and r["name"] not in names]
+    dtypes = [_DTYPES[d] for d in args.dtype]
+    cases = [c for c in conformance.CASES if not args.case or c.name in args.case]
+    t0 = time.perf_counter()
+    print(f"attnlib check: {len(names)} backend(s) x {len(cases)} cases x {len(dtypes)} dtypes x GQA "
+          f"{list(conformance.HEADS)} on {dev}, vs float64 math (tolerance: attnlib.testing)")
+    print()
+    failures = 0
+    header = f"{'case':22s} {'mask':15s} {'dtype':5s} " + " ".join(f"{n:>18s}" for n in names)
+    print(header)
+    print("-" * len(header))
+    for case in cases:
+        for dtype in dtypes:
+            cells = []
+            for name in names:
+                worst_ratio, worst, skip = 0.0, None, ""
+                for gqa in conformance.HEADS:
+                    grad = args.grad and get_backend(name).capabilities.autograd and dtype != torch.float16
+                    r = conformance.run_case(name, case, dtype, gqa, device=dev, grad=grad)
+                    if r.skipped:
+                        skip = r.skipped
+                        continue
+                    for c in r.comparisons:
+                        ratio = c.error / c.tol if c.tol else float("inf")
+                        if ratio >= worst_ratio:
+                            worst_ratio, worst = ratio, c
+                        if not c.passed:
+                            failures += 1
+                if worst is None:
+                    cells.append(f"{'n/a':>18s}")
+                    if args.verbose and skip:
+                        print(f"    [{name} skips {case.name}: {skip}]")
+                else:
+                    mark = "ok" if worst_ratio <= 1 else "FAIL"
+                    cells.append(f"{_fmt(worst.error) + '/' + _fmt(worst.tol) + ' ' + mark:>18s}")
+            print(f"{case.name:22s} {case.kind:15s} {str(dtype)[6:].replace('float', 'fp').replace('bfp', 'bf'):5s} "
+                  + " ".join(cells))
+    print()
+    print("cells: worst max|error| / tolerance over GQA 1,2,4 and {out, lse" + (", grads" if args.grad else "")
+          + "}; n/a = the backend cannot serve that call (`attnlib info`, why_not)")
+    for r in skipped:
+        print(f"not checked: {r['name']}: {r['reason']}")
+    if not args.no_models:
+        failures += _models_section(names)
+    dt = time.perf_counter() - t0
+    print()
+    print(f"{'FAILED' if failures else 'PASSED'}: {failures} failing comparison(s), {dt:.1f}s")
+    return 1 if failures else 0
+
+
+def _models_section(names) -> int:
+    try:
+        from models_ref.parity import model_parity_rows
+    except ImportError as e:
+        print(f"\nmodels: not checked ({e})")
+        return 0
+    print("\nmodels (reference blocks: max |diff| vs math / vs diffusers-transformers)")
+    failures = 0
+    for row in model_parity_rows(list(names)):
+        ok = row.get("passed", True)
+        failures += 0 if ok else 1
+        diff = row.get("max_diff")
+        diff_s = "n/a" if diff is None else f"{diff:.1e}/{row.get('tol', 0):.1e}"
+        print(f"  {row['model']:34s} {row['backend']:9s} {diff_s:>18s} {'ok' if ok else 'FAIL'}  {row.get('note', '')}")
+    return failures
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="attnlib", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, device and one row per backend (available / why not)")
+    c = sub.add_parser("check", help="conformance matrix of every available backend against float64 math")
+    c.add_argument("--backend", action="append", help="check only this backend (repeatable)")
+    c.add_argument("--dtype", action="append", choices=sorted(_DTYPES), help="dtypes (default fp32 bf16 fp16)")
+    c.add_argument("--case", action="append", help="only this case (repeatable)")
+    c.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    c.add_argument("--grad", action="store_true", help="also compare gradients")
+    c.add_argument("--no-models", action="store_true", help="skip the models section")
+    c.add_argument("-v", "--verbose", action="store_true", help="print why a backend skips a case")
+    args = p.parse_args(argv)
+    if args.cmd == "info":
+        return cmd_info(args)
+    args.dtype = args.dtype or ["fp32", "bf16", "fp16"]
+    return cmd_check(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Backend selection: argument > use_backend > $DIFFUSION_ATTENTION_BACKEND > auto; names; fallback policy."""
+import threading
+import warnings
+
+import pytest
+import torch
+
+import attnlib
+from attnlib import BackendUnavailableError, resolve_backend, use_backend
+from attnlib.backends.base import Backend, Capabilities
+from attnlib.registry import _canonical
+
+
+@pytest.fixture
+def qkv():
+    return torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8), torch.randn(1, 4, 2, 8)
+
+
+def test_auto_on_cpu_picks_sdpa(qkv):
+    assert resolve_backend(*qkv) == "sdpa"
+
+
+def test_argument_beats_context_beats_environment(qkv, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_ATTENTION_BACKEND", "math")
+    assert resolve_backend(*qkv) == "math"
+    with use_backend("sdpa"):
+        assert resolve_backend(*qkv) == "sdpa"
+        assert resolve_backend(*qkv, backend="math") == "math"
+    assert resolve_backend(*qkv) == "math"
+
+
+@pytest.mark.parametrize("spelling,name", [
+    ("TORCH_SDPA", "sdpa"), ("native", "sdpa"), ("_native_math", "math"), ("FLASH_ATTN", "flash"),
+    ("flash_varlen", "flash"), ("_flash_3", "flash"), ("flex", "flex"), ("XFORMERS", "xformers"),
+    ("Triton", "triton"), ("auto", "auto"), ("  Sdpa ", "sdpa"),
+])
+def test_vllm_omni_and_diffusers_spellings_resolve(spelling, name):
+    assert _canonical(spelling) == name
+
+
+def test_unknown_backend_name_lists_the_valid_ones(qkv, monkeypatch):
+    with pytest.raises(ValueError, match="valid names: auto, math, sdpa"):
+        attnlib.attention(*qkv, backend="sage")
+    monkeypatch.setenv("DIFFUSION_ATTENTION_BACKEND", "nope")
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+        attnlib.attention(*qkv)
+    with pytest.raises(ValueError):
+        with use_backend("nope"):
+            pass
+
+
+class _Fp64Only(Backend):
+    name = "fp64only"
+    capabilities = Capabilities(dtypes=frozenset({torch.float64}), masks=frozenset())
+
+    def forward(self, call):
+        return attnlib.get_backend("math").forward(call)
+
+
+@pytest.fixture(scope="module")
+def fp64only():
+    return attnlib.register_backend(_Fp64Only(), aliases=["F64"], replace=True)
+
+
+def test_a_backend_that_cannot_serve_falls_back_with_one_warning_per_reason(qkv, fp64only):
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            out = attnlib.attention(*qkv, backend="fp64only")
+    msgs = [str(x.message) for x in w if "fp64only" in str(x.message)]
+    assert len(msgs) == 1 and "dtype=fp32 (supported: fp64)" in msgs[0] and "using 'sdpa'" in msgs[0]
+    torch.testing.assert_close(out, attnlib.attention(*qkv, backend="sdpa"))
+
+
+def test_fallback_error_mode_raises_with_the_reasons(qkv, fp64only, monkeypatch):
+    monkeypatch.setenv("ATTNLIB_FALLBACK", "error")
+    with pytest.raises(BackendUnavailableError, match="dtype=fp32") as e:
+        attnlib.attention(*qkv, attnlib.Causal(), backend="f64")
+    assert "causal" in str(e.value) and e.value.reasons["fp64only"]
+
+
+def test_registered_backend_serves_calls_it_can(qkv, fp64only):
+    q, k, v = (t.double() for t in qkv)
+    assert resolve_backend(q, k, v, backend="F64") == "fp64only"
+
+
+def test_registering_a_taken_name_needs_replace(fp64only):
+    with pytest.raises(ValueError, match="already registered"):
+        attnlib.register_backend(_Fp64Only())
+    with pytest.raises(TypeError):
+        attnlib.register_backend(object())
+
+
+def test_unavailable_builtin_backend_reports_why_and_falls_back(qkv):
+    rows = {r["name"]: r for r in attnlib.list_backends()}
+    assert set(rows) >= {"math", "sdpa", "flex", "flash", "xformers", "triton"}
+    for name, row in rows.items():
+        assert row["available"] or row["reason"], name
+    if not rows["flash"]["available"]:
+        with pytest.warns(RuntimeWarning, match="'flash'"):
+            attnlib.attention(*qkv, backend="FLASH_ATTN")
+
+
+def test_use_backend_is_thread_local(qkv):
+    seen = {}
+    barrier = threading.Barrier(2)
+
+    def worker(name):
+        with use_backend(name):
+            barrier.wait()
+            seen[name] = resolve_backend(*qkv)
+            barrier.wait()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("math", "sdpa")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"math": "math", "sdpa": "sdpa"}
+
+
+def test_attention_module_pins_its_backend(qkv):
+    layer = attnlib.Attention(2, 8, backend="_native_math")
+    assert layer.backend == "math"
+    torch.testing.assert_close(layer(*qkv), attnlib.attention(*qkv, backend="math"))
