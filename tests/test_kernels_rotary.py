@@ -17,7 +17,14 @@ rotary = pytest.importorskip("attnlib_kernels.rotary")
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("no CUDA and TRITON_INTERPRET is off: the kernels cannot run", allow_module_level=True)
 
+# Under the interpreter the kernels run on CPU tensors; on a GPU machine without it, on CUDA ones.
 DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET", "0") in ("", "0") else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _tensors_on_kernel_device():
+    with torch.device(DEVICE):
+        yield
 
 # Tolerance per dtype: the kernel computes in float32 like the reference, so the outputs differ by
 # float32 noise, which can flip the final rounding: at most one ulp of the output dtype.
@@ -190,6 +197,33 @@ def test_qk_with_gqa_head_counts_are_rotated_in_one_launch(interleaved, launches
     torch.testing.assert_close(ko, ref_rotary(k, cos, sin, interleaved), **TOL[torch.bfloat16])
 
 
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test extra
+    given = None
+
+if given is not None:
+
+    @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(
+        B=st.integers(1, 2), S=st.integers(1, 9), Hkv=st.integers(1, 3), groups=st.integers(1, 3),
+        D=st.integers(2, 40), r_frac=st.floats(0.0, 1.0), interleaved=st.booleans(), packed=st.booleans(),
+        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**16),
+    )
+    def test_any_small_shape_matches_reference(B, S, Hkv, groups, D, r_frac, interleaved, packed, dtype, seed):
+        torch.manual_seed(seed)
+        R = max(1, int(r_frac * (D // 2)))
+        shape = (B * S,) if packed else (B, S)
+        q = torch.randn(*shape, Hkv * groups, D, dtype=dtype)
+        k = torch.randn(*shape, Hkv, D, dtype=dtype)
+        cos, sin = rand_angles(*shape[-1:] if packed else (S,), R)
+        qo, ko = rotary.apply_rotary_qk(q, k, cos, sin, interleaved=interleaved)
+        torch.testing.assert_close(qo, ref_rotary(q, cos, sin, interleaved), **TOL[dtype])
+        torch.testing.assert_close(ko, ref_rotary(k, cos, sin, interleaved), **TOL[dtype])
+        assert torch.equal(qo[..., 2 * R:], q[..., 2 * R:])
+
+
 def test_qk_output_equals_rotating_q_and_k_separately_bitwise():
     torch.manual_seed(8)
     q, k = torch.randn(9, 3, 12), torch.randn(9, 1, 12)
@@ -309,7 +343,7 @@ def test_positions_gradient_is_the_inverse_rotation():
 
 def _mrope_positions(B, S, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 50, (3, B, S), generator=g)
+    return torch.randint(0, 50, (3, B, S), generator=g, device="cpu").to(DEVICE)
 
 
 @pytest.mark.parametrize(
