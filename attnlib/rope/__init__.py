@@ -1,8 +1,10 @@
 """Positional encodings shared by the models: rotary, QwenImage RoPE, multimodal RoPE (mRoPE)."""
 from .rotary import RotaryEmbedding, apply_rotary, apply_rotary_qk, apply_rotary_torch, rotary_inv_freq
 from .qwen_image import QwenEmbedLayer3DRope, QwenEmbedRope
+from .mrope import MRopeConfig, MRotaryEmbedding, apply_mrope, mrope_position_ids
 
 __all__ = [
     "apply_rotary", "apply_rotary_qk", "apply_rotary_torch", "rotary_inv_freq", "RotaryEmbedding",
     "QwenEmbedRope", "QwenEmbedLayer3DRope",
+    "MRopeConfig", "mrope_position_ids", "MRotaryEmbedding", "apply_mrope",
 ]
