@@ -27,7 +27,7 @@ Importing this module needs Triton. The kernels run on CUDA tensors, or on CPU t
 
 from __future__ import annotations
 
-import os
+import contextlib
 from typing import Sequence
 
 import torch
@@ -54,7 +54,8 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether our kernels were built for Triton's CPU interpreter (decided when triton.jit ran)."""
+    return _INTERPRETED
 
 
 def kernels_can_run(t: torch.Tensor) -> bool:
@@ -198,6 +199,10 @@ def _rotary_qk_kernel(
                       INTERLEAVED, HAS_PASS, BLOCK_TOKENS, BLOCK_FREQS, BLOCK_PASS)
 
 
+# triton.jit picks the interpreter from TRITON_INTERPRET at decoration time; follow what it chose.
+_INTERPRETED = type(_rotary_qk_kernel).__name__ == "InterpretedFunction"
+
+
 # --------------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------------
@@ -256,6 +261,17 @@ def _launch(q, k, *, angle, interleaved, conj, cos=None, sin=None, pos=None, inv
             stride_p = (pos.stride(0), 0 if pos.shape[1] == 1 else pos.stride(1), pos.stride(2))
 
     grid = (triton.cdiv(S, block_tokens), NB, n_q_groups + n_k_groups)
+    # Triton launches on the current CUDA device: make it the tensors' one (cuda:1 while cuda:0 is current).
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _launch_kernel(grid, q4, k4, qo, ko, cos, sin, stride_c, pos_arg, inv_arg, stride_p,
+                       S, Hq, Hkv, D, R, sec1, sec2, heads_per_prog, n_q_groups,
+                       angle, interleaved, conj, block_tokens, block_freqs, block_pass)
+    return qo.reshape(q.shape), (ko.reshape(k.shape) if k is not None else None)
+
+
+def _launch_kernel(grid, q4, k4, qo, ko, cos, sin, stride_c, pos_arg, inv_arg, stride_p,
+                   S, Hq, Hkv, D, R, sec1, sec2, heads_per_prog, n_q_groups,
+                   angle, interleaved, conj, block_tokens, block_freqs, block_pass):
     _rotary_qk_kernel[grid](
         q4, k4, qo, ko,
         q4.stride(0), q4.stride(1), q4.stride(2),
@@ -277,7 +293,6 @@ def _launch(q, k, *, angle, interleaved, conj, cos=None, sin=None, pos=None, inv
         BLOCK_PASS=block_pass,
         num_warps=4,
     )
-    return qo.reshape(q.shape), (ko.reshape(k.shape) if k is not None else None)
 
 
 # --------------------------------------------------------------------------------------------------
