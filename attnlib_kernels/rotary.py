@@ -421,6 +421,18 @@ def _check_sections(mrope_section, R: int) -> tuple[int, int, int]:
     return sec
 
 
+def _check_interleaved_sections(sec: tuple[int, int, int], R: int) -> None:
+    # Interleaved layout: height takes f = 1, 4, 7, ... < 3 * s1 and width f = 2, 5, 8, ... < 3 * s2;
+    # a section that asks for more of them than fit below R would silently get fewer.
+    got_h = len(range(1, min(3 * sec[1], R), 3))
+    got_w = len(range(2, min(3 * sec[2], R), 3))
+    if (got_h, got_w) != (sec[1], sec[2]):
+        raise ValueError(
+            f"interleaved mrope_section {sec} does not fit R={R} frequencies: height/width would get "
+            f"{got_h}/{got_w} frequencies, not {sec[1]}/{sec[2]} (needs 3 * section[1|2] <= R + 2)"
+        )
+
+
 def mrope_freq_rows(R: int, mrope_section: Sequence[int], interleaved_sections: bool) -> list[int]:
     """The position row (0 = temporal, 1 = height, 2 = width) each frequency ``f < R`` reads.
 
@@ -431,6 +443,7 @@ def mrope_freq_rows(R: int, mrope_section: Sequence[int], interleaved_sections: 
     s0, s1, s2 = _check_sections(mrope_section, R)
     if not interleaved_sections:
         return [0] * s0 + [1] * s1 + [2] * s2
+    _check_interleaved_sections((s0, s1, s2), R)
     return [1 if (f % 3 == 1 and f < 3 * s1) else 2 if (f % 3 == 2 and f < 3 * s2) else 0 for f in range(R)]
 
 
@@ -593,6 +606,7 @@ def apply_mrope_qk(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor,
     pos = _check_positions("position_ids", position_ids, q, rows=3)
     inv = inv_freq.float().contiguous()
     if interleaved_sections:
+        _check_interleaved_sections((s0, s1, s2), R)
         angle, sec1, sec2 = _ANGLE_MROPE_INTERLEAVED, s1, s2
     else:
         angle, sec1, sec2 = _ANGLE_MROPE_SECTIONED, s0, s0 + s1

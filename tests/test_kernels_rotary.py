@@ -490,6 +490,25 @@ def test_kernel_matches_attnlib_rope_torch_reference():
         )
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["sectioned", "interleaved"])
+def test_mrope_kernel_matches_attnlib_rope_apply_mrope(interleaved):
+    rope = pytest.importorskip("attnlib.rope")
+    if not (hasattr(rope, "apply_mrope") and hasattr(rope, "rotary_inv_freq")):
+        pytest.skip("attnlib.rope has no apply_mrope yet")
+    section = (3, 3, 2) if interleaved else (2, 3, 3)
+    theta = 1e6
+    pos = _mrope_positions(2, 5, seed=7)
+    torch.manual_seed(21)
+    q, k = torch.randn(2, 5, 4, 16, dtype=torch.bfloat16), torch.randn(2, 5, 2, 16, dtype=torch.bfloat16)
+    with pytest.MonkeyPatch.context() as mp:  # make sure attnlib.rope runs its torch path
+        mp.setenv("ATTNLIB_ROTARY_KERNEL", "0")
+        rq, rk = rope.apply_mrope(q, k, pos, section, theta=theta, interleaved=interleaved)
+    inv = rope.rotary_inv_freq(16, theta).to(DEVICE)
+    qo, ko = rotary.apply_mrope_qk(q, k, pos, inv, section, interleaved_sections=interleaved)
+    torch.testing.assert_close(qo, rq, **TOL[torch.bfloat16])
+    torch.testing.assert_close(ko, rk, **TOL[torch.bfloat16])
+
+
 # ------------------------------------------------------------------------------------------------
 # Validation: clear errors, before any kernel runs
 # ------------------------------------------------------------------------------------------------
@@ -513,6 +532,8 @@ def _bad_calls():
         ("head dim", lambda: rotary.apply_rotary_qk(x, torch.randn(2, 4, 1, 10), c, s)),
         ("mrope_section", lambda: rotary.apply_mrope_qk(x, k1, pos3, inv, (1, 1, 1))),  # sum != R
         ("mrope_section", lambda: rotary.apply_mrope_qk(x, k1, pos3, inv, (2, 2))),
+        # interleaved: height wants 3 frequencies f = 1, 4, 7 but only 1 fits below R = 4
+        ("mrope_section", lambda: rotary.apply_mrope_qk(x, k1, pos3, inv, (0, 3, 1), interleaved_sections=True)),
         ("position_ids", lambda: rotary.apply_mrope_qk(x, k1, pos3[:2], inv, (2, 1, 1))),
         ("position_ids", lambda: rotary.apply_mrope_qk(x, k1, pos3.float() > 0, inv, (2, 1, 1))),
         ("inv_freq", lambda: rotary.apply_rotary_pos_qk(x, k1, torch.arange(4), inv_freq_for(5))),
