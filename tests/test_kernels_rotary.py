@@ -319,6 +319,26 @@ def test_large_positions_keep_float32_accuracy():
     assert (qo.double() - exact).abs().max() < 2e-2
 
 
+def test_a_sequence_rotates_bitwise_identically_alone_batched_or_packed():
+    # Batch invariance: each output element is computed by the same float32 ops whatever the tiling.
+    torch.manual_seed(22)
+    inv = inv_freq_for(8)
+    lens = [5, 3, 7]
+    seqs_q = [torch.randn(n, 4, 16, dtype=torch.bfloat16) for n in lens]
+    seqs_k = [torch.randn(n, 2, 16, dtype=torch.bfloat16) for n in lens]
+    alone = [rotary.apply_rotary_pos_qk(q[None], k[None], torch.arange(len(q)), inv) for q, k in zip(seqs_q, seqs_k)]
+    packed_q, packed_k = rotary.apply_rotary_pos_qk(
+        torch.cat(seqs_q), torch.cat(seqs_k), torch.cat([torch.arange(n) for n in lens]), inv
+    )
+    S = max(lens)  # right-padded batch
+    pad = lambda xs: torch.stack([torch.cat([x, x.new_zeros(S - len(x), *x.shape[1:])]) for x in xs])  # noqa: E731
+    batch_q, batch_k = rotary.apply_rotary_pos_qk(pad(seqs_q), pad(seqs_k), torch.arange(S), inv)
+    for i, (n, (aq, ak)) in enumerate(zip(lens, alone)):
+        off = sum(lens[:i])
+        assert torch.equal(aq[0], packed_q[off : off + n]) and torch.equal(ak[0], packed_k[off : off + n])
+        assert torch.equal(aq[0], batch_q[i, :n]) and torch.equal(ak[0], batch_k[i, :n])
+
+
 def test_positions_gradient_is_the_inverse_rotation():
     torch.manual_seed(13)
     inv = inv_freq_for(4)
