@@ -378,6 +378,11 @@ def _check_inv_freq(inv_freq, q) -> int:
         raise ValueError(f"inv_freq is on {inv_freq.device} but q is on {q.device}; move it to q's device")
     R = inv_freq.shape[0]
     _check_rotary_dim(R, q.shape[-1], f"inv_freq [{R}]")
+    if inv_freq.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "inv_freq requires grad, but the position kernels treat it as a constant; build cos/sin "
+            "in torch and call apply_rotary_qk, which differentiates the table (or detach inv_freq)"
+        )
     return R
 
 

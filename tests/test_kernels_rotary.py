@@ -559,6 +559,7 @@ def _bad_calls():
         ("inv_freq", lambda: rotary.apply_rotary_pos_qk(x, k1, torch.arange(4), inv_freq_for(5))),
         ("inv_freq", lambda: rotary.apply_rotary_pos_qk(x, k1, torch.arange(4), inv[None])),
         ("positions", lambda: rotary.apply_rotary_pos_qk(x, k1, torch.arange(5), inv)),
+        ("inv_freq requires grad", lambda: rotary.apply_rotary_pos_qk(x, k1, torch.arange(4), inv.requires_grad_())),
         ("positions", lambda: rotary.apply_rotary_pos_qk(x[0], k1[0], torch.arange(4).expand(2, 4), inv)),
     ]
 
