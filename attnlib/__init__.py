@@ -1,5 +1,5 @@
 """attnlib: one attention interface over many backends, one mask vocabulary, shared positional encodings."""
-from . import masks
+from . import masks, rope
 from .api import Attention, attention
 from .errors import BackendUnavailableError
 from .masks import BlockDiagonal, Causal, DenseMask, KeyPadding
@@ -8,7 +8,7 @@ from .registry import get_backend, list_backends, register_backend, resolve_back
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "Attention", "masks", "Causal", "BlockDiagonal", "KeyPadding", "DenseMask",
+    "attention", "Attention", "masks", "rope", "Causal", "BlockDiagonal", "KeyPadding", "DenseMask",
     "BackendUnavailableError", "list_backends", "use_backend", "resolve_backend", "register_backend",
     "get_backend", "__version__",
 ]

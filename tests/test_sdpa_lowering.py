@@ -37,8 +37,12 @@ def test_one_token_decode_needs_no_mask(spy):
     assert spy[-1]["mask"] is None and spy[-1]["is_causal"] is False
 
 
-def test_gqa_goes_through_enable_gqa_without_expanding_kv(spy):
+def test_gqa_never_expands_kv(spy):
+    # a query-independent mask: each kv group's query heads fold into the query axis
     attnlib.attention(t(1, 5, 8, 8), t(1, 5, 2, 8), t(1, 5, 2, 8), backend="sdpa")
+    assert spy[-1]["q"] == (1, 2, 20, 8) and spy[-1]["k"] == (1, 2, 5, 8) and "enable_gqa" not in spy[-1]
+    # a causal mask depends on the query position: enable_gqa
+    attnlib.attention(t(1, 5, 8, 8), t(1, 5, 2, 8), t(1, 5, 2, 8), Causal(), backend="sdpa")
     assert spy[-1]["k"] == (1, 2, 5, 8) and spy[-1]["enable_gqa"] is True
 
 

@@ -7,7 +7,8 @@ Lowering:
 - ``BlockDiagonal``: consecutive blocks of equal ``(Sq, Sk)`` become one batched call on free views
   (CFG branches, equal-length packing); other blocks are called one by one on views. No ``[T, T]`` mask.
 - ``KeyPadding``: a ``[B, 1, 1, Sk]`` bool mask. ``DenseMask``: passed through.
-- GQA: ``enable_gqa=True`` (K/V expanded only on the LSE path, whose kernel lacks it).
+- GQA: query heads folded into the query axis when the mask allows it (no K/V copies), else
+  ``enable_gqa=True`` (K/V expanded only on the LSE path, whose kernels lack it).
 - Rows with no visible key: unmasked before the call (SDPA would give NaN), then zeroed (LSE -inf).
 - LSE: from the fused CPU flash kernel on CPU and the memory-efficient kernel on CUDA (one pass);
   a second pass over the scores only where neither applies.
@@ -100,20 +101,29 @@ def _lower_dense_mask(mask, sq: int, sk: int, dtype: torch.dtype, device: torch.
 # ---------------------------------------------------------------------------------------------
 def _dense(q, k, v, mask, scale: float, return_lse: bool):
     """BSHD in, ``(out BSHD, lse [B,H,Sq] | None)`` out."""
-    sq, sk = q.shape[1], k.shape[1]
+    b, sq, hq, _ = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if sk == 0:
         out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
-        lse = torch.full((q.shape[0], q.shape[2], sq), _NEG_INF, device=q.device) if return_lse else None
+        lse = torch.full((b, hq, sq), _NEG_INF, device=q.device) if return_lse else None
         return out, lse
     attn_mask, is_causal, empty = _lower_dense_mask(mask, sq, sk, q.dtype, q.device)
-    gqa = qh.shape[1] != kh.shape[1]
+    # GQA: when the mask does not depend on the query position, fold each kv group's query heads into
+    # the query axis ([B, Hkv, ratio*Sq, D]); no K/V copies, and decode becomes one longer query block.
+    fold = hq != hkv and not is_causal and (attn_mask is None or (
+        attn_mask.shape[-2] == 1 and (attn_mask.dim() < 3 or attn_mask.shape[-3] == 1)))
+    if fold:
+        qh = qh.reshape(b, hkv, (hq // hkv) * sq, qh.shape[-1])
     if return_lse:
         out, lse = _sdpa_with_lse(qh, kh, vh, attn_mask, is_causal, scale)
     else:
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                             **({"enable_gqa": True} if gqa else {}))
+        gqa = {"enable_gqa": True} if qh.shape[1] != hkv else {}
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, is_causal=is_causal, scale=scale, **gqa)
         lse = None
+    if fold:
+        out = out.reshape(b, hq, sq, out.shape[-1])
+        lse = lse.reshape(b, hq, sq) if lse is not None else None
     out, lse = zero_rows(out, lse, empty)
     return out.transpose(1, 2), lse
 
