@@ -2,7 +2,8 @@
 
 Run on a CUDA machine (skips everywhere else)::
 
-    pytest bench/bench_rotary_kernels.py --benchmark-columns=median,ops -q
+    python -m pytest bench/bench_rotary_kernels.py --benchmark-json=/tmp/rotary.json
+    python bench/report.py /tmp/rotary.json    # time ratios to the torch baseline per S
 
 Each case rotates q ``[1, S, 32, 128]`` and k ``[1, S, 8, 128]`` (bf16, Llama/Qwen GQA shapes)
 for S = 4k .. 32k. Bytes moved = read q and k + write q and k (+ the cos/sin table where the
@@ -107,10 +108,15 @@ def test_rotary_qk_bandwidth(benchmark, variant, S):
 
     for _ in range(3):
         run()
+    # bench/report.py groups by benchmark.group and divides by the entry marked baseline (torch).
+    benchmark.group = f"rotary_qk S={S}"
     benchmark.pedantic(run, rounds=30, iterations=5, warmup_rounds=2)
     seconds = benchmark.stats.stats.median
     gbps = nbytes / seconds / 1e9
-    benchmark.extra_info.update(bytes=nbytes, gb_per_s=round(gbps, 1), S=S, variant=variant)
+    benchmark.extra_info.update(
+        variant=variant, baseline=(variant == "torch"), bytes=nbytes, gb_per_s=round(gbps, 1), S=S,
+        torch=torch.__version__, device=torch.cuda.get_device_name(),
+    )
     _RESULTS[(S, variant)] = gbps
 
 
