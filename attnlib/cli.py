@@ -47,6 +47,23 @@ def cmd_info(args) -> int:
     return 0
 
 
+def capability_matrix() -> str:
+    """The backend x capability table as markdown (docs/backends.md embeds it)."""
+    from .backends.base import ALL_MASK_FEATURES, dtype_name
+
+    feats = sorted(ALL_MASK_FEATURES)
+    head = ["backend", "devices", "dtypes", "max head dim", *feats, "packed THD", "GQA", "LSE", "autograd"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    yes = lambda b: "yes" if b else "—"  # noqa: E731
+    for r in list_backends():
+        c = get_backend(r["name"]).capabilities
+        cells = [r["name"], ", ".join(sorted(c.devices)), ", ".join(sorted(dtype_name(d) for d in c.dtypes)),
+                 str(c.max_head_dim or "any"), *[yes(f in c.masks) for f in feats], yes(c.packed), yes(c.gqa),
+                 yes(c.lse), yes(c.autograd)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _fmt(x: float) -> str:
     return f"{x:.1e}" if x else "0"
 
@@ -124,7 +141,8 @@ def _models_section(names) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="attnlib", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="versions, device and one row per backend (available / why not)")
+    i = sub.add_parser("info", help="versions, device and one row per backend (available / why not)")
+    i.add_argument("--capabilities", action="store_true", help="print the capability matrix as markdown")
     c = sub.add_parser("check", help="conformance matrix of every available backend against float64 math")
     c.add_argument("--backend", action="append", help="check only this backend (repeatable)")
     c.add_argument("--dtype", action="append", choices=sorted(_DTYPES), help="dtypes (default fp32 bf16 fp16)")
@@ -135,6 +153,9 @@ def main(argv=None) -> int:
     c.add_argument("-v", "--verbose", action="store_true", help="print why a backend skips a case")
     args = p.parse_args(argv)
     if args.cmd == "info":
+        if args.capabilities:
+            print(capability_matrix())
+            return 0
         return cmd_info(args)
     args.dtype = args.dtype or ["fp32", "bf16", "fp16"]
     return cmd_check(args)
