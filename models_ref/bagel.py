@@ -63,10 +63,15 @@ class BagelPositions:
 
 @dataclass
 class BagelKVCache:
-    """Per-sequence keys and values of one attention layer: ``keys[b]`` is ``[L_b, Hkv, D]``."""
+    """Per-sequence keys and values of one attention layer: ``keys[b]`` is ``[L_b, Hkv, D]`` (None = empty).
+
+    ``select(idx)`` gives a view on some sequences (e.g. only the branches that receive the text
+    prompt); a forward through the view stores the new keys in this cache too.
+    """
 
     keys: list = field(default_factory=list)
     values: list = field(default_factory=list)
+    _parent: tuple | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def empty(cls, num_seqs: int) -> "BagelKVCache":
@@ -74,14 +79,20 @@ class BagelKVCache:
 
     @classmethod
     def cat(cls, caches: Sequence["BagelKVCache"]) -> "BagelKVCache":
-        """The sequences of several caches, in order (e.g. the CFG branches, batched)."""
+        """The sequences of several caches, in order, as a new cache (e.g. the CFG branches, batched)."""
         return cls([k for c in caches for k in c.keys], [v for c in caches for v in c.values])
 
     def select(self, idx: Sequence[int]) -> "BagelKVCache":
-        return BagelKVCache([self.keys[i] for i in idx], [self.values[i] for i in idx])
+        """A view on sequences ``idx``: stores through it land here as well."""
+        idx = [int(i) for i in idx]
+        return BagelKVCache([self.keys[i] for i in idx], [self.values[i] for i in idx], (self, idx))
 
-    def clone(self) -> "BagelKVCache":
-        return BagelKVCache(list(self.keys), list(self.values))
+    def store(self, b: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Replace sequence ``b``'s keys/values (and the parent's, for a view)."""
+        self.keys[b], self.values[b] = k, v
+        if self._parent is not None:
+            parent, idx = self._parent
+            parent.store(idx[b], k, v)
 
     @property
     def num_seqs(self) -> int:
@@ -189,7 +200,8 @@ class PackedAttentionMoT(nn.Module):
             keys, values = torch.cat(ks), torch.cat(vs)
             kv_lens = [t.shape[0] for t in ks]
             if update_cache:
-                cache.keys[:], cache.values[:] = ks, vs
+                for b in range(len(seqlens)):
+                    cache.store(b, ks[b], vs[b])
         mask = BlockDiagonal(seqlens, kv_lens, causal=causal)
         o = self.attn(q, keys.to(q.dtype), values.to(q.dtype), mask)
         return self._out(o.flatten(1), gen)
