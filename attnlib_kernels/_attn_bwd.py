@@ -17,7 +17,7 @@ those documented in :mod:`attnlib_kernels._attn_fwd`.
 import triton
 import triton.language as tl
 
-from attnlib_kernels._attn_fwd import _dot, _visible
+from attnlib_kernels._attn_fwd import _dot, _load, _visible, _visible_t
 
 LOG2E = 1.4426950408889634
 
@@ -98,7 +98,7 @@ def _dkdv_query_tiles(
         # transposed scores: [BLOCK_K, BLOCK_Q]
         qkt = _dot(k, tl.trans(q), tl.zeros([BLOCK_K, BLOCK_Q], dtype=tl.float32), IEEE)
         if MASKED:
-            okt = tl.trans(_visible(offs_q, offs_k, Lk, off, window, kv, CAUSAL, HAS_WINDOW, HAS_KEY_VALID))
+            okt = _visible_t(offs_q, offs_k, Lk, off, window, kv, CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
             qkt = tl.where(okt, qkt, float("-inf"))
         pt = tl.exp2(qkt * qk_scale - lse[None, :])
         dv = _dot(pt.to(do.dtype), do, dv, IEEE)
@@ -235,7 +235,7 @@ def _dq_key_tiles(
     offs_q, offs_d, offs_dv, lo, hi, Lk, off, window, qk_scale,
     stride_ks, stride_vs,
     D: tl.constexpr, DV: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KEY_VALID: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -243,10 +243,14 @@ def _dq_key_tiles(
     for start_k in range(lo, hi, BLOCK_K):
         offs_k = start_k + tl.arange(0, BLOCK_K)
         k_ok = offs_k < Lk
-        k = tl.load(k_base + offs_k[:, None] * stride_ks + offs_d[None, :],
-                    mask=k_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(v_base + offs_k[:, None] * stride_vs + offs_dv[None, :],
-                    mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        k_ptrs = k_base + offs_k[:, None] * stride_ks + offs_d[None, :]
+        v_ptrs = v_base + offs_k[:, None] * stride_vs + offs_dv[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=k_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(v_ptrs, mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        else:  # whole tile inside [0, Lk)
+            k = _load(k_ptrs, offs_d[None, :] < D, BLOCK_D != D)
+            v = _load(v_ptrs, offs_dv[None, :] < DV, BLOCK_DV != DV)
         qk = _dot(q, tl.trans(k), tl.zeros([BLOCK_Q, BLOCK_K], dtype=tl.float32), IEEE)
         if MASKED:
             kv = tl.zeros([BLOCK_K], dtype=tl.int8)
@@ -352,13 +356,16 @@ def _attn_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     dq = _dq_key_tiles(dq, q, do, lse, delta, k_base, v_base, kv_base, offs_q, offs_d, offs_dv,
-                       lo, a, Lk, off, window, qk_scale, stride_ks, stride_vs, D, DV, BLOCK_Q, BLOCK_K,
+                       lo, a, Lk, off, window, qk_scale, stride_ks, stride_vs,
+                       D, DV, BLOCK_Q, BLOCK_K, BLOCK_D, BLOCK_DV,
                        True, CAUSAL, HAS_WINDOW, HAS_KEY_VALID, IEEE)
     dq = _dq_key_tiles(dq, q, do, lse, delta, k_base, v_base, kv_base, offs_q, offs_d, offs_dv,
-                       a, b_, Lk, off, window, qk_scale, stride_ks, stride_vs, D, DV, BLOCK_Q, BLOCK_K,
+                       a, b_, Lk, off, window, qk_scale, stride_ks, stride_vs,
+                       D, DV, BLOCK_Q, BLOCK_K, BLOCK_D, BLOCK_DV,
                        False, CAUSAL, HAS_WINDOW, HAS_KEY_VALID, IEEE)
     dq = _dq_key_tiles(dq, q, do, lse, delta, k_base, v_base, kv_base, offs_q, offs_d, offs_dv,
-                       b_, hi, Lk, off, window, qk_scale, stride_ks, stride_vs, D, DV, BLOCK_Q, BLOCK_K,
+                       b_, hi, Lk, off, window, qk_scale, stride_ks, stride_vs,
+                       D, DV, BLOCK_Q, BLOCK_K, BLOCK_D, BLOCK_DV,
                        True, CAUSAL, HAS_WINDOW, HAS_KEY_VALID, IEEE)
     dq = dq * sm_scale
     tl.store(DQ + gq_off + h.to(tl.int64) * stride_gqh + offs_q[:, None] * stride_gqs + offs_d[None, :],

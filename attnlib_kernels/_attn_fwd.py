@@ -41,6 +41,30 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _load(ptrs, mask, USE_MASK: tl.constexpr):
+    """``tl.load`` with ``mask`` (0 where False) only when USE_MASK: unmasked loads vectorize freely."""
+    if USE_MASK:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _visible_t(offs_q, offs_k, Lk, off, window, kv_valid,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_VALID: tl.constexpr):
+    """``_visible`` transposed: bool ``[len(offs_k), len(offs_q)]`` (for the dK/dV kernel)."""
+    ok = offs_k[:, None] < Lk
+    if CAUSAL:
+        ok = ok & (offs_k[:, None] <= offs_q[None, :] + off)
+        if HAS_WINDOW:
+            ok = ok & (offs_k[:, None] > offs_q[None, :] + off - window)
+    if HAS_KEY_VALID:
+        ok = ok & (kv_valid[:, None] != 0)
+    return ok
+
+
+@triton.jit
 def _visible(offs_q, offs_k, Lk, off, window, kv_valid,
              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_VALID: tl.constexpr):
     """Bool ``[len(offs_q), len(offs_k)]``: may query ``offs_q[i]`` see key ``offs_k[j]``?
@@ -87,9 +111,9 @@ def _fwd_key_tiles(
                 in_k = in_k & (kv != 0)
             kt = tl.load(kt_ptrs, mask=(offs_k[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
             v = tl.load(v_ptrs, mask=in_k[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        else:
-            kt = tl.load(kt_ptrs, mask=offs_d[:, None] < D, other=0.0)
-            v = tl.load(v_ptrs, mask=offs_dv[None, :] < DV, other=0.0)
+        else:  # whole tile inside [0, Lk): only a padded head dim needs a mask
+            kt = _load(kt_ptrs, offs_d[:, None] < D, BLOCK_D != D)
+            v = _load(v_ptrs, offs_dv[None, :] < DV, BLOCK_DV != DV)
         qk = _dot(q, kt, tl.zeros([BLOCK_Q, BLOCK_K], dtype=tl.float32), IEEE)
         if MASKED:
             ok = _visible(offs_q, offs_k, Lk, off, window, kv, CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
