@@ -1,0 +1,410 @@
+"""The ``flash`` backend on a CPU machine: its pure lowering, and the whole backend against fakes.
+
+The fakes implement flash-attn's *documented* semantics (``flash_attn_interface.py`` docstrings and
+``flash_api.cpp``): bottom-right causal, ``window_size=(left, right)`` relative to the bottom-right
+diagonal with ``-1`` = unlimited and values ``>= seqlen_k`` normalized to ``-1``, GQA by head groups,
+an all-masked row gives output 0 and LSE ``+inf``, LSE ``[B, H, Sq]`` dense / ``[H, Tq]`` varlen, the
+same head size for q/k/v, fp16/bf16 only. The only liberty: they run on the CPU.
+"""
+import dataclasses
+import sys
+import types
+
+import pytest
+import torch
+
+import attnlib
+from attnlib import BlockDiagonal, Causal, DenseMask, KeyPadding
+from attnlib.backends import flash
+from attnlib.backends.lowering import (flash_causal_plan, flash_window_size, lower_key_padding, pad_head_dims, pad_keys,
+                                       unpad_keys, varlen_lse_to_dense)
+from attnlib.conformance import CASES, run_case
+from attnlib.inputs import validate_call
+from attnlib.registry import get_backend
+
+# ---------------------------------------------------------------------------------------------
+# pure lowering
+# ---------------------------------------------------------------------------------------------
+
+
+def test_window_of_w_newest_keys_is_flash_window_w_minus_1_left_0_right():
+    assert flash_window_size(None) == (-1, -1)
+    assert flash_window_size(1) == (0, 0)
+    assert flash_window_size(8) == (7, 0)
+
+
+def test_bottom_right_causal_is_native_and_top_left_truncates_keys_when_keys_outnumber_queries():
+    none = flash_causal_plan(None, 5, 9)
+    assert (none.causal, none.window_size, none.key_stop) == (False, (-1, -1), None)
+    br = flash_causal_plan(Causal(window=4), 6, 29)
+    assert (br.causal, br.window_size, br.key_stop, br.reason) == (True, (3, 0), None, None)
+    tl = flash_causal_plan(Causal(align="top_left"), 6, 29)
+    assert (tl.causal, tl.window_size, tl.key_stop) == (True, (-1, -1), 6)
+    assert flash_causal_plan(Causal(align="top_left"), 7, 7).key_stop is None
+    bad = flash_causal_plan(Causal(align="top_left"), 12, 7)
+    assert "top_left" in bad.reason and "12" in bad.reason
+
+
+def _valid_patterns():
+    valid = torch.ones(4, 9, dtype=torch.bool)
+    valid[0, 6:] = False          # right padding: 6 keys
+    valid[1, :4] = False          # left padding: 5 keys
+    valid[2, [1, 2, 5]] = False   # holes: 6 keys
+    valid[3] = False              # nothing visible
+    return valid
+
+
+def test_key_padding_cu_seqlens_count_valid_keys_for_left_right_and_holes():
+    valid = _valid_patterns()
+    low = lower_key_padding(valid, seqlen_q=3)
+    assert low.cu_seqlens_k.dtype == torch.int32 and low.cu_seqlens_q.dtype == torch.int32
+    assert low.cu_seqlens_k.tolist() == [0, 6, 11, 17, 17]
+    assert low.cu_seqlens_q.tolist() == [0, 3, 6, 9, 12]     # queries are never dropped
+    assert (low.max_seqlen_q, low.max_seqlen_k) == (3, 9)
+    assert low.empty_rows.tolist() == [False, False, False, True]
+    # the index walks keys in order, batch row by batch row
+    assert low.key_index[:6].tolist() == [0, 1, 2, 3, 4, 5]
+    assert low.key_index[6:11].tolist() == [13, 14, 15, 16, 17]
+    assert low.key_index[11:].tolist() == [18, 21, 22, 24, 25, 26]
+
+
+def test_unpad_then_repad_keys_round_trips_with_zeros_at_padding():
+    valid = _valid_patterns()
+    k = torch.randn(4, 9, 2, 5)
+    low = lower_key_padding(valid, 3)
+    packed = unpad_keys(k, low.key_index)
+    assert packed.shape == (17, 2, 5)
+    back = pad_keys(packed, low.key_index, 4, 9)
+    assert torch.equal(back[valid], k[valid])
+    assert torch.count_nonzero(back[~valid]) == 0
+    # sequence b of the packed keys is exactly the valid keys of batch row b
+    cu = low.cu_seqlens_k.tolist()
+    assert torch.equal(packed[cu[2]:cu[3]], k[2][valid[2]])
+
+
+def test_varlen_lse_of_equal_sequences_reads_back_as_dense_b_h_s():
+    lse = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3 * 4)     # [H=2, B*Sq = 3*4]
+    dense = varlen_lse_to_dense(lse, 3, 4)
+    assert dense.shape == (3, 2, 4)
+    assert dense[1, 0].tolist() == [4.0, 5.0, 6.0, 7.0] and dense[2, 1].tolist() == [20.0, 21.0, 22.0, 23.0]
+
+
+def test_head_dims_are_zero_padded_to_one_multiple_of_8():
+    q, k, v = torch.randn(1, 2, 1, 24), torch.randn(1, 3, 1, 24), torch.randn(1, 3, 1, 16)
+    q2, k2, v2 = pad_head_dims(q, k, v)
+    assert q2.shape[-1] == k2.shape[-1] == v2.shape[-1] == 24
+    assert torch.count_nonzero(v2[..., 16:]) == 0
+    q3, k3, v3 = pad_head_dims(torch.randn(1, 2, 1, 12), torch.randn(1, 2, 1, 12), torch.randn(1, 2, 1, 20))
+    assert q3.shape[-1] == v3.shape[-1] == 24 and torch.count_nonzero(q3[..., 12:]) == 0
+    same = torch.randn(1, 2, 1, 32)
+    assert pad_head_dims(same, same, same)[0] is same
+
+
+# ---------------------------------------------------------------------------------------------
+# unavailable on this machine, precisely
+# ---------------------------------------------------------------------------------------------
+
+
+def test_on_a_cpu_machine_without_flash_attn_the_reason_names_both_missing_pieces():
+    if torch.cuda.is_available():
+        pytest.skip("machine has CUDA")
+    flash._detect.cache_clear()
+    row = {r["name"]: r for r in attnlib.list_backends()}["flash"]
+    assert not row["available"]
+    assert "flash-attn not installed" in row["reason"] and "pip install flash-attn" in row["reason"]
+    assert "no CUDA device" in row["reason"]
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.warns(RuntimeWarning, match="flash"):
+        assert attnlib.resolve_backend(q, q, q, backend="flash") == "sdpa"
+
+
+# ---------------------------------------------------------------------------------------------
+# honest fakes
+# ---------------------------------------------------------------------------------------------
+
+
+def _fa_one_sequence(q, k, v, scale, causal, left, right):
+    """flash-attn semantics for one sequence. q [Sq,Hq,D], k/v [Sk,Hkv,D] -> out [Sq,Hq,D], lse [Hq,Sq]."""
+    sq, sk = q.shape[0], k.shape[0]
+    if sk == 0:   # flash-attn exits early: output 0, LSE +inf
+        return q.new_zeros(sq, q.shape[1], v.shape[-1]), torch.full((q.shape[1], sq), float("inf"))
+    if left >= sk:
+        left = -1
+    if right >= sk:
+        right = -1
+    if causal:
+        right = 0
+    i = torch.arange(sq).unsqueeze(1)
+    j = torch.arange(sk).unsqueeze(0)
+    keep = torch.ones(sq, sk, dtype=torch.bool)
+    if left >= 0:
+        keep &= j >= i + sk - sq - left
+    if right >= 0:
+        keep &= j <= i + sk - sq + right
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    s = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale
+    s = s.masked_fill(~keep, float("-inf"))
+    m = s.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    e = torch.exp(s - m)
+    den = e.sum(-1, keepdim=True)
+    p = e / torch.where(den > 0, den, torch.ones_like(den))
+    out = torch.einsum("hqk,khd->qhd", p, vf)
+    lse = torch.where(den > 0, torch.log(den) + m, torch.full_like(den, float("inf"))).squeeze(-1)
+    return out.to(q.dtype), lse.detach()
+
+
+def _fa_checks(q, k, v):
+    assert q.dtype in (torch.float16, torch.bfloat16), "FlashAttention only supports fp16 and bf16"
+    assert q.dtype == k.dtype == v.dtype
+    assert q.shape[-1] == k.shape[-1] == v.shape[-1], "q, k, v must have the same head size"
+    assert q.shape[-1] <= 256 and q.shape[-2] % k.shape[-2] == 0
+    assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+
+
+def _fa_dense(q, k, v, scale, causal, window):
+    _fa_checks(q, k, v)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    outs, lses = zip(*[_fa_one_sequence(q[b], k[b], v[b], scale, causal, *window) for b in range(q.shape[0])])
+    return torch.stack(outs), torch.stack(lses)           # [B,Sq,H,D], [B,H,Sq]
+
+
+def _fa_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, calls):
+    _fa_checks(q, k, v)
+    assert cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.device == q.device
+    assert isinstance(max_q, int) and isinstance(max_k, int)
+    calls.append({"cu_q": cu_q, "cu_k": cu_k, "max_q": max_q, "max_k": max_k, "causal": causal, "window": window})
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    left, right = window
+    if left >= max_k:
+        left = -1
+    if right >= max_k:
+        right = -1
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    outs, lses = [], []
+    for b in range(len(cq) - 1):
+        assert cq[b + 1] - cq[b] <= max_q and ck[b + 1] - ck[b] <= max_k
+        o, l = _fa_one_sequence(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], scale, causal, left, right)
+        outs.append(o)
+        lses.append(l)
+    return torch.cat(outs), torch.cat(lses, dim=1)         # [Tq,H,D], [H,Tq]
+
+
+def make_fake_fa2():
+    mod = types.ModuleType("flash_attn")
+    mod.__version__ = "2.8.3"
+    mod.calls = []
+
+    def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                        alibi_slopes=None, deterministic=False, return_attn_probs=False):
+        mod.calls.append({"dense": True, "causal": causal, "window": window_size, "k": tuple(k.shape)})
+        out, lse = _fa_dense(q, k, v, softmax_scale, causal, tuple(window_size))
+        return (out, lse, torch.empty(0)) if return_attn_probs else out
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                               softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                               deterministic=False, return_attn_probs=False, block_table=None):
+        out, lse = _fa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                              tuple(window_size), mod.calls)
+        return (out, lse, torch.empty(0)) if return_attn_probs else out
+
+    mod.flash_attn_func = flash_attn_func
+    mod.flash_attn_varlen_func = flash_attn_varlen_func
+    return mod
+
+
+def make_fake_fa3():
+    """An FA3 build whose functions always return ``(out, lse)`` (no return_attn_probs)."""
+    mod = types.ModuleType("flash_attn_interface")
+    mod.calls = []
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, window_size=(-1, -1), softcap=0.0,
+                        num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0):
+        return _fa_dense(q, k, v, softmax_scale, causal, tuple(window_size))
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None,
+                               seqused_k=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                               num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0):
+        return _fa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                          tuple(window_size), mod.calls)
+
+    mod.flash_attn_func = flash_attn_func
+    mod.flash_attn_varlen_func = flash_attn_varlen_func
+    return mod
+
+
+def make_fake_fa4():
+    """FA4 (flash_attn.cute): ``window_size=(None, None)``, ``return_lse``, always a tuple."""
+    mod = types.ModuleType("flash_attn.cute")
+    mod.calls = []
+
+    def _window(causal, window_size):
+        left, right = window_size
+        assert left is None or left >= 0, "FA4 takes None, not -1, for an unlimited window"
+        assert right is None or right >= 0
+        return (-1 if left is None else left, -1 if right is None else right)
+
+    def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(None, None), learnable_sink=None,
+                        softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, return_lse=False):
+        out, lse = _fa_dense(q, k, v, softmax_scale, causal, _window(causal, window_size))
+        return out, (lse if return_lse else None)
+
+    def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
+                               seqused_q=None, seqused_k=None, page_table=None, softmax_scale=None, causal=False,
+                               window_size=(None, None), learnable_sink=None, softcap=0.0, num_splits=1, pack_gqa=None,
+                               deterministic=False, return_lse=False):
+        out, lse = _fa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                              _window(causal, window_size), mod.calls)
+        return out, (lse if return_lse else None)
+
+    mod.flash_attn_func = flash_attn_func
+    mod.flash_attn_varlen_func = flash_attn_varlen_func
+    return mod
+
+
+def make_fake_torch_varlen(calls):
+    """``torch.nn.attention.varlen.varlen_attn`` as documented: causal only as ``window_size == (-1, 0)``."""
+
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                    window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+        if not enable_gqa:
+            assert query.shape[1] == key.shape[1], "Try setting enable_gqa=True for GQA."
+        is_causal = window_size == (-1, 0)
+        out, lse = _fa_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, is_causal,
+                              tuple(window_size), calls)
+        return (out, lse) if return_aux is not None and return_aux.lse else out
+
+    return varlen_attn
+
+
+@pytest.fixture
+def on_fake(monkeypatch):
+    """Install a fake implementation, let the backend believe in CUDA and accept CPU tensors."""
+    monkeypatch.setattr(flash, "_cuda_available", lambda: True)
+    caps = dataclasses.replace(flash.FlashBackend.capabilities, devices=frozenset({"cpu", "cuda"}))
+    monkeypatch.setattr(flash.FlashBackend, "capabilities", caps)
+    monkeypatch.delenv(flash.ENV_IMPL, raising=False)
+
+    def install(kind):
+        calls = []
+        if kind == "fa2":
+            mod = make_fake_fa2()
+            monkeypatch.setitem(sys.modules, "flash_attn", mod)
+            calls = mod.calls
+        elif kind == "fa3":
+            mod = make_fake_fa3()
+            monkeypatch.setitem(sys.modules, "flash_attn_interface", mod)
+            calls = mod.calls
+        elif kind == "fa4":
+            mod = make_fake_fa4()
+            monkeypatch.setitem(sys.modules, "flash_attn.cute", mod)
+            calls = mod.calls
+        else:
+            monkeypatch.setattr(flash, "_torch_varlen_attn", lambda: make_fake_torch_varlen(calls))
+        monkeypatch.setenv(flash.ENV_IMPL, kind)
+        flash._detect.cache_clear()
+        assert flash._detect()[0].kind == kind
+        return calls
+
+    yield install
+    flash._detect.cache_clear()
+
+
+def _served(kind, install, dtypes_gqa, grad=False):
+    install(kind)
+    skipped = {}
+    for case in CASES:
+        for dtype, gqa in dtypes_gqa:
+            res = run_case("flash", case, dtype, gqa, grad=grad)
+            if res.skipped:
+                skipped[case.name] = res.skipped
+                continue
+            bad = [c for c in res.comparisons if not c.passed]
+            assert not bad, f"{kind} {case.name} {dtype} gqa{gqa}: " + "; ".join(
+                f"{c.what} err {c.error:.3g} > tol {c.tol:.3g}" for c in bad)
+    return skipped
+
+
+def test_fa2_lowering_matches_math_on_every_conformance_case_it_serves(on_fake):
+    skipped = _served("fa2", on_fake, [(torch.float16, 1), (torch.bfloat16, 4)])
+    # only the arbitrary dense masks are out of reach for flash-attn
+    assert set(skipped) == {"dense_bool", "dense_additive"}
+    assert all("dense" in why for why in skipped.values())
+
+
+def test_fa2_gradients_flow_through_unpad_and_padding_and_match_math(on_fake):
+    skipped = _served("fa2", on_fake, [(torch.bfloat16, 2)], grad=True)
+    assert set(skipped) == {"dense_bool", "dense_additive"}
+
+
+@pytest.mark.parametrize("kind", ["fa3", "fa4", "torch"])
+def test_other_implementations_take_the_same_lowering(on_fake, kind):
+    skipped = _served(kind, on_fake, [(torch.bfloat16, 2)])
+    assert set(skipped) == {"dense_bool", "dense_additive"}
+
+
+def test_block_diagonal_passes_the_masks_cached_cu_seqlens_and_python_int_max_lengths(on_fake):
+    calls = on_fake("fa2")
+    mask = BlockDiagonal([3, 1, 5], [10, 1, 20], causal=True, window=4)
+    q = torch.randn(9, 4, 16, dtype=torch.bfloat16)
+    k = torch.randn(31, 2, 16, dtype=torch.bfloat16)
+    attnlib.attention(q, k, k, mask, backend="flash")
+    call = calls[-1]
+    assert call["cu_q"] is mask.cu_seqlens_q_on("cpu") and call["cu_k"] is mask.cu_seqlens_k_on("cpu")
+    assert (call["max_q"], call["max_k"]) == (5, 20)
+    assert call["causal"] is True and call["window"] == (3, 0)
+
+
+def test_key_padding_with_holes_unpads_keys_only_and_empty_rows_give_zero_and_minus_inf(on_fake):
+    calls = on_fake("fa2")
+    valid = torch.tensor([[1, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    q = torch.randn(3, 4, 2, 16, dtype=torch.bfloat16)
+    k = torch.randn(3, 6, 2, 16, dtype=torch.bfloat16)
+    out, lse = attnlib.attention(q, k, k, KeyPadding(valid), backend="flash", return_lse=True)
+    call = calls[-1]
+    assert call["cu_k"].tolist() == [0, 3, 3, 8] and call["cu_q"].tolist() == [0, 4, 8, 12]
+    assert torch.count_nonzero(out[1]) == 0 and torch.isneginf(lse[1]).all()
+    ref = attnlib.attention(q, k, k, KeyPadding(valid), backend="math")
+    assert torch.allclose(out.float(), ref.float(), atol=2e-2)
+
+
+def test_top_left_causal_runs_on_the_first_sq_keys_with_the_bottom_right_kernel(on_fake):
+    calls = on_fake("fa2")
+    q = torch.randn(1, 6, 2, 16, dtype=torch.bfloat16)
+    k = torch.randn(1, 29, 2, 16, dtype=torch.bfloat16)
+    attnlib.attention(q, k, k, Causal(align="top_left"), backend="flash")
+    assert calls[-1]["k"] == (1, 6, 2, 16) and calls[-1]["causal"] is True
+
+
+def test_limits_are_sentences_in_why_not_not_kernel_errors(on_fake):
+    on_fake("fa2")
+    backend = get_backend("flash")
+    q = torch.randn(1, 12, 2, 16, dtype=torch.bfloat16)
+    k = torch.randn(1, 7, 2, 16, dtype=torch.bfloat16)
+    why = backend.why_not(validate_call(q, k, k, Causal(align="top_left")))
+    assert len(why) == 1 and "more queries (12) than keys (7)" in why[0]
+    why = backend.why_not(validate_call(q, q, q, DenseMask(torch.ones(12, 12, dtype=torch.bool))))
+    assert any("DenseMask" in w for w in why)
+    why = backend.why_not(validate_call(q.float(), q.float(), q.float()))
+    assert any("dtype=fp32" in w for w in why)
+    big = torch.randn(1, 4, 1, 264, dtype=torch.bfloat16)
+    assert any("head_dim=264" in w for w in backend.why_not(validate_call(big, big, big)))
+
+
+def test_torch_builtin_dense_full_attention_uses_sdpa_flash_kernel_and_varlen_otherwise(on_fake, monkeypatch):
+    seen = []
+    real = flash._torch_sdpa_flash
+    monkeypatch.setattr(flash, "_torch_sdpa_flash", lambda q, k, v, scale, causal: seen.append(causal) or
+                        real(q, k, v, scale, causal))
+    calls = on_fake("torch")
+    q = torch.randn(2, 9, 4, 16, dtype=torch.bfloat16)
+    k = torch.randn(2, 9, 2, 16, dtype=torch.bfloat16)
+    out = attnlib.attention(q, k, k, Causal(), backend="flash")
+    assert seen == [True] and not calls          # square causal: SDPA restricted to FLASH_ATTENTION (runs on CPU too)
+    ref = attnlib.attention(q, k, k, Causal(), backend="math")
+    assert torch.allclose(out.float(), ref.float(), atol=2e-2)
+    attnlib.attention(q, k[:, :5], k[:, :5], Causal(), backend="flash")   # bottom-right with Sq != Sk: varlen
+    assert seen == [True] and calls[-1]["window"] == (-1, 0)
+    assert calls[-1]["cu_q"].tolist() == [0, 9, 18] and calls[-1]["cu_k"].tolist() == [0, 5, 10]
