@@ -15,7 +15,8 @@ conformance suite (at most ``ERROR_RATIO`` times the naive error, plus the dtype
 """
 from __future__ import annotations
 
-import copy
+import contextlib
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -26,7 +27,7 @@ import attnlib
 from attnlib.testing import max_abs_error, tolerance
 
 __all__ = ["model_parity_rows", "CASES", "ParityCase", "qwen_image_case", "bagel_case", "code_predictor_case",
-           "thinker_attention_case", "bagel_cfg_scene", "host_available", "reference"]
+           "thinker_attention_case", "bagel_cfg_scene", "host_available", "reference", "no_fallback"]
 
 
 def host_available(module: str) -> str | None:
@@ -269,6 +270,21 @@ def reference(case: ParityCase, dtype):
     return ours_d, ref, naive, f"{why}vs math float64"
 
 
+@contextlib.contextmanager
+def no_fallback():
+    """``ATTNLIB_FALLBACK=error`` inside: a backend that cannot serve a call raises instead of handing it
+    to another backend, so a row is only ever measured on the backend it names."""
+    old = os.environ.get("ATTNLIB_FALLBACK")
+    os.environ["ATTNLIB_FALLBACK"] = "error"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ATTNLIB_FALLBACK", None)
+        else:
+            os.environ["ATTNLIB_FALLBACK"] = old
+
+
 def model_parity_rows(backends: list[str], dtype: torch.dtype = torch.float32, cases=None) -> list[dict]:
     """One row per (model block, backend): ``model, backend, max_diff, tol, passed, note`` (+ ``dtype, seconds``).
 
@@ -297,11 +313,14 @@ def model_parity_rows(backends: list[str], dtype: torch.dtype = torch.float32, c
                 continue
             t0 = time.perf_counter()
             try:
-                with attnlib.use_backend(b), torch.no_grad():
+                with attnlib.use_backend(b), no_fallback(), torch.no_grad():
                     out = run()
                 err = max_abs_error(out, ref)
                 rows.append(dict(base, backend=b, max_diff=err, tol=tol, passed=err <= tol,
                                  seconds=time.perf_counter() - t0, note=f"{note}; naive {dtype} error {naive_err:.2g}"))
+            except attnlib.BackendUnavailableError as e:
+                rows.append(dict(base, backend=b, max_diff=None, tol=tol, passed=None,
+                                 seconds=time.perf_counter() - t0, note=f"backend cannot serve this block: {e}"))
             except Exception as e:  # noqa: BLE001
                 rows.append(dict(base, backend=b, max_diff=None, tol=tol, passed=False,
                                  seconds=time.perf_counter() - t0, note=f"error: {type(e).__name__}: {e}"))
