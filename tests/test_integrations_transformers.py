@@ -1,0 +1,262 @@
+"""attn_implementation="attnlib" in transformers gives eager's numbers on tiny random models."""
+import copy
+
+import pytest
+import torch
+
+import attnlib
+from attnlib import BlockDiagonal, Causal, KeyPadding
+from attnlib.testing import assert_close_to_reference
+
+transformers = pytest.importorskip("transformers")
+import attnlib.integrations.transformers as hf  # noqa: E402
+
+BACKENDS = [r["name"] for r in attnlib.list_backends() if r["available"] and r["name"] != "triton"]
+
+hf.register()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_transformers():
+    transformers.logging.set_verbosity_error()
+
+
+def tiny_llama(**overrides):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   **overrides)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = tiny_llama()
+    return model, copy.deepcopy(model).double()
+
+
+def logits(model, impl, **inputs):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+class PlanRecorder:
+    """Every MaskPlan the attnlib attention function runs."""
+
+    def __init__(self, monkeypatch):
+        self.plans = []
+        real = hf.translate
+
+        def spy(*args, **kwargs):
+            plan, crop = real(*args, **kwargs)
+            self.plans.append(plan)
+            return plan, crop
+
+        monkeypatch.setattr(hf, "translate", spy)
+
+    def masks(self):
+        return [p.mask for p in self.plans]
+
+
+def assert_matches_eager(model, model64, keep=None, **inputs):
+    """attnlib fp32 vs eager fp64 reference, budget from eager fp32's own error (attnlib.testing)."""
+    inputs64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
+    ref = logits(model64, "eager", **inputs64)
+    naive = logits(model, "eager", **inputs)
+    got = logits(model, "attnlib", **inputs)
+    if keep is not None:
+        ref, naive, got = ref[keep], naive[keep], got[keep]
+    assert_close_to_reference(got, ref, naive, torch.float32, what="logits")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_left_padded_batch_matches_eager_with_packed_causal_blocks(backend, llama, monkeypatch):
+    rec = PlanRecorder(monkeypatch)
+    ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(1))
+    am = torch.tensor([[0, 0, 0] + [1] * 6, [1] * 9, [0] + [1] * 8])
+    with attnlib.use_backend(backend):
+        assert_matches_eager(*llama, keep=am.bool(), input_ids=ids, attention_mask=am)
+    # one causal block per prompt, padding dropped: no dense mask
+    assert rec.masks() == [BlockDiagonal([6, 9, 8], causal=True)] * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequences_packed_by_restarting_position_ids_do_not_see_each_other(backend, llama, monkeypatch):
+    model, model64 = llama
+    rec = PlanRecorder(monkeypatch)
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1]])
+    with attnlib.use_backend(backend):
+        assert_matches_eager(model, model64, input_ids=ids, position_ids=pos, use_cache=False)
+        alone = logits(model, "attnlib", input_ids=ids[:, 3:7], use_cache=False)
+    assert rec.masks()[0] == BlockDiagonal([3, 4, 2], causal=True)
+    packed = logits(model, "attnlib", input_ids=ids, position_ids=pos, use_cache=False)
+    torch.testing.assert_close(packed[:, 3:7], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_greedy_generation_with_kv_cache_matches_eager(backend, llama, monkeypatch):
+    model, _ = llama
+    rec = PlanRecorder(monkeypatch)
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(3))
+    am = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        want = model.generate(**kw)
+        model.set_attn_implementation("attnlib")
+        with attnlib.use_backend(backend):
+            got = model.generate(**kw)
+    assert torch.equal(got, want)
+    # decode steps: one query against the cache, left padding as KeyPadding (never top-left causal)
+    decode = [m for m in rec.masks() if isinstance(m, KeyPadding)]
+    assert decode and all(m.valid.shape[0] == 2 and not m.valid[0, :2].any() for m in decode)
+
+
+def test_generation_without_padding_decodes_with_no_mask_and_prefills_causal(llama, monkeypatch):
+    model, _ = llama
+    rec = PlanRecorder(monkeypatch)
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(4))
+    kw = dict(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        want = model.generate(**kw)
+        model.set_attn_implementation("attnlib")
+        got = model.generate(**kw)
+    assert torch.equal(got, want)
+    kinds = [p.kind for p in rec.plans]
+    assert kinds[:2] == ["causal", "causal"] and set(kinds[2:]) == {"none"}
+
+
+def test_static_cache_prefill_crops_the_empty_cache_tail(llama):
+    model, _ = llama
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(5))
+    kw = dict(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static")
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        want = model.generate(**kw)
+        model.set_attn_implementation("attnlib")
+        got = model.generate(**kw)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qwen2_sliding_window_layers_run_windowed_causal(backend, monkeypatch):
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1, use_sliding_window=True,
+                                   sliding_window=3, max_window_layers=0,
+                                   layer_types=["sliding_attention", "full_attention"])
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    rec = PlanRecorder(monkeypatch)
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(6))
+    with attnlib.use_backend(backend):
+        assert_matches_eager(model, copy.deepcopy(model).double(), input_ids=ids)
+    assert Causal(window=3) in rec.masks() and Causal() in rec.masks()
+
+
+@pytest.fixture(scope="module")
+def qwen25_vl():
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=None, eos_token_id=None,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=2,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=8, out_hidden_size=64,
+                           fullatt_block_indexes=[1]),
+        image_token_id=150, video_token_id=153, vision_start_token_id=151, vision_end_token_id=152)
+    model = transformers.Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    thw = torch.tensor([[1, 4, 8], [1, 4, 4]])  # 8 and 4 image tokens after the 2x2 merge
+    pixels = torch.randn(int(thw.prod(-1).sum()), 3 * 2 * 2 * 2, generator=torch.Generator().manual_seed(7))
+    ids = torch.tensor([[0, 0, 5, 151] + [150] * 8 + [152, 7, 8, 9],
+                        [5, 6, 7, 151] + [150] * 4 + [152, 7, 8, 9, 10, 11, 12, 13]])
+    am = torch.tensor([[0, 0] + [1] * 14, [1] * 16])
+    return model, dict(input_ids=ids, attention_mask=am, pixel_values=pixels, image_grid_thw=thw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qwen2_5_vl_left_padded_images_match_eager(backend, qwen25_vl, monkeypatch):
+    model, inputs = qwen25_vl
+    rec = PlanRecorder(monkeypatch)
+    with attnlib.use_backend(backend):
+        assert_matches_eager(model, copy.deepcopy(model).double(), keep=inputs["attention_mask"].bool(), **inputs)
+    assert BlockDiagonal([14, 16], causal=True) in rec.masks()  # the text decoder (mRoPE positions)
+
+
+def test_qwen2_5_vl_greedy_generation_matches_eager(qwen25_vl):
+    model, inputs = qwen25_vl
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        want = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        model.set_attn_implementation("attnlib")
+        got = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want)
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+    num_key_value_groups = 2
+    training = False
+
+
+def _qkv(B=1, S=6, Hq=4, Hkv=2, D=8):
+    return rand(B, Hq, S, D), rand(B, Hkv, S, D, seed=1), rand(B, Hkv, S, D, seed=2)
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_flash_style_cu_seq_lens_kwargs_run_as_block_diagonal():
+    q, k, v = _qkv()
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    out, weights = hf.attnlib_attention_forward(_Module(), q, k, v, None, scaling=0.3, cu_seq_lens_q=cu,
+                                                cu_seq_lens_k=cu)
+    assert weights is None and out.shape == (1, 6, 4, 8)
+    want = attnlib.attention(q.transpose(1, 2)[0], k.transpose(1, 2)[0], v.transpose(1, 2)[0],
+                             BlockDiagonal([2, 4], causal=True), scale=0.3, backend="math")
+    torch.testing.assert_close(out[0], want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, feature", [
+    (dict(softcap=30.0), "softcap"),
+    (dict(dropout=0.1), "dropout"),
+    (dict(output_attentions=True), "output_attentions"),
+    (dict(s_aux=torch.zeros(4)), "sinks"),
+    (dict(position_bias=torch.zeros(1, 4, 6, 6)), "position_bias"),
+])
+def test_unsupported_features_raise_naming_the_feature(kwargs, feature):
+    q, k, v = _qkv()
+    with pytest.raises(NotImplementedError, match=feature):
+        hf.attnlib_attention_forward(_Module(), q, k, v, None, **kwargs)
+
+
+def test_backend_selection_pin_context_and_env_are_honoured(monkeypatch, llama):
+    import attnlib.api
+
+    used = []
+    real = attnlib.api.select_backend
+
+    def spy(call, backend):
+        chosen = real(call, backend)
+        used.append(chosen.name)
+        return chosen
+
+    monkeypatch.setattr(attnlib.api, "select_backend", spy)
+    model, _ = llama
+    ids = torch.randint(0, 97, (1, 4), generator=torch.Generator().manual_seed(8))
+    hf.register("attnlib_math", backend="math")
+    logits(model, "attnlib_math", input_ids=ids)
+    assert set(used) == {"math"}
+    for name in BACKENDS:
+        used.clear()
+        with attnlib.use_backend(name):
+            logits(model, "attnlib", input_ids=ids)
+        assert set(used) == {name}
+    used.clear()
+    monkeypatch.setenv("DIFFUSION_ATTENTION_BACKEND", "_native_math")
+    logits(model, "attnlib", input_ids=ids)
+    assert set(used) == {"math"}
