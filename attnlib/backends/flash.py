@@ -108,9 +108,22 @@ def _torch_varlen_attn():
     return varlen_attn
 
 
+def _torch_active_flash_impl() -> Optional[str]:
+    """The FlashAttention build activated inside PyTorch (``activate_flash_attention_impl("FA4")``), if any."""
+    try:
+        from torch.nn import attention
+        current = getattr(attention, "current_flash_attention_impl", None)
+        return current() if current is not None else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def _try_torch():
     varlen = _torch_varlen_attn()
     what = "varlen_attn + SDPA(FLASH_ATTENTION)" if varlen is not None else "SDPA(FLASH_ATTENTION); no varlen_attn"
+    active = _torch_active_flash_impl()
+    if active:
+        what += f", {active} activated"
     return _Impl("torch", f"torch {torch.__version__} built-in FlashAttention ({what})", _torch_sdpa_flash, varlen,
                  frozenset(), _params(varlen) if varlen is not None else frozenset())
 
@@ -367,7 +380,13 @@ def _torch_dense(impl: _Impl, q, k, v, plan, scale: float, return_lse: bool):
     b, sq, hq = q.shape[:3]
     sk = k.shape[1]
     if _sdpa_can(plan, sq, sk, return_lse):
-        return impl.dense(q, k, v, scale, plan.causal), None
+        try:
+            return impl.dense(q, k, v, scale, plan.causal), None
+        except RuntimeError:
+            # an FA3/FA4 build activated inside PyTorch raises on inputs it cannot take instead of falling
+            # back; varlen_attn (below) is the same kernel family through another entry point
+            if impl.varlen is None:
+                raise
     # bottom-right causal with Sq != Sk, windows, LSE: flatten the batch into equal-length varlen sequences
     cu_q = uniform_cu_seqlens(b, sq, q.device)
     cu_k = uniform_cu_seqlens(b, sk, q.device)

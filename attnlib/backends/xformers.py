@@ -217,16 +217,32 @@ def _from_seqlens(cls, q_seqlens, kv_seqlens, device: torch.device):
 
 
 def _xformers_reasons(xf: _Xformers, low: _Lowered, call: AttentionCall) -> list[str]:
-    """xformers' own dispatch: when no operator fits, its per-operator ``not_supported_reasons``."""
+    """xformers' own dispatch: when no operator fits, its per-operator ``not_supported_reasons``.
+
+    Uses xformers' dispatcher (``fmha.dispatch._dispatch_fw`` / ``_dispatch_bw``, whose
+    ``NotImplementedError`` lists every operator's reasons); if that private API moved, the kernel
+    call itself reports instead.
+    """
     try:
         dispatch = importlib.import_module("xformers.ops.fmha.dispatch")
         inp = xf.fmha.Inputs(query=low.q, key=low.k, value=low.v, attn_bias=low.bias, p=0.0, scale=call.scale)
-        dispatch._dispatch_fw(inp, call.requires_grad or call.return_lse)
-    except NotImplementedError as e:
-        text = " ".join(str(e).split())
-        return [f"xformers has no operator for this call: {text}"]
-    except Exception:  # noqa: BLE001 - private API moved: let the kernel call report instead
+    except Exception:  # noqa: BLE001
         return []
+    needs_grad = call.requires_grad or call.return_lse
+    try:
+        fw = dispatch._dispatch_fw(inp, needs_grad)
+    except NotImplementedError as e:
+        return [f"xformers has no forward operator for this call: {' '.join(str(e).split())}"]
+    except Exception:  # noqa: BLE001
+        return []
+    if call.requires_grad:
+        try:
+            varlen = low.spec.kind in _VARLEN_KINDS
+            dispatch._dispatch_bw(inp, varlen_lse_packed=getattr(fw, "VARLEN_LSE_PACKED", None) if varlen else None)
+        except NotImplementedError as e:
+            return [f"xformers has no backward operator for this call: {' '.join(str(e).split())}"]
+        except Exception:  # noqa: BLE001
+            return []
     return []
 
 
