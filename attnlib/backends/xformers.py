@@ -232,7 +232,7 @@ def _xformers_reasons(xf: _Xformers, low: _Lowered, call: AttentionCall) -> list
     try:
         fw = dispatch._dispatch_fw(inp, needs_grad)
     except NotImplementedError as e:
-        return [f"xformers has no forward operator for this call: {' '.join(str(e).split())}"]
+        return [f"xformers has no forward operator for this call: {_condense(e)}"]
     except Exception:  # noqa: BLE001
         return []
     if call.requires_grad:
@@ -240,10 +240,19 @@ def _xformers_reasons(xf: _Xformers, low: _Lowered, call: AttentionCall) -> list
             varlen = low.spec.kind in _VARLEN_KINDS
             dispatch._dispatch_bw(inp, varlen_lse_packed=getattr(fw, "VARLEN_LSE_PACKED", None) if varlen else None)
         except NotImplementedError as e:
-            return [f"xformers has no backward operator for this call: {' '.join(str(e).split())}"]
+            return [f"xformers has no backward operator for this call: {_condense(e)}"]
         except Exception:  # noqa: BLE001
             return []
     return []
+
+
+def _condense(err: Exception) -> str:
+    """xformers' dispatch error on one line, without its echo of the input shapes."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    first = next((i for i, ln in enumerate(lines) if "is not supported because" in ln), None)
+    if first is not None:
+        lines = lines[first:]
+    return " ".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
