@@ -410,3 +410,29 @@ def test_torch_builtin_dense_full_attention_uses_sdpa_flash_kernel_and_varlen_ot
     attnlib.attention(q, k[:, :5], k[:, :5], Causal(), backend="flash")   # bottom-right with Sq != Sk: varlen
     assert seen == [True] and calls[-1]["window"] == (-1, 0)
     assert calls[-1]["cu_q"].tolist() == [0, 9, 18] and calls[-1]["cu_k"].tolist() == [0, 5, 10]
+
+
+def test_detection_prefers_fa3_over_fa2_and_info_names_the_one_in_use(on_fake, monkeypatch):
+    monkeypatch.setitem(sys.modules, "flash_attn", make_fake_fa2())
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", make_fake_fa3())
+    monkeypatch.delenv(flash.ENV_IMPL, raising=False)
+    flash._detect.cache_clear()
+    row = {r["name"]: r for r in attnlib.list_backends()}["flash"]
+    assert row["available"] and "FA3" in row["implementation"]
+    monkeypatch.setitem(sys.modules, "flash_attn_interface", None)          # FA3 absent: FA2
+    flash._detect.cache_clear()
+    assert get_backend("flash").implementation == "flash-attn 2.8.3 (FA2)"
+
+
+def test_a_broken_flash_attn_install_is_reported_not_raised(monkeypatch):
+    broken = types.ModuleType("flash_attn")
+    broken.__version__ = "2.8.3"                      # no flash_attn_func: the CUDA extension failed to load
+    monkeypatch.setitem(sys.modules, "flash_attn", broken)
+    monkeypatch.setattr(flash, "_cuda_available", lambda: False)
+    monkeypatch.delenv(flash.ENV_IMPL, raising=False)
+    flash._detect.cache_clear()
+    try:
+        reason = get_backend("flash").unavailable_reason()
+        assert "fa2 failed to import: AttributeError" in reason and "no CUDA device" in reason
+    finally:
+        flash._detect.cache_clear()
