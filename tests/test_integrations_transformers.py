@@ -6,7 +6,7 @@ import torch
 
 import attnlib
 from attnlib import BlockDiagonal, Causal, KeyPadding
-from attnlib.testing import assert_close_to_reference
+from attnlib.testing import assert_close_to_reference, reference_and_naive
 
 transformers = pytest.importorskip("transformers")
 import attnlib.integrations.transformers as hf  # noqa: E402
@@ -90,9 +90,13 @@ def test_sequences_packed_by_restarting_position_ids_do_not_see_each_other(backe
     with attnlib.use_backend(backend):
         assert_matches_eager(model, model64, input_ids=ids, position_ids=pos, use_cache=False)
         alone = logits(model, "attnlib", input_ids=ids[:, 3:7], use_cache=False)
+        packed = logits(model, "attnlib", input_ids=ids, position_ids=pos, use_cache=False)
     assert rec.masks()[0] == BlockDiagonal([3, 4, 2], causal=True)
-    packed = logits(model, "attnlib", input_ids=ids, position_ids=pos, use_cache=False)
-    torch.testing.assert_close(packed[:, 3:7], alone, atol=1e-5, rtol=1e-5)
+    # the middle sequence gives the logits it gives alone: nothing leaked in from its neighbours
+    alone_ref = logits(model64, "eager", input_ids=ids[:, 3:7], use_cache=False)
+    alone_naive = logits(model, "eager", input_ids=ids[:, 3:7], use_cache=False)
+    assert_close_to_reference(packed[:, 3:7], alone_ref, alone_naive, torch.float32, what="packed vs alone")
+    assert_close_to_reference(alone, alone_ref, alone_naive, torch.float32, what="alone")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -216,9 +220,9 @@ def test_flash_style_cu_seq_lens_kwargs_run_as_block_diagonal():
     out, weights = hf.attnlib_attention_forward(_Module(), q, k, v, None, scaling=0.3, cu_seq_lens_q=cu,
                                                 cu_seq_lens_k=cu)
     assert weights is None and out.shape == (1, 6, 4, 8)
-    want = attnlib.attention(q.transpose(1, 2)[0], k.transpose(1, 2)[0], v.transpose(1, 2)[0],
-                             BlockDiagonal([2, 4], causal=True), scale=0.3, backend="math")
-    torch.testing.assert_close(out[0], want, atol=1e-6, rtol=1e-5)
+    (ref, _), (naive, _) = reference_and_naive(*(t.transpose(1, 2)[0] for t in (q, k, v)),
+                                               BlockDiagonal([2, 4], causal=True), 0.3, packed=True)
+    assert_close_to_reference(out[0], ref, naive, torch.float32)
 
 
 @pytest.mark.parametrize("kwargs, feature", [
@@ -260,3 +264,17 @@ def test_backend_selection_pin_context_and_env_are_honoured(monkeypatch, llama):
     monkeypatch.setenv("DIFFUSION_ATTENTION_BACKEND", "_native_math")
     logits(model, "attnlib", input_ids=ids)
     assert set(used) == {"math"}
+
+
+def test_from_pretrained_with_attn_implementation_attnlib(tmp_path, llama, monkeypatch):
+    model, model64 = llama
+    model.save_pretrained(tmp_path)  # local round trip: no download
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="attnlib").eval()
+    assert loaded.config._attn_implementation == "attnlib"
+    rec = PlanRecorder(monkeypatch)
+    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+    assert rec.masks() == [Causal(), Causal()]
+    assert_close_to_reference(got, logits(model64, "eager", input_ids=ids), logits(model, "eager", input_ids=ids),
+                              torch.float32, what="logits")

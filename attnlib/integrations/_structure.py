@@ -22,6 +22,7 @@ mask object to every layer, so callers cache the :class:`MaskPlan` per mask tens
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -236,9 +237,13 @@ def _chain_blocks(lo, hi, empty, Sk: int, causal: bool, window):
 
 
 class PlanCache:
-    """Tiny identity cache: one plan per mask tensor (hosts reuse one mask object for every layer)."""
+    """Tiny identity cache: one plan per mask tensor (hosts reuse one mask object for every layer).
 
-    def __init__(self, size: int = 8):
+    Entries hold weak references, so the cache never keeps a host's mask alive; an in-place edit of the
+    mask (new ``_version``) re-plans.
+    """
+
+    def __init__(self, size: int = 4):
         self._size = size
         self._entries: OrderedDict = OrderedDict()
 
@@ -246,11 +251,11 @@ class PlanCache:
         key = (id(mask), mask._version, mask.data_ptr(), tuple(mask.shape), tuple(mask.stride()), mask.dtype,
                str(mask.device))
         entry = self._entries.get(key)
-        if entry is not None and entry[0] is mask:
+        if entry is not None and entry[0]() is mask:
             self._entries.move_to_end(key)
             return entry[1]
         plan = build()
-        self._entries[key] = (mask, plan)  # holding the tensor keeps its id from being reused
+        self._entries[key] = (weakref.ref(mask), plan)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
         return plan

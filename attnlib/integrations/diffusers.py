@@ -29,6 +29,7 @@ from ..api import attention
 from ..masks import KeyPadding
 from ..registry import _canonical
 from ..rope import apply_rotary
+from ._structure import PlanCache
 
 __all__ = ["QwenImageAttnProcessor", "use_attnlib", "PROCESSORS"]
 
@@ -110,15 +111,30 @@ class QwenImageAttnProcessor:
         return img_out, txt_out
 
 
+_masks = PlanCache()
+
+
 def _joint_key_padding(text_mask: torch.Tensor | None, hidden_states: torch.Tensor):
-    """``KeyPadding`` over ``[text, image]`` keys from the text mask (True/1 = real token); None if no padding."""
+    """``KeyPadding`` over ``[text, image]`` keys from the text mask (True/1 = real token); None if no padding.
+
+    Built once per text-mask tensor (the model passes the same one to every block): one host sync to
+    learn whether anything is padded, so an unpadded batch runs with no mask at all.
+    """
     if text_mask is None:
         return None
-    valid = text_mask if text_mask.dtype == torch.bool else text_mask != 0
-    if bool(valid.all()):
-        return None  # one host sync per call; a padding-free batch then runs with no mask at all
-    image = torch.ones(hidden_states.shape[0], hidden_states.shape[1], dtype=torch.bool, device=valid.device)
-    return KeyPadding(torch.cat([valid, image], dim=1))
+    image_len = hidden_states.shape[1]
+
+    def build():
+        valid = text_mask if text_mask.dtype == torch.bool else text_mask != 0
+        if bool(valid.all()):
+            return (image_len, None)
+        image = torch.ones(valid.shape[0], image_len, dtype=torch.bool, device=valid.device)
+        return (image_len, KeyPadding(torch.cat([valid, image], dim=1)))
+
+    cached_len, mask = _masks.get(text_mask, build)
+    if cached_len != image_len:  # same text mask, another image size: rebuild (not cached)
+        cached_len, mask = build()
+    return mask
 
 
 #: diffusers transformer class name -> attnlib processor class
