@@ -120,7 +120,10 @@ class XformersBackend(Backend):
         low = self._lowered(call, xf)
         if low.spec.kind == "empty":
             return []
-        return _xformers_reasons(xf, low, call)
+        reasons = _xformers_reasons(xf, low, call)
+        if reasons:   # no forward follows: do not keep this call's tensors (and bias) alive
+            self._last.entry = None
+        return reasons
 
     def forward(self, call: AttentionCall):
         xf, reason = _detect()
