@@ -212,6 +212,10 @@ class FlashBackend(Backend):
                 out.append(plan.reason)
         if impl.kind == "torch":
             out += _torch_reasons(impl, call)
+        elif impl.kind == "fa4" and call.return_lse:
+            params = impl.params_varlen if isinstance(mask, (BlockDiagonal, KeyPadding)) else impl.params_dense
+            if "return_lse" not in params:
+                out.append(f"{impl.label} has no return_lse: it returns the LSE only when gradients are needed")
         return out
 
     def forward(self, call: AttentionCall):
