@@ -204,7 +204,8 @@ def make_fake_xformers(lse_packed=False):
         def __post_init__(self):
             for i, (lq, lk) in enumerate(zip(self.q_seqinfo.lens, self.k_seqinfo.lens)):
                 if lk < lq:
-                    raise ValueError(f"Block #{i} has num_keys={lk} and num_queries={lq}. Expected `num_keys >= num_queries`")
+                    raise ValueError(f"Block #{i} has num_keys={lk} and num_queries={lq}. "
+                                     "Expected `num_keys >= num_queries`")
 
         def block(self, lq, lk):
             return _causal_grid(lq, lk, lk - lq)

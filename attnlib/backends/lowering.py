@@ -242,8 +242,9 @@ def kept_query_index(kept_queries: tuple, device) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=256)
 def _kept_index(kept_queries: tuple, device: str) -> torch.Tensor:
-    idx = torch.cat([torch.arange(s, s + n) for s, n in kept_queries]) if kept_queries else torch.zeros(0, dtype=torch.long)
-    return idx.to(device)
+    if not kept_queries:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat([torch.arange(s, s + n) for s, n in kept_queries]).to(device)
 
 
 def bias_alignment(dtype: torch.dtype) -> int:

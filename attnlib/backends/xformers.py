@@ -96,7 +96,8 @@ class XformersBackend(Backend):
     capabilities = Capabilities(
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-        notes=("KeyPadding/DenseMask as a materialized additive bias", "GQA via BMGHK (forward); repeated K/V with grad"),
+        notes=("KeyPadding/DenseMask as a materialized additive bias",
+               "GQA via BMGHK (forward); repeated K/V with grad"),
     )
 
     def __init__(self):
@@ -112,7 +113,8 @@ class XformersBackend(Backend):
         if xf is None:
             return reason
         if not _cuda_available():
-            return f"xformers {xf.version} is installed but torch has no CUDA device (torch.cuda.is_available() is False)"
+            return (f"xformers {xf.version} is installed but torch has no CUDA device "
+                    "(torch.cuda.is_available() is False)")
         return None
 
     def extra_reasons(self, call: AttentionCall) -> list[str]:
