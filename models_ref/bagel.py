@@ -183,6 +183,8 @@ class PackedAttentionMoT(nn.Module):
         if cache is not None and cache.num_seqs != len(seqlens):
             raise ValueError(f"cache holds {cache.num_seqs} sequences but seqlens names {len(seqlens)}")
 
+        if gen is not None:
+            gen = gen.to(x.device)
         q, k, v = self._qkv(x, gen)
         cos, sin = self.rotary.cos_sin(positions.to(x.device))
         q = apply_rotary(q, cos, sin)

@@ -41,7 +41,7 @@ def host_available(module: str) -> str | None:
 
 @dataclass
 class ParityCase:
-    """``build(dtype)`` -> ``(ours_fn, host_fn | None)``; each ``fn()`` returns the compared tensor.
+    """``build(dtype, device)`` -> ``(ours_fn, host_fn | None)``; each ``fn()`` returns the compared tensor.
 
     ``ours_fn`` runs under whatever backend is selected when it is called; ``host_fn`` is the authors'
     model. Both are built fresh per dtype from the same seeded weights.
@@ -64,7 +64,7 @@ QWEN_IMAGE_CONFIG = dict(patch_size=2, in_channels=16, out_channels=4, num_layer
                          num_attention_heads=2, joint_attention_dim=24, axes_dims_rope=(4, 6, 6))
 
 
-def qwen_image_inputs(dtype, *, batch_valid=(9, 3), width=9, grid=(1, 4, 6), seed=1):
+def qwen_image_inputs(dtype, *, batch_valid=(9, 3), width=9, grid=(1, 4, 6), seed=1, device="cpu"):
     """CFG batch: row b has ``batch_valid[b]`` real text tokens, right-padded to ``width``."""
     g = torch.Generator().manual_seed(seed)
     b = len(batch_valid)
@@ -75,11 +75,11 @@ def qwen_image_inputs(dtype, *, batch_valid=(9, 3), width=9, grid=(1, 4, 6), see
     for i, n in enumerate(batch_valid):
         mask[i, :n] = 1
     t = torch.linspace(0.2, 0.8, b).to(dtype)
-    return x, e, mask, t, [[grid]] * b
+    return x.to(device), e.to(device), mask.to(device), t.to(device), [[grid]] * b
 
 
 def qwen_image_case() -> ParityCase:
-    def build(dtype):
+    def build(dtype, device="cpu"):
         from .qwen_image import QwenImageTransformer2DModel
         _seeded(0)
         ours = QwenImageTransformer2DModel(**QWEN_IMAGE_CONFIG)
@@ -89,9 +89,9 @@ def qwen_image_case() -> ParityCase:
             from diffusers import QwenImageTransformer2DModel as DiffusersQwenImage
             host = DiffusersQwenImage(**QWEN_IMAGE_CONFIG).eval()
             host.load_state_dict(ours.state_dict(), strict=True)
-            torch.nn.Module.to(host, dtype)  # (diffusers' own .to(dtype) logs advice meant for checkpoints)
-        ours = ours.eval().to(dtype)
-        args = qwen_image_inputs(dtype)
+            torch.nn.Module.to(host, device, dtype)  # (diffusers' .to(dtype) logs advice meant for checkpoints)
+        ours = ours.eval().to(device, dtype)
+        args = qwen_image_inputs(dtype, device=device)
         ours_fn = lambda: ours(*args)  # noqa: E731
         host_fn = None if host is None else (lambda: host(*args).sample)
         return ours_fn, host_fn
@@ -104,7 +104,7 @@ def qwen_image_case() -> ParityCase:
 BAGEL_CONFIG = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0)
 
 
-def bagel_cfg_scene(attn, dtype, *, text_len=5, image_tokens=4, target_tokens=6, seed=2):
+def bagel_cfg_scene(attn, dtype, *, text_len=5, image_tokens=4, target_tokens=6, seed=2, device="cpu"):
     """Run Bagel's inference scene on one ``PackedAttentionMoT`` layer; return every output, concatenated.
 
     Three sequences are prefilled: *full* (text prompt + context image), *text-dropped* (context image
@@ -115,7 +115,7 @@ def bagel_cfg_scene(attn, dtype, *, text_len=5, image_tokens=4, target_tokens=6,
     from .bagel import BagelKVCache, BagelPositions
     g = torch.Generator().manual_seed(seed)
     hid = attn.q_proj.in_features
-    rand = lambda n: torch.randn(n, hid, generator=g).to(dtype)  # noqa: E731
+    rand = lambda n: torch.randn(n, hid, generator=g).to(device, dtype)  # noqa: E731
     text, image, target, decode_tok = rand(text_len), rand(image_tokens + 2), rand(target_tokens + 2), rand(1)
     pos = [BagelPositions() for _ in range(3)]           # full, text-dropped, image-dropped
     cache = BagelKVCache.empty(3)
@@ -131,7 +131,7 @@ def bagel_cfg_scene(attn, dtype, *, text_len=5, image_tokens=4, target_tokens=6,
     outs.append(attn(decode_tok, [1], pos[0].text(1), cache.select([0]), causal=True))
     # one denoising step, three CFG branches batched; markers use the understanding expert
     n_t = target_tokens + 2
-    gen = torch.ones(n_t, dtype=torch.bool)
+    gen = torch.ones(n_t, dtype=torch.bool, device=device)
     gen[0] = gen[-1] = False
     outs.append(attn(torch.cat([target] * 3), [n_t] * 3, torch.cat([p.noised_image(n_t) for p in pos]), cache,
                      causal=False, gen=gen.repeat(3), update_cache=False))
@@ -139,14 +139,14 @@ def bagel_cfg_scene(attn, dtype, *, text_len=5, image_tokens=4, target_tokens=6,
 
 
 def bagel_case() -> ParityCase:
-    def build(dtype):
+    def build(dtype, device="cpu"):
         from .bagel import PackedAttentionMoT
         _seeded(3)
         attn = PackedAttentionMoT(**BAGEL_CONFIG)
         for p in attn.parameters():
             torch.nn.init.normal_(p, std=0.25)
-        attn = attn.eval().to(dtype)
-        return (lambda: bagel_cfg_scene(attn, dtype)), None
+        attn = attn.eval().to(device, dtype)
+        return (lambda: bagel_cfg_scene(attn, dtype, device=device)), None
     return ParityCase("bagel", None, build)
 
 
@@ -168,7 +168,7 @@ CODE_PREDICTOR_KWARGS = dict(hidden_size=32, intermediate_size=64, num_hidden_la
 
 def code_predictor_case() -> ParityCase:
     """Prefill ``[talker hidden, code 0]`` then decode the remaining groups one by one (KV cache)."""
-    def build(dtype):
+    def build(dtype, device="cpu"):
         from .qwen3_omni import CodePredictor, KVCache
         _seeded(4)
         ours = CodePredictor(**CODE_PREDICTOR_KWARGS)
@@ -179,10 +179,10 @@ def code_predictor_case() -> ParityCase:
             from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeTalkerCodePredictorModel
             host = Qwen3OmniMoeTalkerCodePredictorModel(code_predictor_config()).eval()
             host.load_state_dict(ours.state_dict(), strict=True)
-            host.to(dtype)
-        ours = ours.eval().to(dtype)
+            host.to(device, dtype)
+        ours = ours.eval().to(device, dtype)
         g = torch.Generator().manual_seed(5)
-        x = torch.randn(2, 5, 32, generator=g).to(dtype)
+        x = torch.randn(2, 5, 32, generator=g).to(device, dtype)
 
         def ours_fn():
             cache = KVCache()
@@ -206,7 +206,7 @@ THINKER_KWARGS = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads
                       mrope_section=(3, 3, 2))
 
 
-def thinker_inputs(dtype, seed=6):
+def thinker_inputs(dtype, seed=6, device="cpu"):
     """A left-padded batch of two with multimodal ``position_ids [3, B, S]`` (an image grid in row 0)."""
     g = torch.Generator().manual_seed(seed)
     b, s = 2, 7
@@ -220,18 +220,18 @@ def thinker_inputs(dtype, seed=6):
     pos[0, 0, 2:6] = 2
     pos[:, 0, 6] = 4
     pos[:, 1] = (torch.cumsum(valid[1].long(), 0) - 1).clamp_min(0)
-    return h, pos, valid
+    return h.to(device), pos.to(device), valid.to(device)
 
 
 def thinker_attention_case() -> ParityCase:
     """Only the valid query rows are compared (padded rows differ by design: attnlib returns 0)."""
-    def build(dtype):
+    def build(dtype, device="cpu"):
         from .qwen3_omni import ThinkerAttention
         _seeded(7)
         ours = ThinkerAttention(**THINKER_KWARGS)
         for p in ours.parameters():
             torch.nn.init.normal_(p, std=0.2)
-        h, pos, valid = thinker_inputs(dtype)
+        h, pos, valid = thinker_inputs(dtype, device=device)
         host_fn = None
         if host_available("transformers") is None:
             from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
@@ -239,13 +239,13 @@ def thinker_attention_case() -> ParityCase:
             cfg = thinker_text_config()
             host = Qwen3OmniMoeThinkerTextAttention(cfg, 0).eval()
             host.load_state_dict(ours.state_dict(), strict=True)
-            host.to(dtype)
-            cos, sin = Qwen3OmniMoeThinkerTextRotaryEmbedding(cfg)(h, pos)
+            host.to(device, dtype)
+            cos, sin = Qwen3OmniMoeThinkerTextRotaryEmbedding(cfg).to(device)(h, pos)
             s = h.shape[1]
-            keep = torch.ones(s, s, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
-            additive = torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, torch.finfo(dtype).min)
+            keep = torch.ones(s, s, dtype=torch.bool, device=device).tril()[None, None] & valid[:, None, None, :]
+            additive = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
             host_fn = lambda: host(h, (cos, sin), additive)[0][valid]  # noqa: E731
-        ours = ours.eval().to(dtype)
+        ours = ours.eval().to(device, dtype)
         ours_fn = lambda: ours(h, ours.rope_tables(pos), valid)[valid]  # noqa: E731
         return ours_fn, host_fn
     return ParityCase("qwen3_omni.thinker_attention", "transformers", build)
@@ -258,10 +258,10 @@ CASES = (qwen_image_case, bagel_case, code_predictor_case, thinker_attention_cas
 # the table
 # ---------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def reference(case: ParityCase, dtype):
+def reference(case: ParityCase, dtype, device="cpu"):
     """``(ours_fn, ref64, naive, note)`` for a case (``ours_fn`` built in ``dtype``), or raises."""
-    ours64, host64 = case.build(torch.float64)
-    ours_d, host_d = case.build(dtype)
+    ours64, host64 = case.build(torch.float64, device)
+    ours_d, host_d = case.build(dtype, device)
     if host64 is not None:
         return ours_d, host64(), host_d(), f"vs {case.host} float64"
     with attnlib.use_backend("math"):
@@ -285,19 +285,22 @@ def no_fallback():
             os.environ["ATTNLIB_FALLBACK"] = old
 
 
-def model_parity_rows(backends: list[str], dtype: torch.dtype = torch.float32, cases=None) -> list[dict]:
-    """One row per (model block, backend): ``model, backend, max_diff, tol, passed, note`` (+ ``dtype, seconds``).
+def model_parity_rows(backends: list[str], dtype: torch.dtype = torch.float32, cases=None,
+                      device: str | None = None) -> list[dict]:
+    """One row per (model block, backend): ``model, backend, max_diff, tol, passed, note`` (+ ``dtype,
+    device, seconds``). ``device`` defaults to CUDA when available, else CPU.
 
     An unavailable backend gets a row with ``passed=None`` and its reason; a case whose build fails
     (e.g. an incompatible host library) gets one ``passed=None`` row per backend saying why.
     """
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     available = {r["name"]: r for r in attnlib.list_backends()}
     rows = []
     for make in cases or CASES:
         case = make()
-        base = dict(model=case.model, dtype=str(dtype).replace("torch.", ""))
+        base = dict(model=case.model, dtype=str(dtype).replace("torch.", ""), device=device)
         try:
-            run, ref, naive, note = reference(case, dtype)
+            run, ref, naive, note = reference(case, dtype, device)
         except Exception as e:  # noqa: BLE001 -- reported in the table, never fatal for `attnlib check`
             rows += [dict(base, backend=b, max_diff=None, tol=None, passed=None, seconds=0.0,
                           note=f"skipped: {type(e).__name__}: {e}") for b in backends]

@@ -18,6 +18,8 @@ from models_ref.bagel import BagelKVCache, BagelPositions, PackedAttentionMoT
 from models_ref.parity import BAGEL_CONFIG, bagel_case, bagel_cfg_scene, no_fallback, reference
 
 BACKENDS = [r["name"] for r in attnlib.list_backends() if r["available"]]
+#: the parity references run where the GPU is, if there is one (the block-level invariants run on the CPU)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HID = BAGEL_CONFIG["hidden_size"]
 
 
@@ -169,7 +171,7 @@ def test_vit_image_prefill_is_non_causal_over_cache_and_image(backend):
 
 @functools.lru_cache(maxsize=None)
 def _scene_reference():
-    return reference(bagel_case(), torch.float32)
+    return reference(bagel_case(), torch.float32, DEVICE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

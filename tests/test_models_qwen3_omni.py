@@ -16,6 +16,8 @@ from models_ref.qwen3_omni import (WAIT, CodePredictor, KVCache, TalkerCondition
                                    sync_talker_conditions)
 
 BACKENDS = [r["name"] for r in attnlib.list_backends() if r["available"]]
+#: the parity references run where the GPU is, if there is one (the block-level invariants run on the CPU)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SLOW_ON_CPU = {"flex", "triton"}
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -55,7 +57,7 @@ def test_code_predictor_state_dict_loads_strictly_from_transformers():
 
 @functools.lru_cache(maxsize=None)
 def _cp_reference(dtype):
-    return reference(code_predictor_case(), dtype)
+    return reference(code_predictor_case(), dtype, DEVICE)
 
 
 @pytest.mark.parametrize("backend,dtype", _params())
@@ -107,7 +109,7 @@ def test_sliding_window_layers_decode_like_their_full_forward():
 # ---------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def _thinker_reference(dtype):
-    return reference(thinker_attention_case(), dtype)
+    return reference(thinker_attention_case(), dtype, DEVICE)
 
 
 @pytest.mark.parametrize("backend,dtype", _params())

@@ -16,6 +16,8 @@ from models_ref.parity import QWEN_IMAGE_CONFIG, no_fallback, qwen_image_case, q
 from models_ref.qwen_image import QwenImageTransformer2DModel, joint_key_padding
 
 BACKENDS = [r["name"] for r in attnlib.list_backends() if r["available"]]
+#: the parity references run where the GPU is, if there is one (the block-level invariants run on the CPU)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: backends that compile per shape (flex) or interpret kernels (triton) on this CPU: float32 only
 SLOW_ON_CPU = {"flex", "triton"}
 DTYPES = [torch.float32, torch.bfloat16]
@@ -25,7 +27,7 @@ diffusers = pytest.importorskip("diffusers", reason="parity with diffusers needs
 
 @functools.lru_cache(maxsize=None)
 def _reference(dtype):
-    return reference(qwen_image_case(), dtype)
+    return reference(qwen_image_case(), dtype, DEVICE)
 
 
 def _backend_dtype_params():
