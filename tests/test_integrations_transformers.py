@@ -133,16 +133,26 @@ def test_generation_without_padding_decodes_with_no_mask_and_prefills_causal(lla
     assert kinds[:2] == ["causal", "causal"] and set(kinds[2:]) == {"none"}
 
 
-def test_static_cache_prefill_crops_the_empty_cache_tail(llama):
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_cache_generation_matches_eager(llama, padded, monkeypatch):
+    """Unpadded: the prefill has no mask and keys past the prompt are empty cache slots (cropped, as
+    sdpa's top-left is_causal ignores them). Padded: prefill packs the prompts, decode is KeyPadding."""
     model, _ = llama
-    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(5))
-    kw = dict(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0, cache_implementation="static")
+    rec = PlanRecorder(monkeypatch)
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(5))
+    am = torch.tensor([[0, 0, 1, 1, 1], [1] * 5]) if padded else torch.ones(2, 5, dtype=torch.long)
+    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=3, do_sample=False, pad_token_id=0,
+              cache_implementation="static")
     with torch.no_grad():
         model.set_attn_implementation("eager")
         want = model.generate(**kw)
         model.set_attn_implementation("attnlib")
         got = model.generate(**kw)
     assert torch.equal(got, want)
+    prefill = rec.masks()[0]
+    assert prefill == (BlockDiagonal([3, 5], causal=True) if padded else Causal())
+    # decode: one query over the static cache slots, the unwritten ones hidden (none left: no mask)
+    assert {p.kind for p in rec.plans[2:]} <= {"key_padding", "none"} and rec.plans[2].kind == "key_padding"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
