@@ -436,3 +436,50 @@ def test_a_broken_flash_attn_install_is_reported_not_raised(monkeypatch):
         assert "fa2 failed to import: AttributeError" in reason and "no CUDA device" in reason
     finally:
         flash._detect.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# properties of the pure lowering
+# ---------------------------------------------------------------------------------------------
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+def _fa_visible(sq, sk, causal, window):
+    """flash-attn's visibility rule (flash_api.cpp normalization included), bool [Sq, Sk]."""
+    left, right = window
+    left = -1 if left >= sk else left
+    right = -1 if right >= sk else right
+    right = 0 if causal else right
+    i, j = torch.arange(sq).unsqueeze(1), torch.arange(sk).unsqueeze(0)
+    keep = torch.ones(sq, sk, dtype=torch.bool)
+    if left >= 0:
+        keep &= j >= i + sk - sq - left
+    if right >= 0:
+        keep &= j <= i + sk - sq + right
+    return keep
+
+
+@given(sq=st.integers(1, 12), sk=st.integers(1, 12), window=st.one_of(st.none(), st.integers(1, 14)),
+       top_left=st.booleans())
+def test_flash_causal_plan_reproduces_every_causal_mask_it_accepts(sq, sk, window, top_left):
+    mask = Causal(align="top_left" if top_left else "bottom_right", window=window)
+    plan = flash_causal_plan(mask, sq, sk)
+    if plan.reason:
+        assert top_left and sq > sk
+        return
+    stop = sk if plan.key_stop is None else plan.key_stop
+    got = torch.zeros(sq, sk, dtype=torch.bool)
+    got[:, :stop] = _fa_visible(sq, stop, plan.causal, plan.window_size)
+    assert torch.equal(got, mask.materialize(sq, sk))
+
+
+@given(st.lists(st.lists(st.booleans(), min_size=5, max_size=5), min_size=1, max_size=4), st.integers(1, 4))
+def test_key_padding_lowering_round_trips_any_pattern(rows, sq):
+    valid = torch.tensor(rows, dtype=torch.bool)
+    low = lower_key_padding(valid, sq)
+    assert torch.equal(low.cu_seqlens_k.diff(), valid.sum(1, dtype=torch.int32))
+    assert low.cu_seqlens_q.tolist() == [b * sq for b in range(valid.shape[0] + 1)]
+    k = torch.randn(*valid.shape, 1, 2)
+    back = pad_keys(unpad_keys(k, low.key_index), low.key_index, *valid.shape)
+    assert torch.equal(back, k * valid[..., None, None])
+    assert torch.equal(low.empty_rows, ~valid.any(1))

@@ -445,3 +445,51 @@ def test_xformers_own_not_supported_reasons_appear_in_why_not(fake_xformers):
     why = get_backend("xformers").why_not(validate_call(q, q, q, Causal()))
     assert len(why) == 1 and "cutlassF-pt" in why[0] and "query.shape[-1] % 8 != 0" in why[0]
     assert get_backend("xformers").why_not(validate_call(q.float(), q.float(), q.float())) == []
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+def _xformers_visible(kind, sq, sk, window):
+    """Visibility of xformers' dense causal biases, as their ``materialize`` documents it."""
+    if kind == "none":
+        return torch.ones(sq, sk, dtype=torch.bool)
+    if kind == "LowerTriangularMask":
+        return _causal_grid(sq, sk, 0)
+    if kind == "LowerTriangularFromBottomRightMask":
+        return _causal_grid(sq, sk, sk - sq)
+    assert kind == "LowerTriangularFromBottomRightLocalAttentionMask"
+    return _causal_grid(sq, sk, sk - sq, window)
+
+
+@given(sq=st.integers(1, 12), sk=st.integers(1, 12), window=st.one_of(st.none(), st.integers(1, 14)),
+       top_left=st.booleans())
+def test_causal_bias_spec_reproduces_every_causal_mask(sq, sk, window, top_left):
+    mask = Causal(align="top_left" if top_left else "bottom_right", window=window)
+    spec = xformers_bias_spec(mask, sq, sk)
+    want = mask.materialize(sq, sk)
+    if spec.kind == "tensor":
+        bias, empty = additive_bias(mask, 1, 1, sq, sk, torch.float32, "cpu")
+        assert torch.equal(torch.isfinite(bias[0, 0]) & ~empty.view(sq, 1), want)
+        return
+    stop = sk if spec.key_stop is None else spec.key_stop
+    got = torch.zeros(sq, sk, dtype=torch.bool)
+    got[spec.q_start:, :stop] = _xformers_visible(spec.kind, sq - spec.q_start, stop, spec.window)
+    assert torch.equal(got, want)
+    assert got[spec.q_start:].any(1).all()         # every row sent to the kernel sees a key: no NaN
+
+
+@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1, max_size=4), st.booleans(),
+       st.one_of(st.none(), st.integers(1, 4)))
+def test_block_diagonal_spec_keeps_exactly_the_rows_that_see_a_key(blocks, causal, window):
+    window = window if causal else None
+    mask = BlockDiagonal([b[0] for b in blocks], [b[1] for b in blocks], causal=causal, window=window)
+    spec = xformers_bias_spec(mask, mask.total_q, mask.total_k)
+    sees = mask.materialize().any(1)
+    if spec.kind == "empty":
+        assert not sees.any()
+        return
+    kept = torch.zeros(mask.total_q, dtype=torch.bool)
+    kept[kept_query_index(spec.kept_queries, "cpu") if spec.kept_queries else slice(None)] = True
+    assert torch.equal(kept, sees)
+    assert all(k >= q for q, k in zip(spec.q_seqlens, spec.kv_seqlens)) or not causal
