@@ -102,6 +102,8 @@ CASES: tuple[Case, ...] = (
     Case("varlen_causal", "block_diagonal", _packed([7, 1, 19, 12], causal=True), packed=True),
     Case("varlen_cache", "block_diagonal", _packed([3, 1, 5], [10, 1, 20], causal=True), packed=True,
          note="per-request KV caches"),
+    Case("varlen_short_cache", "block_diagonal", _packed([5, 2], [2, 4], causal=True), packed=True,
+         note="a block with fewer keys than queries: 3 empty rows"),
     Case("varlen_window", "block_diagonal", _packed([11, 16], causal=True, window=4), packed=True),
     Case("cfg_branches", "block_diagonal", _packed([9, 9, 9], [30, 21, 14]), packed=True,
          note="3 CFG branches, different cache lengths"),
