@@ -110,9 +110,9 @@ class PackedAttentionMoT(nn.Module):
     k_norm`` and the same with ``_moe_gen``.
     """
 
-    def __init__(self, hidden_size: int, num_attention_heads: int, num_key_value_heads: int, head_dim: int | None = None,
-                 rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6, qk_norm: bool = True,
-                 backend: str | None = None):
+    def __init__(self, hidden_size: int, num_attention_heads: int, num_key_value_heads: int,
+                 head_dim: int | None = None, rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6,
+                 qk_norm: bool = True, backend: str | None = None):
         super().__init__()
         head_dim = head_dim or hidden_size // num_attention_heads
         self.num_heads, self.num_kv_heads, self.head_dim = num_attention_heads, num_key_value_heads, head_dim
@@ -175,7 +175,8 @@ class PackedAttentionMoT(nn.Module):
         """
         seqlens = [int(n) for n in seqlens]
         if x.dim() != 2 or x.shape[0] != sum(seqlens):
-            raise ValueError(f"x must be packed [T, hidden] with T == sum(seqlens) = {sum(seqlens)}, got {tuple(x.shape)}")
+            raise ValueError(f"x must be packed [T, hidden] with T == sum(seqlens) = {sum(seqlens)}, "
+                             f"got {tuple(x.shape)}")
         if positions.shape != (x.shape[0],):
             raise ValueError(f"positions must be [T={x.shape[0]}], got {tuple(positions.shape)}")
         if gen is not None and (gen.dtype != torch.bool or gen.shape != (x.shape[0],)):

@@ -121,8 +121,8 @@ def bagel_cfg_scene(attn, dtype, *, text_len=5, image_tokens=4, target_tokens=6,
     cache = BagelKVCache.empty(3)
     outs = []
     # text prompt: full and image-dropped branches (causal prefill)
-    outs.append(attn(torch.cat([text, text]), [text_len, text_len], torch.cat([pos[0].text(text_len), pos[2].text(text_len)]),
-                     cache.select([0, 2]), causal=True))
+    text_pos = torch.cat([pos[0].text(text_len), pos[2].text(text_len)])
+    outs.append(attn(torch.cat([text, text]), [text_len, text_len], text_pos, cache.select([0, 2]), causal=True))
     # context image (ViT/VAE prefill, non-causal): full and text-dropped branches
     n_img = image_tokens + 2
     outs.append(attn(torch.cat([image, image]), [n_img, n_img], torch.cat([pos[0].image(n_img), pos[1].image(n_img)]),

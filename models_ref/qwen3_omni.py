@@ -168,8 +168,8 @@ class CodePredictor(nn.Module):
         if len(layer_types) != num_hidden_layers:
             raise ValueError(f"layer_types has {len(layer_types)} entries for {num_hidden_layers} layers")
         self.layers = nn.ModuleList([
-            CodePredictorDecoderLayer(hidden_size, intermediate_size, num_attention_heads, num_key_value_heads, head_dim,
-                                      rms_norm_eps, attention_bias, i,
+            CodePredictorDecoderLayer(hidden_size, intermediate_size, num_attention_heads, num_key_value_heads,
+                                      head_dim, rms_norm_eps, attention_bias, i,
                                       sliding_window if layer_types[i] == "sliding_attention" else None,
                                       hidden_act, backend)
             for i in range(num_hidden_layers)])
@@ -219,10 +219,10 @@ class ThinkerAttention(_QKNormAttention):
       causal :class:`attnlib.BlockDiagonal` block, queries unpadded too; padded query rows return 0.
     """
 
-    def __init__(self, hidden_size: int, num_attention_heads: int, num_key_value_heads: int, head_dim: int | None = None,
-                 rms_norm_eps: float = 1e-6, attention_bias: bool = False, rope_theta: float = 1_000_000.0,
-                 mrope_section: Sequence[int] = (24, 20, 20), mrope_interleaved: bool = True, layer_idx: int = 0,
-                 backend: str | None = None):
+    def __init__(self, hidden_size: int, num_attention_heads: int, num_key_value_heads: int,
+                 head_dim: int | None = None, rms_norm_eps: float = 1e-6, attention_bias: bool = False,
+                 rope_theta: float = 1_000_000.0, mrope_section: Sequence[int] = (24, 20, 20),
+                 mrope_interleaved: bool = True, layer_idx: int = 0, backend: str | None = None):
         head_dim = head_dim or hidden_size // num_attention_heads
         super().__init__(hidden_size, num_attention_heads, num_key_value_heads, head_dim, attention_bias, rms_norm_eps,
                          backend)
@@ -318,7 +318,8 @@ class TalkerConditionStream:
         """A chunk of thinker output: ``token_ids`` (n ints) and their projected embeddings ``[n, d]``."""
         ids = [int(t) for t in (token_ids.tolist() if isinstance(token_ids, torch.Tensor) else token_ids)]
         if embeds.dim() != 2 or embeds.shape[0] != len(ids):
-            raise ValueError(f"embeds must be [n={len(ids)}, d] for the {len(ids)} token ids, got {tuple(embeds.shape)}")
+            raise ValueError(f"embeds must be [n={len(ids)}, d] for the {len(ids)} token ids, "
+                             f"got {tuple(embeds.shape)}")
         for i, t in enumerate(ids):
             if self._ended:
                 return

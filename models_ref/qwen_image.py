@@ -87,7 +87,8 @@ class _TimestepProjEmbeddings(nn.Module):
         emb = self.timestep_embedder(timestep_sinusoids(timestep).to(dtype))
         if self.use_additional_t_cond:
             if additional_t_cond is None:
-                raise ValueError("this model has use_additional_t_cond=True: pass additional_t_cond ([B] ints in {0, 1})")
+                raise ValueError("this model has use_additional_t_cond=True: "
+                                 "pass additional_t_cond ([B] ints in {0, 1})")
             emb = emb + self.addition_t_embedding(additional_t_cond).to(dtype)
         return emb
 
@@ -235,7 +236,8 @@ class QwenImageTransformer2DModel(nn.Module):
                  use_additional_t_cond: bool = False, use_layer3d_rope: bool = False, backend: str | None = None):
         super().__init__()
         if sum(axes_dims_rope) != attention_head_dim:
-            raise ValueError(f"sum(axes_dims_rope)={sum(axes_dims_rope)} must equal attention_head_dim={attention_head_dim}")
+            raise ValueError(f"sum(axes_dims_rope)={sum(axes_dims_rope)} must equal "
+                             f"attention_head_dim={attention_head_dim}")
         self.out_channels = out_channels or in_channels
         self.inner_dim = dim = num_attention_heads * attention_head_dim
         self.zero_cond_t = zero_cond_t
@@ -264,9 +266,10 @@ class QwenImageTransformer2DModel(nn.Module):
         if encoder_hidden_states.shape[0] != hidden_states.shape[0]:
             raise ValueError(f"batch sizes differ: hidden_states {hidden_states.shape[0]}, "
                              f"encoder_hidden_states {encoder_hidden_states.shape[0]}")
-        if encoder_hidden_states_mask is not None and encoder_hidden_states_mask.shape != encoder_hidden_states.shape[:2]:
+        text_mask = encoder_hidden_states_mask
+        if text_mask is not None and text_mask.shape != encoder_hidden_states.shape[:2]:
             raise ValueError(f"encoder_hidden_states_mask must be [B, S_txt]={tuple(encoder_hidden_states.shape[:2])}, "
-                             f"got {tuple(encoder_hidden_states_mask.shape)}")
+                             f"got {tuple(text_mask.shape)}")
         hidden_states = self.img_in(hidden_states)
         timestep = timestep.to(hidden_states.dtype)
         modulate_index = None

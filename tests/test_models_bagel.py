@@ -254,8 +254,12 @@ def test_cfg_branches_do_not_attend_to_each_other(backend):
     m = _attn()
     caches, positions, target, gen = _cfg_setup(m)
     n_t = target.shape[0]
-    call = lambda cs: m(torch.cat([target] * 3), [n_t] * 3, torch.cat([p.noised_image(n_t) for p in positions]),  # noqa: E731
-                        BagelKVCache.cat(cs), causal=False, gen=gen.repeat(3), update_cache=False)
+    pos = torch.cat([p.noised_image(n_t) for p in positions])
+
+    def call(cs):
+        return m(torch.cat([target] * 3), [n_t] * 3, pos, BagelKVCache.cat(cs), causal=False, gen=gen.repeat(3),
+                 update_cache=False)
+
     scrambled = [caches[0], BagelKVCache([100 * torch.randn_like(caches[1].keys[0])],
                                          [100 * torch.randn_like(caches[1].values[0])]), caches[2]]
     with attnlib.use_backend(backend):
