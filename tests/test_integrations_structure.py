@@ -74,7 +74,7 @@ def test_sequences_packed_in_one_row_become_block_diagonal():
     mask = ((seg[:, None] == seg[None, :]) & tril(8, 8))[None, None]
     plan, got, want = run_both(mask, 1, 8, 8)
     assert plan.mask == BlockDiagonal([3, 2, 3], causal=True)
-    assert plan.identity_q and plan.identity_kv  # nothing to gather: the rows are already packed
+    assert plan.parts[0].q_index is None and plan.parts[0].kv_index is None  # already packed: no gather
     same(got, want)
 
 
@@ -101,10 +101,18 @@ def test_row_with_a_hole_falls_back_to_dense_and_says_why():
     same(got, want)
 
 
-def test_long_right_padding_prefers_dense_over_copying_keys():
-    valid = torch.tensor([[True] * 9 + [False] * 3])
-    plan, got, want = run_both((tril(12, 12)[None] & valid[:, None, :])[:, None], 1, 12, 12)
-    assert plan.kind == "dense" and "right padding" in plan.reason
+def test_right_padding_runs_prompt_causal_and_padded_queries_as_one_full_block():
+    """Padded queries after a prompt all see the prompt's keys: a second, non-causal call, not a dense mask."""
+    valid = torch.tensor([[True] * 9 + [False] * 3, [True] * 12])
+    plan, got, want = run_both((tril(12, 12)[None] & valid[:, None, :])[:, None], 2, 12, 12)
+    assert plan.mask == (BlockDiagonal([9, 12], causal=True), BlockDiagonal([3], [9]))
+    same(got, want)
+
+
+def test_overlapping_runs_without_causal_or_shared_shape_fall_back_to_dense():
+    anti = Causal().materialize(8, 8).flip(0)  # query i sees keys 0 .. 7 - i
+    plan, got, want = run_both(anti[None, None], 1, 8, 8)
+    assert plan.kind == "dense" and "gather" in plan.reason
     same(got, want)
 
 

@@ -82,6 +82,18 @@ def test_left_padded_batch_matches_eager_with_packed_causal_blocks(backend, llam
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_right_padded_batch_matches_eager_without_a_dense_mask(backend, llama, monkeypatch):
+    """Right padding (training batches): prompts run causal, the padded queries (which see the whole
+    prompt) run as one full block per prompt -- two packed calls, no DenseMask."""
+    rec = PlanRecorder(monkeypatch)
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(10))
+    am = torch.tensor([[1] * 6 + [0] * 2, [1] * 8])
+    with attnlib.use_backend(backend):
+        assert_matches_eager(*llama, keep=am.bool(), input_ids=ids, attention_mask=am)
+    assert rec.masks()[0] == (BlockDiagonal([6, 8], causal=True), BlockDiagonal([2], [6]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_sequences_packed_by_restarting_position_ids_do_not_see_each_other(backend, llama, monkeypatch):
     model, model64 = llama
     rec = PlanRecorder(monkeypatch)

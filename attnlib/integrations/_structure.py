@@ -13,6 +13,8 @@ exactly (nothing here is a heuristic that could change a result):
    blocks -> the rows are gathered into the packed layout and run with one ``BlockDiagonal``:
    left-padded prompts (padded queries see nothing and are dropped), sequences packed into one row,
    chunked prefill against a padded cache. Query rows that see no key return 0 (attnlib's rule).
+   When it gathers fewer keys, two calls instead: rows that repeat the row above in full blocks, the
+   rest in causal blocks (right padding: the padded queries all see their prompt).
 5. nothing structured fits (holes inside a causal row, per-head masks, additive biases, or a gather
    that would copy the keys more than ``max_kv_copies`` times) -> ``DenseMask``, with the reason.
 
@@ -34,8 +36,27 @@ from ..masks import BlockDiagonal, Causal, DenseMask, KeyPadding
 __all__ = ["MaskPlan", "plan_from_dense", "PlanCache", "bool_from_additive"]
 
 #: a packed plan may gather at most this many key tokens per original key token before the dense
-#: mask is cheaper (right padding makes each padded query its own block over the valid keys)
+#: mask is cheaper
 MAX_KV_COPIES = 2.0
+
+
+@dataclass(frozen=True, eq=False)
+class PackedPart:
+    """One packed attention call: gather query rows ``q_index`` (flat ``b * Sq + i``) and key rows
+    ``kv_index`` (flat ``b * Sk + j``, repeats allowed) and run them under ``mask``."""
+
+    mask: BlockDiagonal
+    q_index: torch.Tensor | None = None  # CPU int64; None = every row in order
+    kv_index: torch.Tensor | None = None
+    _by_device: dict = field(default_factory=dict, repr=False)
+
+    def indices_on(self, device):
+        key = str(device)
+        got = self._by_device.get(key)
+        if got is None:
+            got = tuple(None if t is None else t.to(device) for t in (self.q_index, self.kv_index))
+            self._by_device[key] = got
+        return got
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,19 +65,21 @@ class MaskPlan:
 
     ``kind``: ``"none"``, ``"causal"``, ``"key_padding"``, ``"packed"`` or ``"dense"``. For every kind
     but ``"packed"`` the attnlib ``mask`` is used on the dense BSHD tensors as they are; ``"packed"``
-    gathers the visible query rows and key runs into THD tensors and scatters the output back.
-    ``reason`` says why a ``"dense"`` plan was needed.
+    gathers the visible query rows and key runs into THD tensors (one call per :class:`PackedPart`: a
+    causal part and a full part when rows of both shapes occur, as with right padding) and scatters
+    the outputs back; rows in no part see no key and get 0. ``mask`` is then the ``BlockDiagonal`` of
+    a single part, or the tuple of them. ``reason`` says why a ``"dense"`` plan was needed.
     """
 
     kind: str
     mask: object = None
     reason: str = ""
-    # packed plans only
-    q_index: torch.Tensor | None = None
-    kv_index: torch.Tensor | None = None
-    identity_q: bool = False
-    identity_kv: bool = False
-    _by_device: dict = field(default_factory=dict, repr=False)
+    parts: tuple = ()
+
+    @classmethod
+    def packed(cls, parts) -> "MaskPlan":
+        parts = tuple(parts)
+        return cls("packed", parts[0].mask if len(parts) == 1 else tuple(p.mask for p in parts), parts=parts)
 
     def describe(self) -> str:
         if self.kind == "dense":
@@ -64,14 +87,6 @@ class MaskPlan:
         if self.kind == "none":
             return "None (full attention)"
         return repr(self.mask)
-
-    def _indices_on(self, device):
-        key = str(device)
-        got = self._by_device.get(key)
-        if got is None:
-            got = (self.q_index.to(device), self.kv_index.to(device))
-            self._by_device[key] = got
-        return got
 
     def run(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale=None, backend=None) -> torch.Tensor:
         """Attention of BSHD ``q [B, Sq, Hq, D]``, ``k/v [B, Sk, Hkv, *]`` under this plan (BSHD out)."""
@@ -82,17 +97,16 @@ class MaskPlan:
         qf = q.reshape(B * Sq, Hq, q.shape[-1])
         kf = k.reshape(B * Sk, k.shape[2], k.shape[-1])
         vf = v.reshape(B * Sk, v.shape[2], v.shape[-1])
-        if not (self.identity_q and self.identity_kv):
-            q_idx, kv_idx = self._indices_on(q.device)
-        if not self.identity_q:
-            qf = qf.index_select(0, q_idx)
-        if not self.identity_kv:
-            kf = kf.index_select(0, kv_idx)
-            vf = vf.index_select(0, kv_idx)
-        out = attention(qf, kf, vf, self.mask, scale=scale, backend=backend)
-        if not self.identity_q:
-            full = out.new_zeros(B * Sq, Hq, out.shape[-1])
-            out = full.index_copy(0, q_idx, out)
+        out = None
+        for part in self.parts:
+            q_idx, kv_idx = part.indices_on(q.device)
+            qp = qf if q_idx is None else qf.index_select(0, q_idx)
+            kp, vp = (kf, vf) if kv_idx is None else (kf.index_select(0, kv_idx), vf.index_select(0, kv_idx))
+            o = attention(qp, kp, vp, part.mask, scale=scale, backend=backend)
+            if q_idx is None:
+                out = o
+            else:
+                out = (o.new_zeros(B * Sq, Hq, o.shape[-1]) if out is None else out).index_copy(0, q_idx, o)
         return out.reshape(B, Sq, Hq, out.shape[-1])
 
 
@@ -173,67 +187,78 @@ def _plan_bool(m: torch.Tensor, max_kv_copies: float) -> MaskPlan:
     if not bool(contiguous.all()):
         return MaskPlan("dense", DenseMask(m[:, None]), reason="some query sees keys that are not one "
                         "contiguous run (holes inside a row), which no block structure expresses")
+    B_Sk = B * Sk
+    rows = torch.arange(B * Sq, device=dev)
+    base = (rows // Sq) * Sk  # flat key offset of each row's batch row
+    flat_lo, flat_hi = lo.reshape(-1) + base, hi.reshape(-1) + base
+    kept = rows[~empty.reshape(-1)]
+    budget = max_kv_copies * B_Sk
+
+    # one call: every visible row in causal blocks (optionally windowed), or in full blocks
     best = None
     for causal, window in ((True, None), (True, max_cnt), (False, None)):
-        if causal and window is not None and window >= Sk:
+        if window is not None and window >= Sk:
             continue
-        cand = _chain_blocks(lo, hi, empty, Sk, causal, window)
-        if best is None or cand[0] < best[0]:
-            best = cand + (causal, window)
-    n_blocks, starts, q_rows, k_lo, k_hi, causal, window = best
-    q_lens = torch.diff(torch.cat([starts, starts.new_tensor([q_rows.numel()])])).tolist()
-    k_lens = (k_hi - k_lo + 1).tolist()
-    total_k = sum(k_lens)
-    if total_k > max_kv_copies * B * Sk:
-        return MaskPlan("dense", DenseMask(m[:, None]), reason=f"the block structure would gather {total_k} key "
-                        f"tokens for {B * Sk} keys (more than {max_kv_copies}x): e.g. right padding, where every "
-                        "padded query sees all valid keys")
-    if window is not None and not causal:
-        window = None
-    # key gather: block j reads flat keys [k_lo_j, k_hi_j] (already offset by batch row)
-    lens_t = torch.tensor(k_lens, dtype=torch.long)
-    starts_k = k_lo.cpu().long()
-    offsets = torch.repeat_interleave(starts_k - (torch.cumsum(lens_t, 0) - lens_t), lens_t)
-    kv_index = offsets + torch.arange(total_k)
-    q_index = q_rows.cpu().long()
-    bd = BlockDiagonal(q_lens, k_lens, causal=causal, window=window if causal else None)
-    return MaskPlan("packed", bd, q_index=q_index, kv_index=kv_index,
-                    identity_q=q_index.numel() == B * Sq and bool((q_index == torch.arange(B * Sq)).all()),
-                    identity_kv=total_k == B * Sk and bool((kv_index == torch.arange(B * Sk)).all()))
+        part = _part(flat_lo, flat_hi, kept, Sq, causal, window)
+        if best is None or part.mask.num_blocks < best.mask.num_blocks:
+            best = part
+    # or two calls: rows that repeat the row above (padded queries after a prompt) in full blocks, the
+    # rest in causal blocks -- right padding: every padded query sees the prompt's keys
+    prev_same = torch.zeros_like(rows, dtype=torch.bool)
+    prev_same[1:] = ((rows[1:] % Sq) != 0) & (flat_lo[1:] == flat_lo[:-1]) & (flat_hi[1:] == flat_hi[:-1])
+    prev_same &= ~empty.reshape(-1)
+    plan_parts, total_k = [_identity(best, B * Sq, B_Sk)], best.mask.total_k
+    if bool(prev_same.any()):
+        split = [_part(flat_lo, flat_hi, rows[~prev_same & ~empty.reshape(-1)], Sq, True, None),
+                 _part(flat_lo, flat_hi, rows[prev_same], Sq, False, None)]
+        split_k = sum(p.mask.total_k for p in split)
+        if split_k < total_k:
+            plan_parts, total_k = split, split_k
+    if total_k <= budget:
+        return MaskPlan.packed(plan_parts)
+    return MaskPlan("dense", DenseMask(m[:, None]), reason=f"the block structure would gather {total_k} key "
+                    f"tokens for {B_Sk} keys (more than {max_kv_copies}x): queries see long, overlapping runs "
+                    "of keys that are neither causal nor shared")
 
 
-def _chain_blocks(lo, hi, empty, Sk: int, causal: bool, window):
-    """Split the non-empty query rows into blocks.
+def _part(flat_lo, flat_hi, sel, Sq: int, causal: bool, window) -> PackedPart:
+    """Blocks over the query rows ``sel`` (flat ``b * Sq + i``, increasing), each seeing one key run.
 
-    Causal: a row continues the block of the row just above it (same batch row) when it sees exactly
-    one more key at the end and the same first key (with a window: the first key moves so that at most
-    ``window`` keys are seen). Full: a row continues the block when it sees exactly the same keys.
-    Returns ``(n_blocks, block_starts (index into the kept rows), kept_rows (flat b*Sq+i),
-    key_lo_flat, key_hi_flat)`` with key bounds offset by ``b * Sk``.
+    Causal: a row continues the block of the previous selected row (same batch row) when it sees
+    exactly one more key at the end and the same first key (with a window: the first key moves so
+    that at most ``window`` keys are seen) -- a bottom-right causal block. Full: a row continues the
+    block when it sees exactly the same keys.
     """
-    B, Sq = lo.shape
-    dev = lo.device
-    flat_lo, flat_hi, flat_empty = lo.reshape(-1), hi.reshape(-1), empty.reshape(-1)
-    rows = torch.arange(B * Sq, device=dev)
-    prev_ok = torch.zeros(B * Sq, dtype=torch.bool, device=dev)
-    prev_ok[1:] = ~flat_empty[:-1] & ((rows[1:] % Sq) != 0)  # row above exists in the same batch row
-    p_lo = torch.roll(flat_lo, 1)
-    p_hi = torch.roll(flat_hi, 1)
-    if causal:
-        expect_lo = p_lo if window is None else torch.maximum(p_lo, flat_hi - window + 1)
-        cont = prev_ok & (flat_hi == p_hi + 1) & (flat_lo == expect_lo)
-    else:
-        cont = prev_ok & (flat_hi == p_hi) & (flat_lo == p_lo)
-    kept = ~flat_empty
-    kept_rows = rows[kept]
-    is_start = ~cont[kept]
-    starts = torch.nonzero(is_start).flatten()
-    n_blocks = int(starts.numel())
-    ends = torch.cat([starts[1:], starts.new_tensor([kept_rows.numel()])]) - 1
-    first_rows, last_rows = kept_rows[starts], kept_rows[ends]
-    base = (kept_rows[starts] // Sq) * Sk  # the block's batch row, as a flat key offset
-    # the key run of a block: first key of its first row .. last key of its last row
-    return n_blocks, starts, kept_rows, base + flat_lo[first_rows], base + flat_hi[last_rows]
+    lo, hi = flat_lo[sel], flat_hi[sel]
+    batch = sel // Sq
+    cont = torch.zeros_like(sel, dtype=torch.bool)
+    if sel.numel() > 1:
+        same = batch[1:] == batch[:-1]
+        if causal:
+            expect_lo = lo[:-1] if window is None else torch.maximum(lo[:-1], hi[1:] - window + 1)
+            cont[1:] = same & (hi[1:] == hi[:-1] + 1) & (lo[1:] == expect_lo)
+        else:
+            cont[1:] = same & (hi[1:] == hi[:-1]) & (lo[1:] == lo[:-1])
+    starts = torch.nonzero(~cont).flatten()
+    ends = torch.cat([starts[1:], starts.new_tensor([sel.numel()])]) - 1
+    k_lo, k_hi = lo[starts].cpu(), hi[ends].cpu()
+    q_lens = (ends - starts + 1).tolist()
+    k_lens_t = k_hi - k_lo + 1
+    k_lens = k_lens_t.tolist()
+    offsets = torch.repeat_interleave(k_lo - (torch.cumsum(k_lens_t, 0) - k_lens_t), k_lens_t)
+    kv_index = offsets + torch.arange(int(k_lens_t.sum()))
+    bd = BlockDiagonal(q_lens, k_lens, causal=causal, window=window if causal else None)
+    return PackedPart(bd, sel.cpu(), kv_index)
+
+
+def _identity(part: PackedPart, n_q: int, n_k: int) -> PackedPart:
+    """Drop gathers that would copy every row in order (sequences already packed in one batch row)."""
+    q_idx, kv_idx = part.q_index, part.kv_index
+    if q_idx.numel() == n_q and bool((q_idx == torch.arange(n_q)).all()):
+        q_idx = None
+    if kv_idx.numel() == n_k and bool((kv_idx == torch.arange(n_k)).all()):
+        kv_idx = None
+    return PackedPart(part.mask, q_idx, kv_idx)
 
 
 class PlanCache:

@@ -23,6 +23,7 @@ no mask, one query (decode), or a non-causal module        ``None``
 4-D mask, plain causal / sliding window                    ``Causal()`` / ``Causal(window=W)``
 4-D mask, one decode query with left padding               ``KeyPadding``
 4-D mask, left-padded prompt, chunked prefill              packed rows + ``BlockDiagonal(causal=True)``
+4-D mask, right-padded batch                               prompts causal + padded queries as full blocks
 4-D mask from position ids restarting at 0 (packing)       packed rows + ``BlockDiagonal(causal=True)``
 ``cu_seq_lens_q/k`` kwargs (flash-style packing)           ``BlockDiagonal.from_cu_seqlens``
 a mask with holes, per-head masks, additive biases         ``DenseMask`` (exact; see ``last_plan``)
@@ -46,7 +47,7 @@ import torch
 
 from ..masks import BlockDiagonal, Causal
 from ..registry import _canonical
-from ._structure import MaskPlan, PlanCache, plan_from_dense
+from ._structure import MaskPlan, PackedPart, PlanCache, plan_from_dense
 
 __all__ = ["register", "attnlib_attention_forward", "make_attention_function", "translate", "last_plan",
            "NAME"]
@@ -80,7 +81,7 @@ def translate(query_bhsd: torch.Tensor, key_bhsd: torch.Tensor, attention_mask, 
         if bd.total_q != Sq or bd.total_k != Sk:
             raise ValueError(f"cu_seq_lens_q/k cover {bd.total_q}/{bd.total_k} tokens but the call has "
                              f"{Sq} queries and {Sk} keys")
-        return MaskPlan("packed", bd, identity_q=True, identity_kv=True), None
+        return MaskPlan.packed([PackedPart(bd)]), None
     if attention_mask is None:
         if not causal or Sq == 1:
             return MaskPlan("none"), None

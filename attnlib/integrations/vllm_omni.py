@@ -45,7 +45,7 @@ from torch import nn
 from ..api import attention
 from ..masks import BlockDiagonal, Causal, KeyPadding
 from ..registry import _canonical
-from ._structure import MaskPlan, plan_from_dense
+from ._structure import MaskPlan, PackedPart, plan_from_dense
 
 __all__ = ["Attention", "AttentionMetadata", "plan_for"]
 
@@ -104,7 +104,7 @@ def plan_for(q: torch.Tensor, k: torch.Tensor, meta, causal: bool) -> MaskPlan:
             raise NotImplementedError("attn_mask together with cu_seqlens_q/k is not supported: packed sequences "
                                       "carry their boundaries in cu_seqlens; drop the padding tokens instead")
         bd = BlockDiagonal.from_cu_seqlens(cu_q if cu_q is not None else cu_k, cu_k, causal=causal)
-        return MaskPlan("packed", bd, identity_q=True, identity_kv=True)
+        return MaskPlan.packed([PackedPart(bd)])
     if q.dim() != 4:
         raise ValueError(f"query must be BSHD [B, S, H, D] (or packed [T, H, D] with cu_seqlens_q/k in the metadata), "
                          f"got shape {tuple(q.shape)}")
@@ -203,7 +203,7 @@ class Attention(nn.Module):
         self.last_plan = plan
         if q.dim() == 3:  # packed THD with cu_seqlens
             return attention(q, k, v, plan.mask, scale=self.softmax_scale, backend=self.backend)
-        if plan.kind == "packed" and plan.q_index is None and q.shape[0] != 1:
+        if plan.kind == "packed" and plan.parts[0].q_index is None and q.shape[0] != 1:
             raise ValueError(f"cu_seqlens_q/k need packed tokens [T, H, D] or [1, T, H, D], got {tuple(q.shape)}")
         return plan.run(q, k, v, scale=self.softmax_scale, backend=self.backend)
 
