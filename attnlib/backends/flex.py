@@ -1,9 +1,516 @@
-"""``flex``: placeholder until the backend is built; it resolves by name and falls back cleanly."""
+"""``flex``: ``torch.nn.attention.flex_attention``, compiled with ``torch.compile``.
+
+On CPU inductor generates a C++ kernel, on CUDA a Triton one. Every mask becomes a ``BlockMask``
+(``create_block_mask``) over one of four ``mask_mod`` families, built once per (mask, shape, device)
+and kept in a bounded LRU so repeated layers reuse it:
+
+=====================  ==============================================================================
+family                 lowering
+=====================  ==============================================================================
+``interval``           ``None``, ``Causal`` (either alignment, any window) and ``BlockDiagonal``
+                       (different q/kv lengths per block, per-block bottom-right causal and window):
+                       under each of them query row ``i`` sees one contiguous run of keys
+                       ``lo[i] <= j <= hi[i]`` in global key coordinates. ``lo``/``hi`` are int32 lookup
+                       tensors built once per mask from the cu_seqlens (a row's block and that block's
+                       bottom-right diagonal are folded into them), so the mask_mod is two gathers and two
+                       compares, and one compiled kernel serves full, causal and varlen calls alike
+                       (fewer compiles; full blocks never evaluate the mask_mod). ``lo > hi``: no key.
+``key_padding``        ``valid[b, j]`` (per-batch lookup; any pattern: left, right, holes)
+``dense_bool``         ``mask[b, h, i, j]`` on the broadcast-expanded tensor (block mask over its own
+                       batch/head extent)
+``dense_bias``         additive float mask: ``score_mod`` adds ``bias[b, h, i, j]``; a ``mask_mod``
+                       ``bias > -inf`` makes the block mask skip hidden blocks and rows
+=====================  ==============================================================================
+
+Compiled functions are cached per (device type, family, dtype, head dims, GQA, LSE): each key gets its
+own copy of the entry function's code object, so dynamo keeps a separate cache per key and shape-only
+changes recompile (automatic dynamic shapes) under that key's own recompile limit instead of exhausting
+a shared one. ``cache_info()`` counts block masks built, compiled functions created and graphs compiled.
+
+Tensors: BSHD in, flex takes BHSD (transposed views, no copy); packed THD is batch 1.
+
+- GQA: ``enable_gqa=True``.
+- LSE: on CUDA flex returns it (natural log since torch 2.5; the kernel's base-2 value is converted by
+  the ``flex_attention`` front end). torch's CPU flex kernel is inference-only and cannot return the LSE
+  (torch 2.13), so on CPU the LSE is a second, exact float32 pass over query chunks, each restricted to the
+  key span its rows can see (the ``interval`` family makes varlen calls cost their blocks, not ``T^2``).
+- Rows with no visible key: output 0, LSE ``-inf`` (enforced after the kernel on every path).
+- Autograd: CUDA only (torch's CPU flex kernel has no backward): reported in ``why_not``.
+- Head dims: CPU takes any. On CUDA dims below 16 (and non-powers of 2 before torch 2.6) are zero-padded
+  (zero columns change no score; padded value columns are sliced off).
+"""
 from __future__ import annotations
 
-from .base import PlaceholderBackend
+import functools
+import shutil
+import threading
+import types
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from ..inputs import AttentionCall
+from ..masks import BlockDiagonal, Causal, DenseMask, KeyPadding
+from .base import Backend, Capabilities
+
+_NEG_INF = float("-inf")
+_MIN_TORCH = (2, 5)
+#: key index that no key reaches (``hi`` of a row that sees every key of a non-causal block)
+_FAR = 2 ** 30
+#: bounded caches: lowered masks (block masks + lookup tensors) and compiled entry functions
+PLAN_CACHE_SIZE = 64
+COMPILED_CACHE_SIZE = 32
+#: CPU LSE pass: score elements per chunk (float32), bounding its temporary memory to ~32 MiB
+_LSE_CHUNK_ELEMS = 1 << 23
 
 
-class FlexBackend(PlaceholderBackend):
-    def __init__(self):
-        super().__init__("flex", "not implemented yet in this attnlib version")
+def _torch_version() -> tuple[int, int]:
+    parts = torch.__version__.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):  # pragma: no cover - exotic version strings
+        return (0, 0)
+
+
+@functools.lru_cache(maxsize=1)
+def _flex_module():
+    """``(module, None)`` or ``(None, reason)``."""
+    if _torch_version() < _MIN_TORCH:
+        return None, (f"flex needs torch >= {_MIN_TORCH[0]}.{_MIN_TORCH[1]} (torch.nn.attention.flex_attention); "
+                      f"this is torch {torch.__version__}")
+    try:
+        from torch.nn.attention import flex_attention as fa
+    except Exception as e:  # ImportError, or a broken torch install
+        return None, f"torch.nn.attention.flex_attention failed to import: {e}"
+    return fa, None
+
+
+@functools.lru_cache(maxsize=1)
+def _environment_reason() -> str | None:
+    fa, reason = _flex_module()
+    if reason:
+        return reason
+    try:
+        supported = torch._dynamo.is_dynamo_supported()
+    except Exception as e:  # pragma: no cover
+        return f"torch.compile is not usable: {e}"
+    if not supported:
+        import sys
+        return f"torch.compile (dynamo) is not supported on Python {sys.version.split()[0]}; flex needs it"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_reason() -> str | None:
+    """Why inductor cannot build flex's C++ kernel here (None: it can)."""
+    import os
+    import sys
+    cxx = os.environ.get("CXX")
+    found = shutil.which(cxx) if cxx else None
+    if not found:
+        found = next((shutil.which(c) for c in ("g++", "clang++", "c++") if shutil.which(c)), None)
+    if not found:
+        return ("device=cpu needs a C++ compiler for torch.compile's inductor C++ kernels and none was found "
+                "(install g++ or clang++, or set CXX)")
+    try:
+        from torch._inductor.kernel.flex.flex_cpu import check_cpu_supported
+    except Exception:
+        check_cpu_supported = None
+    if check_cpu_supported is not None and not check_cpu_supported():
+        return ("device=cpu: torch's CPU flex kernel needs an x86 CPU with AVX2 (and ATEN_CPU_CAPABILITY != "
+                f"default, not macOS); this machine/platform ({sys.platform}) does not qualify")
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:
+        return f"device=cuda needs triton for torch.compile's flex kernels: {e}"
+    return None
+
+
+def _lse_kwargs() -> dict:
+    """How to ask this torch's flex for the LSE (``return_aux`` from torch 2.9, ``return_lse`` before)."""
+    fa, _ = _flex_module()
+    if hasattr(fa, "AuxRequest"):
+        return {"return_aux": fa.AuxRequest(lse=True)}
+    return {"return_lse": True}
+
+
+# ---------------------------------------------------------------------------------------------
+# capabilities and reasons
+# ---------------------------------------------------------------------------------------------
+class FlexBackend(Backend):
+    name = "flex"
+    capabilities = Capabilities(
+        devices=frozenset({"cpu", "cuda"}),
+        dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        autograd=True,  # CUDA only; CPU is refused in extra_reasons
+    )
+    implementation = (f"torch {torch.__version__} flex_attention + torch.compile "
+                      "(inductor C++ kernel on CPU, Triton on CUDA)")
+
+    def unavailable_reason(self) -> str | None:
+        return _environment_reason()
+
+    def extra_reasons(self, call: AttentionCall) -> list[str]:
+        out = []
+        dev = call.device.type
+        if dev == "cpu":
+            r = _cpu_reason()
+            if r:
+                out.append(r)
+            if call.requires_grad:
+                out.append(f"autograd on device=cpu: torch {torch.__version__}'s CPU flex kernel is inference-only "
+                           "(no backward); use device=cuda or another backend for training")
+        elif dev == "cuda":
+            r = _cuda_reason()
+            if r:
+                out.append(r)
+        return out
+
+    def forward(self, call: AttentionCall):
+        return _forward(call)
+
+    # -- cache introspection (tests, ``attnlib info``) -------------------------------------------
+    @staticmethod
+    def cache_info() -> dict:
+        """Counters: ``block_masks`` built, ``compiled_functions`` created, ``graph_compiles`` by dynamo,
+        plus current cache sizes ``plans`` and ``functions``."""
+        with _LOCK:
+            info = dict(_STATS)
+            info["plans"] = len(_PLANS)
+            info["functions"] = len(_COMPILED)
+        return info
+
+    @staticmethod
+    def clear_cache() -> None:
+        """Drop cached block masks and compiled functions (counters keep counting)."""
+        with _LOCK:
+            _PLANS.clear()
+            _COMPILED.clear()
+
+
+_LOCK = threading.RLock()
+_STATS = {"block_masks": 0, "compiled_functions": 0, "graph_compiles": 0}
+_PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()
+_COMPILED: "OrderedDict[tuple, Callable]" = OrderedDict()
+
+
+def _lru_get(cache: OrderedDict, key):
+    with _LOCK:
+        hit = cache.get(key)
+        if hit is not None:
+            cache.move_to_end(key)
+        return hit
+
+
+def _lru_put(cache: OrderedDict, key, value, size: int):
+    with _LOCK:
+        cache[key] = value
+        cache.move_to_end(key)
+        while len(cache) > size:
+            cache.popitem(last=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# mask lowering: one _Plan per (mask, shape, device)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    """A lowered mask. ``empty`` is bool broadcastable to ``[B, Hq, Sq]`` (or None: no empty row)."""
+
+    family: str
+    block_mask: Any = None
+    mask_mod: Callable | None = None
+    score_mod: Callable | None = None
+    empty: torch.Tensor | None = None
+    #: interval family: CPU copies of lo/hi for the LSE pass's per-chunk key spans
+    lo_hi_cpu: tuple | None = None
+    #: the user tensor this plan was built from (KeyPadding/DenseMask): identity-checked on every hit
+    anchor: torch.Tensor | None = None
+
+
+# mask_mod / score_mod factories. Each family has one code object, so dynamo compiles a kernel once per
+# family and treats the closure tensors as inputs (shape guards only, never values). They are written with
+# broadcasting tensor ops, so the CPU LSE pass evaluates them on index grids too.
+def _interval_mod(lo: torch.Tensor, hi: torch.Tensor):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx >= lo[q_idx]) & (kv_idx <= hi[q_idx])
+    return mask_mod
+
+
+def _key_padding_mod(valid: torch.Tensor):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return valid[b, kv_idx]
+    return mask_mod
+
+
+def _dense_bool_mod(mask4: torch.Tensor):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mask4[b, h, q_idx, kv_idx]
+    return mask_mod
+
+
+def _dense_finite_mod(bias4: torch.Tensor):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return bias4[b, h, q_idx, kv_idx] > _NEG_INF
+    return mask_mod
+
+
+def _dense_bias_score(bias4: torch.Tensor):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + bias4[b, h, q_idx, kv_idx]
+    return score_mod
+
+
+def _intervals(mask, sq: int, sk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 CPU ``lo, hi`` ``[Sq]``: query row ``i`` sees keys ``lo[i] <= j <= hi[i]`` (global indices)."""
+    if mask is None:
+        blocks = [(0, sq, 0, sk, False, None, 0)]
+    elif isinstance(mask, Causal):
+        blocks = [(0, sq, 0, sk, True, mask.window, mask.offset(sq, sk))]
+    else:
+        blocks, q0, k0 = [], 0, 0
+        for lq, lk in zip(mask.q_seqlens, mask.kv_seqlens):
+            blocks.append((q0, lq, k0, lk, mask.causal, mask.window, lk - lq))
+            q0 += lq
+            k0 += lk
+    lo = torch.empty(sq, dtype=torch.int64)
+    hi = torch.empty(sq, dtype=torch.int64)
+    for q0, lq, k0, lk, causal, window, off in blocks:
+        if lq == 0:
+            continue
+        i = torch.arange(lq, dtype=torch.int64)
+        if causal:
+            last = i + off                                  # newest visible local key
+            first = last - window + 1 if window is not None else torch.zeros_like(i)
+            last = last.clamp(max=lk - 1)
+            first = first.clamp(min=0)
+        else:
+            first = torch.zeros_like(i)
+            last = torch.full_like(i, lk - 1)
+        lo[q0:q0 + lq] = first + k0
+        hi[q0:q0 + lq] = last + k0
+        # rows with no key (lk == 0, or causal with more queries than keys) keep lo > hi
+        hi[q0:q0 + lq] = torch.where(first > last, torch.full_like(i, -1), hi[q0:q0 + lq])
+        lo[q0:q0 + lq] = torch.where(first > last, torch.full_like(i, _FAR), lo[q0:q0 + lq])
+    return lo, hi
+
+
+def _mask_key(mask, batch: int, hq: int, sq: int, sk: int, device: torch.device):
+    """Cache key of a mask at a shape. Tensor-holding masks key on the tensor's id and version counter
+    (the plan keeps the tensor alive, so the id cannot be reused while the plan is cached, and an
+    in-place edit bumps the version); the plan's ``anchor`` is identity-checked on every hit too."""
+    dev = (device.type, device.index)
+    if mask is None or isinstance(mask, (Causal, BlockDiagonal)):
+        return ("interval", mask, sq, sk, dev)
+    t = mask.valid if isinstance(mask, KeyPadding) else mask.mask
+    try:
+        version = t._version
+    except RuntimeError:   # inference tensors have no version counter: identity only
+        version = None
+    kind = "key_padding" if isinstance(mask, KeyPadding) else "dense"
+    return (kind, id(t), version, tuple(t.shape), t.dtype, batch, hq, sq, sk, dev)
+
+
+def _anchor(mask):
+    if isinstance(mask, KeyPadding):
+        return mask.valid
+    if isinstance(mask, DenseMask):
+        return mask.mask
+    return None
+
+
+def _plan(mask, batch: int, hq: int, sq: int, sk: int, device: torch.device) -> _Plan:
+    key = _mask_key(mask, batch, hq, sq, sk, device)
+    plan = _lru_get(_PLANS, key)
+    if plan is not None and plan.anchor is _anchor(mask):
+        return plan
+    plan = _build_plan(mask, batch, hq, sq, sk, device)
+    _lru_put(_PLANS, key, plan, PLAN_CACHE_SIZE)
+    return plan
+
+
+def _create_block_mask(mask_mod, b, h, sq: int, sk: int, device):
+    fa, _ = _flex_module()
+    with _LOCK:
+        _STATS["block_masks"] += 1
+    return fa.create_block_mask(mask_mod, b, h, sq, sk, device=device)
+
+
+def _build_plan(mask, batch: int, hq: int, sq: int, sk: int, device: torch.device) -> _Plan:
+    if mask is None or isinstance(mask, (Causal, BlockDiagonal)):
+        lo, hi = _intervals(mask, sq, sk)
+        empty_rows = lo > hi
+        empty = empty_rows.to(device) if bool(empty_rows.any()) else None   # CPU tensors: no device sync
+        mod = _interval_mod(lo.to(device=device, dtype=torch.int32), hi.to(device=device, dtype=torch.int32))
+        bm = _create_block_mask(mod, None, None, sq, sk, device)
+        return _Plan("interval", bm, mod, None, empty, (lo, hi))
+    if isinstance(mask, KeyPadding):
+        valid = mask.valid
+        mod = _key_padding_mod(valid)
+        bm = _create_block_mask(mod, batch, None, sq, sk, device)
+        return _Plan("key_padding", bm, mod, None, (~valid.any(dim=-1))[:, None, None], anchor=valid)
+    if isinstance(mask, DenseMask):
+        m = mask.mask
+        m4 = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+        mb, mh = m4.shape[0], m4.shape[1]
+        full = m4.expand(batch, hq, sq, sk)
+        if mask.is_bool:
+            mod = _dense_bool_mod(full)
+            empty = ~m4.any(dim=-1)
+            bm = _create_block_mask(mod, mb, mh, sq, sk, device)
+            return _Plan("dense_bool", bm, mod, None, empty, anchor=m)
+        mod = _dense_finite_mod(full)
+        empty = ~(m4 > _NEG_INF).any(dim=-1)
+        bm = _create_block_mask(mod, mb, mh, sq, sk, device)
+        return _Plan("dense_bias", bm, mod, _dense_bias_score(full), empty, anchor=m)
+    raise TypeError(f"flex cannot lower {type(mask).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled entry functions
+# ---------------------------------------------------------------------------------------------
+def _entry(q, k, v, score_mod, block_mask, scale, enable_gqa):
+    return _FLEX(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def _entry_lse(q, k, v, score_mod, block_mask, scale, enable_gqa):
+    out, aux = _FLEX(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa,
+                     **_LSE_KW)
+    return out, (aux.lse if _LSE_AUX else aux)
+
+
+_FLEX = None       # flex_attention, bound on first use (module import must not need torch >= 2.5)
+_LSE_KW: dict = {}
+_LSE_AUX = False   # True when the LSE comes back in an AuxOutput (torch >= 2.9)
+
+
+def _counting_inductor(gm, example_inputs):
+    """The inductor backend, counting the graphs dynamo hands it."""
+    from torch._inductor.compile_fx import compile_fx
+    with _LOCK:
+        _STATS["graph_compiles"] += 1
+    return compile_fx(gm, example_inputs)
+
+
+def _compiled(key: tuple, with_lse: bool) -> Callable:
+    global _FLEX, _LSE_KW, _LSE_AUX
+    fn = _lru_get(_COMPILED, key)
+    if fn is not None:
+        return fn
+    if _FLEX is None:
+        fa, _ = _flex_module()
+        _LSE_KW = _lse_kwargs()
+        _LSE_AUX = "return_aux" in _LSE_KW
+        _FLEX = fa.flex_attention
+    base = _entry_lse if with_lse else _entry
+    with _LOCK:
+        _STATS["compiled_functions"] += 1
+        n = _STATS["compiled_functions"]
+    # a fresh code object per key: dynamo caches (and counts recompiles) per code object
+    code = base.__code__.replace(co_name=f"{base.__name__}_{n}")
+    fresh = types.FunctionType(code, base.__globals__, code.co_name)
+    fn = torch.compile(fresh, backend=_counting_inductor, fullgraph=True)
+    _lru_put(_COMPILED, key, fn, COMPILED_CACHE_SIZE)
+    return fn
+
+
+def _padded_head_dim(d: int, device: torch.device) -> int:
+    """The head dim the kernel gets: CPU any; CUDA at least 16, a power of 2 before torch 2.6."""
+    if device.type != "cuda":
+        return d
+    if _torch_version() < (2, 6):
+        return max(16, 1 << (d - 1).bit_length())
+    return max(16, d)
+
+
+def _pad_last(x: torch.Tensor, to: int) -> torch.Tensor:
+    return x if x.shape[-1] == to else torch.nn.functional.pad(x, (0, to - x.shape[-1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# the call
+# ---------------------------------------------------------------------------------------------
+def _forward(call: AttentionCall):
+    q, k, v = call.q, call.k, call.v
+    if call.packed:   # THD -> BHSD with batch 1
+        qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    else:             # BSHD -> BHSD views
+        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    b, hq, sq, sk = qh.shape[0], call.heads_q, call.seqlen_q, call.seqlen_k
+    dv = call.head_dim_v
+    dev = q.device
+
+    if sq == 0 or sk == 0:
+        out = qh.new_zeros(b, hq, sq, dv)
+        lse = torch.full((b, hq, sq), _NEG_INF, device=dev) if call.return_lse else None
+    else:
+        plan = _plan(call.mask, b, hq, sq, sk, dev)
+        lse_in_kernel = call.return_lse and dev.type != "cpu"
+        d_pad, dv_pad = _padded_head_dim(call.head_dim, dev), _padded_head_dim(dv, dev)
+        key = (dev.type, plan.family, call.dtype, d_pad, dv_pad, call.heads_q != call.heads_kv, lse_in_kernel)
+        fn = _compiled(key, lse_in_kernel)
+        qk_pad = d_pad != call.head_dim
+        res = fn(_pad_last(qh, d_pad) if qk_pad else qh, _pad_last(kh, d_pad) if qk_pad else kh,
+                 _pad_last(vh, dv_pad), plan.score_mod, plan.block_mask, call.scale, call.heads_q != call.heads_kv)
+        if lse_in_kernel:
+            out, lse = res
+            lse = lse.float()
+        else:
+            out, lse = res, None
+        if dv_pad != dv:
+            out = out[..., :dv]
+        if call.return_lse and lse is None:
+            with torch.no_grad():
+                lse = _lse_pass(qh, kh, plan, call.scale)
+        if plan.empty is not None:
+            out = out.masked_fill(plan.empty.unsqueeze(-1), 0.0)
+            if lse is not None:
+                lse = lse.masked_fill(plan.empty, _NEG_INF)
+
+    if call.packed:
+        return out[0].transpose(0, 1), (lse[0] if lse is not None else None)
+    return out.transpose(1, 2), lse
+
+
+def _lse_pass(qh: torch.Tensor, kh: torch.Tensor, plan: _Plan, scale: float) -> torch.Tensor:
+    """Exact float32 LSE ``[B, Hq, Sq]`` for the CPU path, in query chunks.
+
+    Each chunk's scores go through the plan's own score_mod/mask_mod evaluated on broadcast index grids,
+    so the LSE and the kernel's output see the same mask; for the ``interval`` family each chunk only
+    multiplies against the span of keys its rows can see.
+    """
+    b, hq, sq, d = qh.shape
+    hkv, sk = kh.shape[1], kh.shape[2]
+    r = hq // hkv
+    dev = qh.device
+    lse = torch.full((b, hq, sq), _NEG_INF, dtype=torch.float32, device=dev)
+    qg = qh.reshape(b, hkv, r, sq, d)
+    bi = torch.arange(b, device=dev).view(b, 1, 1, 1)
+    hi_ = torch.arange(hq, device=dev).view(1, hq, 1, 1)
+    rows = max(1, min(sq, _LSE_CHUNK_ELEMS // max(1, b * hq * sk)))
+    rows = max(rows, 16) if sq >= 16 else sq
+    for a in range(0, sq, rows):
+        e = min(sq, a + rows)
+        k0, k1 = 0, sk
+        if plan.lo_hi_cpu is not None:
+            lo, hi = plan.lo_hi_cpu
+            k0, k1 = int(lo[a:e].min()), int(hi[a:e].max()) + 1
+            if k1 <= k0:
+                continue          # every row of the chunk sees nothing: stays -inf
+        s = torch.matmul(qg[:, :, :, a:e].float(), kh[:, :, None, k0:k1].float().transpose(-1, -2))
+        s = s.reshape(b, hq, e - a, k1 - k0) * scale
+        qi = torch.arange(a, e, device=dev).view(1, 1, -1, 1)
+        ki = torch.arange(k0, k1, device=dev).view(1, 1, 1, -1)
+        if plan.score_mod is not None:
+            s = plan.score_mod(s, bi, hi_, qi, ki)
+        if plan.mask_mod is not None:
+            s = s.masked_fill(~plan.mask_mod(bi, hi_, qi, ki), _NEG_INF)
+        lse[:, :, a:e] = torch.logsumexp(s, dim=-1)
+    return lse
