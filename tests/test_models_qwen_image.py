@@ -142,3 +142,36 @@ def test_bad_mask_shape_is_rejected_before_any_kernel():
     x, e, mask, t, shapes = qwen_image_inputs(torch.float32)
     with pytest.raises(ValueError, match="encoder_hidden_states_mask"):
         ours(x, e, mask[:, :4], t, shapes)
+
+
+def _grad_backends():
+    out = []
+    for b in BACKENDS:
+        ok = attnlib.get_backend(b).capabilities.autograd and b not in SLOW_ON_CPU
+        out.append(pytest.param(b, marks=[] if ok else pytest.mark.skip(reason=f"{b}: no CPU autograd / slow here")))
+    return out
+
+
+@pytest.mark.parametrize("backend", _grad_backends())
+def test_parameter_gradients_match_diffusers(backend):
+    """Training through attnlib: every parameter's gradient equals diffusers' (padded CFG batch)."""
+    ours, host = _model()
+    host64 = copy.deepcopy(host).double()
+    x, e, mask, t, shapes = qwen_image_inputs(torch.float32)
+    w = torch.randn(2, x.shape[1], 16, generator=torch.Generator().manual_seed(9))
+
+    def grads(model, dtype, **ctx):
+        model.zero_grad()
+        out = model(x.to(dtype), e.to(dtype), mask, t.to(dtype), shapes)
+        out = out.sample if hasattr(out, "sample") else out
+        (out * w.to(dtype)).sum().backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    ref, naive = grads(host64, torch.float64), grads(host, torch.float32)
+    with attnlib.use_backend(backend):
+        got = grads(ours, torch.float32)
+    unused = sorted(n for n in ref if ref[n] is None)          # the last block's text MLP feeds nothing
+    assert unused == sorted(n for n in got if got[n] is None)
+    worst = max((max_abs_error(got[n], ref[n]) - tolerance(max_abs_error(naive[n], ref[n]), torch.float32, ref[n]), n)
+                for n in ref if ref[n] is not None)
+    assert worst[0] <= 0, f"{backend}: gradient of {worst[1]} exceeds the tolerance by {worst[0]:.3g}"
