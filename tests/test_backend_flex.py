@@ -1,0 +1,265 @@
+"""flex-specific behaviour: plan/compile caching, stale-cache safety, interval lowering, the CPU LSE pass,
+limits in why_not. Numerics against ``math`` for every mask kind live in the shared conformance test.
+
+Compiles are slow on CPU: every compiled call here reuses the conformance shapes (fp32, Hq=Hkv=4, D=32:
+dense B=2 S=33, packed [7, 1, 19, 12]) so a session compiles each kernel once.
+"""
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import attnlib
+from attnlib.backends import flex as flexmod
+from attnlib.backends.flex import FlexBackend
+from attnlib.errors import BackendUnavailableError
+from attnlib.inputs import validate_call
+from attnlib.masks import BlockDiagonal, Causal, DenseMask, KeyPadding
+from attnlib.testing import assert_close_to_reference, reference_and_naive
+
+BACKEND = FlexBackend()
+needs_flex = pytest.mark.skipif(BACKEND.unavailable_reason() is not None or
+                                bool(flexmod._cpu_reason()),
+                                reason=f"flex cannot run here: {BACKEND.unavailable_reason() or flexmod._cpu_reason()}")
+VARLEN = [7, 1, 19, 12]
+
+
+def _qkv(*shape_q, sk=None, gen_seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(gen_seed)
+    shape_k = list(shape_q)
+    if sk is not None:
+        shape_k[-3] = sk
+    q = torch.randn(*shape_q, generator=g).to(dtype)
+    k = torch.randn(*shape_k, generator=g).to(dtype)
+    v = torch.randn(*shape_k, generator=g).to(dtype)
+    return q, k, v
+
+
+def _check_vs_reference(q, k, v, mask, out, lse):
+    call = validate_call(q, k, v, mask)
+    (ref_out, ref_lse), (naive_out, naive_lse) = reference_and_naive(q, k, v, mask, call.scale, packed=call.packed)
+    if call.squeezed_batch:
+        out, lse = out[0], lse[0]
+    assert_close_to_reference(out, ref_out, naive_out, q.dtype, "out")
+    assert_close_to_reference(lse, ref_lse, naive_lse, q.dtype, "lse")
+
+
+# ---------------------------------------------------------------------------------------------
+# caching
+# ---------------------------------------------------------------------------------------------
+@needs_flex
+def test_repeated_layers_build_no_new_block_mask_and_compile_nothing():
+    q, k, v = _qkv(sum(VARLEN), 4, 32)
+    mask = BlockDiagonal(VARLEN, causal=True)
+    attnlib.attention(q, k, v, mask, backend="flex")          # first layer: may build and compile
+    before = FlexBackend.cache_info()
+    for _ in range(3):                                         # later layers, and an equal mask rebuilt per step
+        out, lse = attnlib.attention(q, k, v, BlockDiagonal(VARLEN, causal=True), backend="flex", return_lse=True)
+    after = FlexBackend.cache_info()
+    assert after["block_masks"] == before["block_masks"]
+    assert after["compiled_functions"] == before["compiled_functions"]
+    assert after["graph_compiles"] == before["graph_compiles"]
+    _check_vs_reference(q, k, v, mask, out, lse)
+
+
+@needs_flex
+def test_a_new_varlen_layout_of_the_same_size_reuses_the_compiled_kernel():
+    """Lookup tensors are kernel inputs: new seqlens build a block mask but compile nothing."""
+    q, k, v = _qkv(sum(VARLEN), 4, 32)
+    attnlib.attention(q, k, v, BlockDiagonal(VARLEN), backend="flex")
+    before = FlexBackend.cache_info()
+    mask = BlockDiagonal([20, 4, 15], causal=True, window=5)   # same 39 tokens, other blocks, causal + window
+    out, lse = attnlib.attention(q, k, v, mask, backend="flex", return_lse=True)
+    after = FlexBackend.cache_info()
+    assert after["block_masks"] == before["block_masks"] + 1
+    assert after["graph_compiles"] == before["graph_compiles"]
+    _check_vs_reference(q, k, v, mask, out, lse)
+
+
+@needs_flex
+def test_key_padding_plan_follows_the_tensor_not_the_wrapper_and_sees_in_place_edits():
+    q, k, v = _qkv(2, 33, 4, 32)
+    valid = torch.ones(2, 33, dtype=torch.bool)
+    valid[0, 20:] = False
+    attnlib.attention(q, k, v, KeyPadding(valid), backend="flex")
+    before = FlexBackend.cache_info()
+    attnlib.attention(q, k, v, KeyPadding(valid), backend="flex")     # a new wrapper, same tensor: cache hit
+    assert FlexBackend.cache_info()["block_masks"] == before["block_masks"]
+
+    valid[1, :10] = False                                               # in place: the version counter moves
+    out, lse = attnlib.attention(q, k, v, KeyPadding(valid), backend="flex", return_lse=True)
+    assert FlexBackend.cache_info()["block_masks"] == before["block_masks"] + 1
+    _check_vs_reference(q, k, v, KeyPadding(valid), out, lse)
+
+
+@needs_flex
+def test_a_cached_plan_is_never_returned_for_a_different_tensor_under_the_same_key(monkeypatch):
+    """Simulates a freed tensor's id being reused: the key matches, the anchor identity check does not."""
+    q, k, v = _qkv(2, 33, 4, 32)
+    monkeypatch.setattr(flexmod, "_mask_key", lambda *a: ("forced-collision",))
+    first = torch.ones(2, 33, dtype=torch.bool)
+    first[:, 30:] = False
+    attnlib.attention(q, k, v, KeyPadding(first), backend="flex")
+    second = torch.ones(2, 33, dtype=torch.bool)
+    second[:, :25] = False                                              # a very different pattern
+    out, lse = attnlib.attention(q, k, v, KeyPadding(second), backend="flex", return_lse=True)
+    _check_vs_reference(q, k, v, KeyPadding(second), out, lse)
+    FlexBackend.clear_cache()
+
+
+@needs_flex
+def test_dense_bool_mask_in_place_edit_is_seen():
+    q, k, v = _qkv(2, 33, 4, 32)
+    m = torch.ones(2, 1, 33, 33, dtype=torch.bool)
+    attnlib.attention(q, k, v, DenseMask(m), backend="flex")
+    m[:, :, :, ::2] = False
+    out, lse = attnlib.attention(q, k, v, DenseMask(m), backend="flex", return_lse=True)
+    _check_vs_reference(q, k, v, DenseMask(m), out, lse)
+
+
+def test_plan_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(flexmod, "PLAN_CACHE_SIZE", 3)
+    FlexBackend.clear_cache()
+    for n in range(6):   # block masks are built eagerly (no compile): cheap
+        flexmod._plan(BlockDiagonal([n + 1, 5]), 1, 4, n + 6, n + 6, torch.device("cpu"))
+    assert FlexBackend.cache_info()["plans"] == 3
+    FlexBackend.clear_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# rows with no visible key
+# ---------------------------------------------------------------------------------------------
+@needs_flex
+def test_block_with_no_keys_gives_zero_output_and_lse_minus_inf():
+    mask = BlockDiagonal([7, 1, 19, 12], [7, 0, 19, 12])     # the 1-query request has an empty cache
+    q, k, v = _qkv(sum(VARLEN), 4, 32, sk=38)
+    out, lse = attnlib.attention(q, k, v, mask, backend="flex", return_lse=True)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.equal(out[7], torch.zeros_like(out[7]))
+    assert torch.isneginf(lse[:, 7]).all()
+    _check_vs_reference(q, k, v, mask, out, lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# lowering (pure tensor code, no compile)
+# ---------------------------------------------------------------------------------------------
+def _interval_grid(mask, sq, sk):
+    lo, hi = flexmod._intervals(mask, sq, sk)
+    j = torch.arange(sk)
+    return (j[None, :] >= lo[:, None]) & (j[None, :] <= hi[:, None])
+
+
+@given(lens=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 9)), min_size=1, max_size=5),
+       causal=st.booleans(), window=st.one_of(st.none(), st.integers(1, 6)))
+def test_block_diagonal_lowers_to_exactly_its_materialized_mask(lens, causal, window):
+    q_lens, k_lens = [a for a, _ in lens], [b for _, b in lens]
+    if sum(q_lens) == 0 or not causal and window is not None:
+        return
+    mask = BlockDiagonal(q_lens, k_lens, causal=causal, window=window)
+    assert torch.equal(_interval_grid(mask, mask.total_q, mask.total_k), mask.materialize())
+
+
+@given(sq=st.integers(1, 12), sk=st.integers(0, 12), top_left=st.booleans(),
+       window=st.one_of(st.none(), st.integers(1, 6)))
+def test_causal_lowers_to_exactly_its_materialized_mask(sq, sk, top_left, window):
+    mask = Causal(align="top_left" if top_left else "bottom_right", window=window)
+    assert torch.equal(_interval_grid(mask, sq, sk), mask.materialize(sq, sk))
+
+
+def test_no_mask_lowers_to_every_key():
+    assert _interval_grid(None, 5, 3).all()
+
+
+@pytest.mark.parametrize("mask_kind", ["varlen_window", "key_padding", "dense_additive"])
+def test_cpu_lse_pass_over_many_chunks_matches_reference(monkeypatch, mask_kind):
+    """The chunked LSE (restricted key spans for intervals, score_mod/mask_mod on index grids) is exact."""
+    monkeypatch.setattr(flexmod, "_LSE_CHUNK_ELEMS", 1)        # 16-row chunks
+    g = torch.Generator().manual_seed(3)
+    if mask_kind == "varlen_window":
+        mask = BlockDiagonal([30, 3, 40], [35, 0, 40], causal=True, window=9)
+        q, k = torch.randn(73, 4, 16, generator=g), torch.randn(75, 2, 16, generator=g)
+        packed, qh, kh = True, q.transpose(0, 1)[None], k.transpose(0, 1)[None]
+    else:
+        q, k = torch.randn(2, 37, 4, 16, generator=g), torch.randn(2, 41, 2, 16, generator=g)
+        if mask_kind == "key_padding":
+            valid = torch.rand(2, 41, generator=g) > 0.5
+            valid[1] = False
+            mask = KeyPadding(valid)
+        else:
+            bias = torch.randn(1, 4, 37, 41, generator=g)
+            bias[..., ::3] = float("-inf")
+            mask = DenseMask(bias)
+        packed, qh, kh = False, q.transpose(1, 2), k.transpose(1, 2)
+    plan = flexmod._build_plan(mask, qh.shape[0], 4, qh.shape[2], kh.shape[2], q.device)
+    lse = flexmod._lse_pass(qh, kh, plan, 0.25)
+    if plan.empty is not None:
+        lse = lse.masked_fill(plan.empty, float("-inf"))
+    (_, ref), (_, naive) = reference_and_naive(q, k, k[..., :8], mask, 0.25, packed=packed)
+    assert_close_to_reference(lse[0] if packed else lse, ref, naive, torch.float32, "lse")
+
+
+# ---------------------------------------------------------------------------------------------
+# limits and environment
+# ---------------------------------------------------------------------------------------------
+def test_why_not_names_fp64_and_cpu_autograd_as_sentences():
+    q, k, v = _qkv(1, 8, 2, 16, dtype=torch.float64)
+    assert any("dtype=fp64" in r for r in BACKEND.why_not(validate_call(q, k, v)))
+    q, k, v = _qkv(1, 8, 2, 16)
+    q.requires_grad_(True)
+    reasons = BACKEND.why_not(validate_call(q, k, v))
+    if BACKEND.unavailable_reason() is None:
+        assert any("autograd on device=cpu" in r and "inference-only" in r for r in reasons)
+    with torch.no_grad():
+        assert not any("autograd" in r for r in BACKEND.why_not(validate_call(q, k, v)))
+
+
+def test_refused_call_raises_with_reason_when_fallback_is_an_error(monkeypatch):
+    monkeypatch.setenv("ATTNLIB_FALLBACK", "error")
+    q, k, v = _qkv(1, 8, 2, 16, dtype=torch.float64)
+    with pytest.raises(BackendUnavailableError, match="fp64"):
+        attnlib.attention(q, k, v, backend="flex")
+
+
+def test_too_old_torch_is_reported_precisely(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.4.1")
+    flexmod._flex_module.cache_clear()
+    flexmod._environment_reason.cache_clear()
+    try:
+        reason = FlexBackend().unavailable_reason()
+        assert reason == ("flex needs torch >= 2.5 (torch.nn.attention.flex_attention); this is torch 2.4.1")
+    finally:
+        monkeypatch.undo()
+        flexmod._flex_module.cache_clear()
+        flexmod._environment_reason.cache_clear()
+    assert flexmod._torch_version() >= (2, 5)
+
+
+def test_missing_cpp_compiler_is_reported_for_cpu(monkeypatch):
+    monkeypatch.setattr(flexmod.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CXX", raising=False)
+    flexmod._cpu_reason.cache_clear()
+    try:
+        assert "needs a C++ compiler" in flexmod._cpu_reason()
+    finally:
+        monkeypatch.undo()
+        flexmod._cpu_reason.cache_clear()
+
+
+@pytest.mark.parametrize("d,device,old,want", [
+    (24, "cpu", False, 24), (8, "cuda", False, 16), (24, "cuda", False, 24), (24, "cuda", True, 32),
+    (128, "cuda", True, 128),
+])
+def test_head_dim_padding_only_where_the_kernel_needs_it(monkeypatch, d, device, old, want):
+    monkeypatch.setattr(flexmod, "_torch_version", lambda: (2, 5) if old else (2, 13))
+    assert flexmod._padded_head_dim(d, torch.device(device)) == want
+
+
+@needs_flex
+def test_output_layout_and_dtype_follow_q():
+    q, _, _ = _qkv(2, 33, 4, 32, dtype=torch.bfloat16)
+    k, v, _ = _qkv(2, 33, 2, 32, dtype=torch.bfloat16, gen_seed=1)     # GQA 2, as in the conformance grid
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # no fallback to another backend
+        out = attnlib.attention(q, k, v, Causal(), backend="flex")
+    assert out.shape == (2, 33, 4, 32) and out.dtype == torch.bfloat16
