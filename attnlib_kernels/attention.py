@@ -100,28 +100,34 @@ def kernel_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dtype,
     wide = dtype == torch.float32  # fp32 tiles take twice the shared memory / registers
     if kind == "bwd_pre":
         return KernelConfig(64 if d <= 128 else 32, 16, 4, 1)
+    # (block_q, block_k, warps, stages) per head-dim bucket, checked with the sm_90 compile check of
+    # bench/bench_triton_attention.py (--compile-check) for shared memory and register spills
     if kind == "fwd":
-        if d <= 64:
-            cfg = KernelConfig(64, 64, 4, 2) if wide else KernelConfig(128, 64, 4, 3)
+        if wide:
+            cfg = KernelConfig(32, 32, 4, 1) if d <= 64 else KernelConfig(16, 16, 4, 1)
         elif d <= 128:
-            cfg = KernelConfig(64, 32, 4, 2) if wide else KernelConfig(128, 64, 8, 3)
+            cfg = KernelConfig(128, 64, 8, 3)
         else:
-            cfg = KernelConfig(32, 32, 4, 1) if wide else KernelConfig(64, 32, 4, 2)
+            cfg = KernelConfig(64, 32, 8, 2)
         if not deterministic and max_seqlen_q is not None and max_seqlen_q <= 64 and cfg.block_q > 64:
-            cfg = KernelConfig(64, cfg.block_k, 4, cfg.num_stages)
+            cfg = KernelConfig(64, cfg.block_k, cfg.num_warps, cfg.num_stages)
         return cfg
     if kind == "bwd_dkdv":  # block_k: key rows per program, block_q: query rows per step
+        if wide:
+            return KernelConfig(16, 32, 4, 1) if d <= 128 else KernelConfig(16, 16, 4, 1)
         if d <= 64:
-            return KernelConfig(32, 64, 4, 2) if wide else KernelConfig(64, 128, 8, 2)
+            return KernelConfig(32, 128, 8, 2)
         if d <= 128:
-            return KernelConfig(32, 32, 4, 1) if wide else KernelConfig(64, 64, 8, 2)
-        return KernelConfig(16, 32, 4, 1) if wide else KernelConfig(32, 32, 4, 1)
+            return KernelConfig(32, 64, 8, 1)
+        return KernelConfig(32, 32, 8, 1)
     if kind == "bwd_dq":  # block_q: query rows per program, block_k: key rows per step
+        if wide:
+            return KernelConfig(32, 16, 4, 1) if d <= 64 else KernelConfig(16, 16, 4, 1)
         if d <= 64:
-            return KernelConfig(64, 32, 4, 2) if wide else KernelConfig(128, 64, 8, 2)
+            return KernelConfig(128, 64, 8, 2)
         if d <= 128:
-            return KernelConfig(32, 32, 4, 1) if wide else KernelConfig(64, 64, 8, 2)
-        return KernelConfig(32, 16, 4, 1) if wide else KernelConfig(32, 32, 4, 1)
+            return KernelConfig(64, 32, 8, 2)
+        return KernelConfig(32, 32, 8, 1)
     raise ValueError(f"unknown kernel kind {kind!r}")
 
 
