@@ -24,6 +24,8 @@ Everything is vectorized over tokens; only Qwen3-Omni's audio-in-video merge loo
 """
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -98,48 +100,58 @@ class MRopeConfig:
 # ---------------------------------------------------------------------------------------------------
 # position ids
 # ---------------------------------------------------------------------------------------------------
-def _check_grid(grid, name: str, device) -> torch.Tensor:
+def _check_grid(grid, name: str) -> list:
+    """``[N, 3]`` int grids as a list of ``[t, h, w]`` (validated)."""
     if grid is None:
-        return torch.zeros(0, 3, dtype=torch.long, device=device)
+        return []
     grid = torch.as_tensor(grid)
     if grid.dim() != 2 or grid.shape[-1] != 3 or grid.is_floating_point():
         raise ValueError(f"{name} must be an int tensor [N, 3] of (t, h, w) patch counts, got {tuple(grid.shape)} {grid.dtype}")
-    if (grid <= 0).any():
-        raise ValueError(f"{name} entries must be positive, got {grid.tolist()}")
-    return grid.to(device=device, dtype=torch.long)
+    out = grid.tolist()
+    if any(v <= 0 for row in out for v in row):
+        raise ValueError(f"{name} entries must be positive, got {out}")
+    return out
 
 
-def _blocks(is_tok, grid, merge: int, name: str):
+def _blocks(is_tok, grid: list, merge: int, name: str, device):
     """Assign the flagged tokens (flat order) to consecutive grids.
 
-    Returns (token flat indices [M], block of each [M], local index [M], llm grid [N, 3], sizes [N]).
+    Returns (token flat indices [M] tensor, local index in its block [M] tensor, merged grids
+    ``[(t, h, w), ...]`` and token counts per block as Python lists). Per-token block parameters are
+    expanded with ``repeat_interleave(param, sizes)`` (cheaper than gathering by block id); the
+    per-block arithmetic is plain Python over the (few) grids.
     """
-    if (grid[:, 1:] % merge).any():
-        raise ValueError(f"{name} heights/widths must be divisible by spatial_merge_size={merge}, got {grid.tolist()}")
-    llm = torch.stack((grid[:, 0], grid[:, 1] // merge, grid[:, 2] // merge), dim=1)
-    sizes = llm.prod(dim=1)
+    if any(h % merge or w % merge for _, h, w in grid):
+        raise ValueError(f"{name} heights/widths must be divisible by spatial_merge_size={merge}, got {grid}")
+    llm = [(t, h // merge, w // merge) for t, h, w in grid]
+    sizes = [t * h * w for t, h, w in llm]
     tok = torch.nonzero(is_tok).squeeze(1)
-    total = int(sizes.sum())
+    total = sum(sizes)
     if tok.numel() != total:
         what = "image" if name.startswith("image") else "video"
         raise ValueError(
             f"{tok.numel()} {what} placeholder tokens in input_ids (outside padding) but {name} describes {total} "
-            f"(= sum of t*h*w/{merge}**2 over {grid.shape[0]} grids). If the prompt was truncated, use "
+            f"(= sum of t*h*w/{merge}**2 over {len(grid)} grids). If the prompt was truncated, use "
             "attnlib.rope.reconcile_image_tokens to drop the orphaned tokens and grids first.")
-    block = torch.repeat_interleave(torch.arange(grid.shape[0], device=grid.device), sizes)
-    starts = torch.cumsum(sizes, 0) - sizes
-    local = torch.arange(total, device=grid.device) - starts[block]
-    return tok, block, local, llm, sizes
+    starts, acc = [], 0
+    for n in sizes:
+        starts.append(acc)
+        acc += n
+    sizes_t = torch.tensor(sizes, device=device)
+    local = torch.arange(total, device=device) - torch.repeat_interleave(
+        torch.tensor(starts, device=device), sizes_t, output_size=total)
+    return tok, local, llm, sizes, starts, sizes_t
 
 
-def _time_offsets(variant, kind, t_idx, block, spg, tps):
-    """Temporal offsets of tokens with merged temporal index ``t_idx`` (see the module docstring)."""
+def _time_offsets(variant, kind, t_idx, spg_tok, tps):
+    """Temporal offsets of tokens with merged temporal index ``t_idx`` (see the module docstring);
+    ``spg_tok`` is each token's seconds per grid step."""
     if variant == "qwen3_omni":
         if kind == "image":
             return (t_idx * int(tps) if float(tps).is_integer() else t_idx.float() * tps).double()
-        return ((t_idx.float() * spg[block]) * float(tps)).double()
+        return ((t_idx.float() * spg_tok) * float(tps)).double()
     if variant == "qwen2_5_vl" and kind == "video":
-        return ((t_idx.float() * spg[block]) * float(tps)).long()
+        return ((t_idx.float() * spg_tok) * float(tps)).long()
     return t_idx
 
 
@@ -171,29 +183,36 @@ def mrope_position_ids(input_ids: torch.Tensor, config: MRopeConfig, *, image_gr
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError(f"input_ids must be an int tensor [B, S], got {getattr(input_ids, 'shape', input_ids)!r}")
     B, S = input_ids.shape
-    if attention_mask is None:
-        valid = torch.ones(B, S, dtype=torch.bool, device=input_ids.device)
-    else:
+    valid = None  # no padding
+    if attention_mask is not None:
         if tuple(attention_mask.shape) != (B, S):
             raise ValueError(f"attention_mask must have input_ids' shape {(B, S)}, got {tuple(attention_mask.shape)}")
-        valid = attention_mask.to(device=input_ids.device) != 0
-    seg = torch.arange(B, device=input_ids.device).repeat_interleave(S)
-    pos, deltas = _positions_flat(input_ids.reshape(-1), valid.reshape(-1), seg, B, config, image_grid_thw,
+        valid = (attention_mask.to(device=input_ids.device) != 0).reshape(-1)
+    pos, deltas = _positions_flat(input_ids.reshape(-1), valid, [S] * B, config, image_grid_thw,
                                   video_grid_thw, second_per_grid_ts)
     return pos.view(3, B, S), deltas
 
 
-def _positions_flat(ids, valid, seg, n_seg, config, image_grid_thw, video_grid_thw, second_per_grid_ts):
-    """Core on a flat token stream: ``seg`` (non-decreasing) names the sequence of each token."""
+def _positions_flat(ids, valid, seqlens, config, image_grid_thw, video_grid_thw, second_per_grid_ts):
+    """Core on a flat token stream holding sequences of lengths ``seqlens`` back to back
+    (``valid`` [N] bool marks real tokens; None: no padding).
+
+    Every token gets an increment: 1 for a real text (or standalone audio) token, the block's extent
+    (max offset + 1) on a vision block's last token, 0 elsewhere. A token's start position is the
+    exclusive cumulative sum of increments within its sequence; vision tokens add their (t, h, w)
+    offsets. Each step is a whole-tensor op; nothing loops over tokens.
+    """
     device = ids.device
     variant, merge, tps = config.variant, config.spatial_merge_size, config.tokens_per_second
     is_float = variant == "qwen3_omni"
     dtype = torch.float64 if is_float else torch.long
-    N = ids.numel()
+    N, n_seg = ids.numel(), len(seqlens)
+    lens = torch.tensor(seqlens, dtype=torch.long, device=device)
+    cu = torch.cumsum(lens, 0)  # sequence ends (exclusive)
 
-    image_grid = _check_grid(image_grid_thw, "image_grid_thw", device)
-    video_grid = _check_grid(video_grid_thw, "video_grid_thw", device)
-    n_videos = video_grid.shape[0]
+    image_grid = _check_grid(image_grid_thw, "image_grid_thw")
+    video_grid = _check_grid(video_grid_thw, "video_grid_thw")
+    n_videos = len(video_grid)
     if second_per_grid_ts is None:
         spg = torch.ones(n_videos, dtype=torch.float32, device=device)
     else:
@@ -202,106 +221,142 @@ def _positions_flat(ids, valid, seg, n_seg, config, image_grid_thw, video_grid_t
             raise ValueError(f"second_per_grid_ts has {spg.numel()} entries but video_grid_thw has {n_videos} videos")
     if variant == "qwen3_vl" and n_videos:
         # Qwen3-VL: one block per frame (frames are separated by timestamp text), temporal offset 0.
-        video_grid = torch.repeat_interleave(video_grid, video_grid[:, 0], dim=0)
-        video_grid[:, 0] = 1
-        spg = torch.repeat_interleave(spg, torch.as_tensor(video_grid_thw, device=device)[:, 0].long())
+        spg = torch.repeat_interleave(spg, torch.tensor([t for t, _, _ in video_grid], device=device))
+        video_grid = [[1, h, w] for t, h, w in video_grid for _ in range(t)]
+    ends_list = list(itertools.accumulate(seqlens))
 
-    off = torch.zeros(3, N, dtype=dtype, device=device)
-    in_block = torch.zeros(N, dtype=torch.bool, device=device)
-    inc = torch.zeros(N, dtype=dtype, device=device)
-    compressed = torch.cumsum(valid.long(), 0) - 1  # index among valid tokens
-    vidx = torch.nonzero(valid).squeeze(1)  # flat index of the k-th valid token
-    is_audio = (ids == config.audio_token_id) & valid if config.audio_token_id is not None else None
+    inc = torch.ones(N, dtype=dtype, device=device) if valid is None else valid.to(dtype)
+    off = None  # [3, N] vision offsets, allocated when there is vision
+    omni = None  # lazily built helpers for Qwen3-Omni's audio-in-video runs
+    mixed = []  # (sequence, first flat index, max offset) of audio-in-video runs
 
     for kind, grid, token_id in (("image", image_grid, config.image_token_id), ("video", video_grid, config.video_token_id)):
-        if grid.shape[0] == 0 and not ((ids == token_id) & valid).any():
+        is_tok = ids == token_id if valid is None else (ids == token_id) & valid
+        if not grid and not bool(is_tok.any()):
             continue
         name = f"{kind}_grid_thw"
-        tok, block, local, llm, sizes = _blocks((ids == token_id) & valid, grid, merge, name)
-        hw = llm[:, 1] * llm[:, 2]
-        w = llm[block, 2]
-        t_idx, h_idx, w_idx = local // hw[block], (local // w) % llm[block, 1], local % w
-        t_off = _time_offsets(variant, kind, t_idx, block, spg, tps)
-        off[0, tok] = t_off.to(dtype)
-        off[1, tok] = h_idx.to(dtype)
-        off[2, tok] = w_idx.to(dtype)
-        in_block[tok] = True
-        ends = torch.cumsum(sizes, 0)
-        first, last = tok[ends - sizes], tok[ends - 1]
-        split = (compressed[last] - compressed[first] + 1 != sizes) | (seg[first] != seg[last])
-        last_t = _time_offsets(variant, kind, llm[:, 0] - 1, torch.arange(llm.shape[0], device=device), spg, tps)
-        extent = torch.maximum(last_t.to(dtype), (torch.maximum(llm[:, 1], llm[:, 2]) - 1).to(dtype)) + 1
-        if kind == "video" and is_audio is not None:
-            split, extent, last = _audio_in_video(split, extent, first, last, sizes, off, in_block, is_audio,
-                                                  compressed, vidx, seg, dtype)
-        if split.any():
-            b = int(torch.nonzero(split)[0, 0])
+        tok, local, llm, sizes, starts, sizes_t = _blocks(is_tok, grid, merge, name, device)
+        M = tok.numel()
+        hw_tok = torch.repeat_interleave(torch.tensor([h * w for _, h, w in llm], device=device), sizes_t, output_size=M)
+        w_tok = torch.repeat_interleave(torch.tensor([w for _, _, w in llm], device=device), sizes_t, output_size=M)
+        spg_tok = torch.repeat_interleave(spg, sizes_t, output_size=M) if kind == "video" else None
+        t_idx = torch.div(local, hw_tok, rounding_mode="floor")
+        rem = local - t_idx * hw_tok
+        h_idx = torch.div(rem, w_tok, rounding_mode="floor")
+        if off is None:
+            off = torch.zeros(3, N, dtype=dtype, device=device)
+        off[0].index_copy_(0, tok, _time_offsets(variant, kind, t_idx, spg_tok, tps).to(dtype))
+        off[1].index_copy_(0, tok, h_idx.to(dtype))
+        off[2].index_copy_(0, tok, (rem - h_idx * w_tok).to(dtype))
+        inc.index_fill_(0, tok, 0)
+        # per block (Python over the few grids): first/last token, same sequence, one run of real tokens
+        n_blocks = len(sizes)
+        fl = tok[torch.tensor(starts + [st + n - 1 for st, n in zip(starts, sizes)], device=device)].tolist()
+        first, last = fl[:n_blocks], fl[n_blocks:]
+        seq_of = [bisect.bisect_right(ends_list, i) for i in fl]
+        split = [seq_of[b] != seq_of[n_blocks + b] or last[b] - first[b] + 1 != sizes[b] for b in range(n_blocks)]
+        if valid is not None and any(split):  # padding holes inside a block are fine: count real tokens
+            real_before = torch.cumsum(valid.long(), 0)
+            span = (real_before[torch.tensor(last)] - real_before[torch.tensor(first)] + 1).tolist()
+            split = [sp and (seq_of[b] != seq_of[n_blocks + b] or span[b] != sizes[b]) for b, sp in enumerate(split)]
+        t_last = torch.tensor([t - 1 for t, _, _ in llm], device=device)
+        last_t = _time_offsets(variant, kind, t_last, spg if kind == "video" else None, tps).tolist()
+        extent = [max(lt, h - 1, w - 1) + 1 for lt, (_, h, w) in zip(last_t, llm)]
+        if kind == "video" and config.audio_token_id is not None:
+            if omni is None:
+                omni = _OmniHelpers(ids, torch.ones_like(ids, dtype=torch.bool) if valid is None else valid,
+                                    config.audio_token_id, lens)
+            _audio_in_video(split, extent, first, last, sizes, off, inc, omni, mixed, dtype)
+        if any(split):
+            b = split.index(True)
             raise ValueError(
-                f"the placeholder tokens of {kind} {b} ({int(sizes[b])} tokens for grid {grid[b].tolist()}) are not one "
+                f"the placeholder tokens of {kind} {b} ({sizes[b]} tokens for grid {grid[b]}) are not one "
                 "contiguous run inside one sequence: check that input_ids and the grids belong together "
                 "(or use reconcile_image_tokens after truncation)")
-        inc.index_add_(0, last, extent)
+        inc.index_add_(0, torch.tensor(last, device=device), torch.tensor(extent, dtype=dtype, device=device))
 
-    inc = inc + (valid & ~in_block).to(dtype)
-    csum = torch.cumsum(inc, 0)
-    seg_total = torch.zeros(n_seg, dtype=dtype, device=device).index_add_(0, seg, inc)
-    seg_base = torch.cumsum(seg_total, 0) - seg_total
-    start = csum - inc - seg_base[seg]
-    pos = torch.where(valid, start, torch.zeros((), dtype=dtype, device=device)).unsqueeze(0) + off
-    pos = pos * valid
-
-    n_valid = torch.zeros(n_seg, dtype=torch.long, device=device).index_add_(0, seg, valid.long())
-    top = torch.full((n_seg,), -1, dtype=dtype, device=device)
-    top = top.scatter_reduce(0, seg, torch.where(valid, pos.amax(0), torch.full_like(start, -1)), "amax")
+    L = seqlens[0] if n_seg else 0
+    if n_seg and L > 0 and all(n == L for n in seqlens):  # a padded batch: cumulative sums per row
+        csum = torch.cumsum(inc.view(n_seg, L), 1).view(-1)
+        seq_total = csum.view(n_seg, L)[:, -1]
+        start = csum - inc
+        n_valid = lens if valid is None else valid.view(n_seg, L).sum(1)
+    else:  # packed sequences of different lengths
+        csum = torch.cumsum(inc, 0)
+        at_end = (cu - 1).clamp_min(0)  # cumulative sums at each sequence's end (0 before the first token)
+        ends_sum = torch.where(cu > 0, csum[at_end], 0) if N else torch.zeros(n_seg, dtype=dtype, device=device)
+        seq_total = torch.diff(ends_sum, prepend=ends_sum.new_zeros(1))
+        start = csum - inc - torch.repeat_interleave(torch.cumsum(seq_total, 0) - seq_total, lens, output_size=N)
+        if valid is None:
+            n_valid = lens
+        else:
+            real = torch.where(cu > 0, torch.cumsum(valid.long(), 0)[at_end], 0) if N else torch.zeros_like(cu)
+            n_valid = torch.diff(real, prepend=real.new_zeros(1))
+    if valid is not None:
+        start = start * valid  # padded slots: 0
+    pos = start.expand(3, N).clone() if off is None else start + off
+    top = seq_total - 1  # every item starts after the previous one's max, so the last one holds the max
+    for seq, first_tok, block_max in mixed:  # Qwen3-Omni: text after these runs may start below their max
+        top[seq] = torch.maximum(top[seq], start[first_tok] + block_max)
     deltas = (top + 1 - n_valid.to(dtype)).unsqueeze(1)
     if is_float:
         return pos.float(), deltas.float()
     return pos, deltas
 
 
-def _audio_in_video(split, extent, first, last, sizes, off, in_block, is_audio, compressed, vidx, seg, dtype):
+class _OmniHelpers:
+    """Views Qwen3-Omni's audio-in-video merge needs: real tokens in order, their audio flags and sequence."""
+
+    def __init__(self, ids, valid, audio_token_id, lens):
+        self.is_audio = (ids == audio_token_id) & valid
+        self.vidx = torch.nonzero(valid).squeeze(1)  # flat index of the k-th real token
+        self.compressed = torch.cumsum(valid.long(), 0) - 1  # index among real tokens
+        self.is_audio_c = self.is_audio[self.vidx]
+        seg = torch.repeat_interleave(torch.arange(lens.numel(), device=ids.device), lens)
+        self.seg = seg
+        self.seg_c = seg[self.vidx]
+
+
+def _audio_in_video(split, extent, first, last, sizes, off, inc, omni, mixed, dtype):
     """Qwen3-Omni ``use_audio_in_video``: a video whose run also holds audio tokens.
 
     The run starts at the video's first token and extends over interleaved audio tokens and the audio
     tokens right after its last video token. As the reference does, video positions (offset
     ``(t, h, w)``) and audio positions (offset ``a`` on all axes) are merged by temporal offset, video
     first on ties, and given to the run's tokens in order; the next text starts one after the max of
-    the merged sequence's last same-source stretch.
+    the merged sequence's last same-source stretch. Loops over videos, never over tokens; updates
+    the per-video lists ``split``, ``extent`` and ``last`` in place.
     """
-    is_audio_c = is_audio[vidx]
-    seg_c = seg[vidx]
-    n_valid = vidx.numel()
-    last = last.clone()
-    split = split.clone()
-    for b in range(first.numel()):
-        c0, c1 = int(compressed[first[b]]), int(compressed[last[b]])
-        run = torch.arange(c0, c1 + 1, device=vidx.device)
-        n_video = int((~is_audio_c[run]).sum())
-        tail = (is_audio_c[c1 + 1:] & (seg_c[c1 + 1:] == seg_c[c0])).long().cumprod(0).sum() if c1 + 1 < n_valid else 0
-        n_audio = int(run.numel() - n_video + int(tail))
+    n_real = omni.vidx.numel()
+    for b in range(len(first)):
+        c0, c1 = int(omni.compressed[first[b]]), int(omni.compressed[last[b]])
+        n_video = int((~omni.is_audio_c[c0: c1 + 1]).sum())
+        tail = 0
+        if c1 + 1 < n_real:
+            after = omni.is_audio_c[c1 + 1:] & (omni.seg_c[c1 + 1:] == omni.seg_c[c0])
+            tail = int(after.long().cumprod(0).sum())
+        n_audio = (c1 + 1 - c0) - n_video + tail
         if n_audio == 0:
             continue
-        run_tok = vidx[c0: c1 + 1 + int(tail)]
-        video_tok = run_tok[~is_audio[run_tok]]
-        if video_tok.numel() != int(sizes[b]) or int(seg[run_tok[0]]) != int(seg[run_tok[-1]]):
+        run_tok = omni.vidx[c0: c1 + 1 + tail]
+        video_tok = run_tok[~omni.is_audio[run_tok]]
+        if video_tok.numel() != sizes[b] or int(omni.seg[run_tok[0]]) != int(omni.seg[run_tok[-1]]):
             split[b] = True
             continue
-        video_off = off[:, video_tok]
-        audio_off = torch.arange(n_audio, device=vidx.device, dtype=dtype).expand(3, -1)
-        merged = torch.cat((video_off, audio_off), dim=1)
-        source = torch.cat((torch.zeros(n_video, dtype=torch.bool, device=vidx.device),
-                            torch.ones(n_audio, dtype=torch.bool, device=vidx.device)))
+        merged = torch.cat((off[:, video_tok], torch.arange(n_audio, device=off.device, dtype=dtype).expand(3, -1)), dim=1)
+        source = torch.cat((torch.zeros(n_video, dtype=torch.bool, device=off.device),
+                            torch.ones(n_audio, dtype=torch.bool, device=off.device)))
         order = torch.sort(merged[0], stable=True).indices
         merged, source = merged[:, order], source[order]
         off[:, run_tok] = merged
-        in_block[run_tok] = True
+        inc[run_tok] = 0
         # the last stretch of the merged sequence coming from one source
         changes = torch.nonzero(source != source[-1])
         tail_start = int(changes[-1, 0]) + 1 if changes.numel() else 0
-        extent[b] = merged[:, tail_start:].max() + 1
-        last[b] = run_tok[-1]
+        extent[b] = merged[:, tail_start:].max().item() + 1
+        last[b] = int(run_tok[-1])
         split[b] = False
-    return split, extent, last
+        mixed.append((int(omni.seg[run_tok[0]]), int(run_tok[0]), merged.max()))
 
 
 # ---------------------------------------------------------------------------------------------------

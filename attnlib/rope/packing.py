@@ -51,9 +51,5 @@ def packed_mrope_position_ids(input_ids, config: MRopeConfig, *, seqlens: Sequen
         ids = input_ids
     if ids.is_floating_point():
         raise ValueError(f"input_ids must hold token ids (an int dtype), got {ids.dtype}")
-    seg = torch.repeat_interleave(torch.arange(len(seqlens), device=ids.device),
-                                  torch.tensor(seqlens, device=ids.device))
-    valid = torch.ones_like(ids, dtype=torch.bool)
-    pos, deltas = _positions_flat(ids, valid, seg, len(seqlens), config, image_grid_thw, video_grid_thw,
-                                  second_per_grid_ts)
+    pos, deltas = _positions_flat(ids, None, seqlens, config, image_grid_thw, video_grid_thw, second_per_grid_ts)
     return pos, deltas, BlockDiagonal.from_seqlens(seqlens, causal=causal)

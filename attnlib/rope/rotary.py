@@ -85,9 +85,22 @@ def apply_rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                        interleaved: bool = False) -> torch.Tensor:
     """The plain-PyTorch rotary: same contract as :func:`apply_rotary`, never dispatches to a kernel."""
     R = _check_rotary_args(x, cos, sin)
-    c = cos.float().unsqueeze(-2)  # broadcast over heads: [..., S, 1, R]
-    s = sin.float().unsqueeze(-2)
-    xr = x[..., : 2 * R].float()
+    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = cos.to(math_dtype).unsqueeze(-2)  # broadcast over heads: [..., S, 1, R]
+    s = sin.to(math_dtype).unsqueeze(-2)
+    if not (torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)):
+        # inference: four fused passes straight into the float32 output, no temporaries or cat
+        out = torch.empty(x.shape, dtype=math_dtype, device=x.device)
+        a, b = (x[..., 0: 2 * R: 2], x[..., 1: 2 * R: 2]) if interleaved else (x[..., :R], x[..., R: 2 * R])
+        oa, ob = (out[..., 0: 2 * R: 2], out[..., 1: 2 * R: 2]) if interleaved else (out[..., :R], out[..., R: 2 * R])
+        torch.mul(a, c, out=oa)
+        oa.addcmul_(b, s, value=-1)
+        torch.mul(b, c, out=ob)
+        ob.addcmul_(a, s)
+        if 2 * R < x.shape[-1]:
+            out[..., 2 * R:] = x[..., 2 * R:]
+        return out.to(x.dtype)
+    xr = x[..., : 2 * R].to(math_dtype)
     if interleaved:
         a, b = xr[..., 0::2], xr[..., 1::2]
         rotated = torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2)
