@@ -262,7 +262,7 @@ def _positions_flat(ids, valid, seqlens, config, image_grid_thw, video_grid_thw,
         t_last = torch.tensor([t - 1 for t, _, _ in llm], device=device)
         last_t = _time_offsets(variant, kind, t_last, spg if kind == "video" else None, tps).tolist()
         extent = [max(lt, h - 1, w - 1) + 1 for lt, (_, h, w) in zip(last_t, llm)]
-        if kind == "video" and config.audio_token_id is not None:
+        if kind == "video" and config.audio_token_id is not None and bool((ids == config.audio_token_id).any()):
             if omni is None:
                 omni = _OmniHelpers(ids, torch.ones_like(ids, dtype=torch.bool) if valid is None else valid,
                                     config.audio_token_id, lens)
@@ -315,6 +315,10 @@ class _OmniHelpers:
         seg = torch.repeat_interleave(torch.arange(lens.numel(), device=ids.device), lens)
         self.seg = seg
         self.seg_c = seg[self.vidx]
+        self.not_audio_c = torch.nonzero(~self.is_audio_c).squeeze(1).tolist()  # real-token indices, sorted
+        cu = torch.cumsum(lens, 0)
+        real_ends = torch.where(cu > 0, (self.compressed + 1)[(cu - 1).clamp_min(0)], 0) if ids.numel() else cu
+        self.real_ends = real_ends.tolist()  # end (exclusive) of each sequence among real tokens
 
 
 def _audio_in_video(split, extent, first, last, sizes, off, inc, omni, mixed, dtype):
@@ -327,14 +331,14 @@ def _audio_in_video(split, extent, first, last, sizes, off, inc, omni, mixed, dt
     the merged sequence's last same-source stretch. Loops over videos, never over tokens; updates
     the per-video lists ``split``, ``extent`` and ``last`` in place.
     """
-    n_real = omni.vidx.numel()
     for b in range(len(first)):
         c0, c1 = int(omni.compressed[first[b]]), int(omni.compressed[last[b]])
         n_video = int((~omni.is_audio_c[c0: c1 + 1]).sum())
-        tail = 0
-        if c1 + 1 < n_real:
-            after = omni.is_audio_c[c1 + 1:] & (omni.seg_c[c1 + 1:] == omni.seg_c[c0])
-            tail = int(after.long().cumprod(0).sum())
+        # audio tokens right after the last video token, up to the next non-audio token or sequence end
+        k = bisect.bisect_right(omni.not_audio_c, c1)
+        stop = omni.not_audio_c[k] if k < len(omni.not_audio_c) else omni.vidx.numel()
+        stop = min(stop, omni.real_ends[int(omni.seg_c[c0])])
+        tail = stop - (c1 + 1)
         n_audio = (c1 + 1 - c0) - n_video + tail
         if n_audio == 0:
             continue
