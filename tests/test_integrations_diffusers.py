@@ -9,7 +9,7 @@ from attnlib import KeyPadding
 from attnlib.testing import assert_close_to_reference
 
 diffusers = pytest.importorskip("diffusers")
-from attnlib.integrations.diffusers import QwenImageAttnProcessor, use_attnlib  # noqa: E402
+from attnlib.integrations.diffusers import FluxAttnProcessor, QwenImageAttnProcessor, use_attnlib  # noqa: E402
 
 BACKENDS = [r["name"] for r in attnlib.list_backends() if r["available"] and r["name"] != "triton"]
 
@@ -87,11 +87,11 @@ def test_processor_follows_use_backend_when_not_pinned(qwen_image, monkeypatch):
 
 
 def test_use_attnlib_names_unsupported_models():
-    class FluxTransformer2DModel(torch.nn.Module):
+    class SD3Transformer2DModel(torch.nn.Module):
         pass
 
-    with pytest.raises(NotImplementedError, match="FluxTransformer2DModel"):
-        use_attnlib(FluxTransformer2DModel())
+    with pytest.raises(NotImplementedError, match="SD3Transformer2DModel"):
+        use_attnlib(SD3Transformer2DModel())
 
 
 def test_processor_rejects_an_extra_attention_mask(qwen_image):
@@ -100,3 +100,26 @@ def test_processor_rejects_an_extra_attention_mask(qwen_image):
     x, txt = torch.randn(1, 4, 64), torch.randn(1, 3, 64)
     with pytest.raises(NotImplementedError, match="encoder_hidden_states_mask"):
         QwenImageAttnProcessor()(attn, x, txt, attention_mask=torch.ones(1, 7, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flux_attnlib_processor_matches_default_in_double_and_single_stream_blocks(backend):
+    torch.manual_seed(0)
+    model = diffusers.FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=4,
+        joint_attention_dim=24, pooled_projection_dim=8, axes_dims_rope=(4, 6, 6)).eval()
+    model64 = copy.deepcopy(model).double()
+    g = torch.Generator().manual_seed(2)
+    h, w, txt = 3, 4, 5
+    grid = torch.meshgrid(torch.zeros(1), torch.arange(float(h)), torch.arange(float(w)), indexing="ij")
+    img_ids = torch.stack(grid, -1)  # (frame, row, column) position of each image token
+    kw = dict(hidden_states=torch.randn(2, h * w, 16, generator=g),
+              encoder_hidden_states=torch.randn(2, txt, 24, generator=g),
+              pooled_projections=torch.randn(2, 8, generator=g), timestep=torch.tensor([0.3, 0.7]),
+              img_ids=img_ids.reshape(-1, 3).float(), txt_ids=torch.zeros(txt, 3))
+    kw64 = {k: v.double() if v.is_floating_point() else v for k, v in kw.items()}
+    default = diffusers.models.transformers.transformer_flux.FluxAttnProcessor
+    ref = run(model64, default(), **kw64)
+    naive = run(model, default(), **kw)
+    got = run(model, FluxAttnProcessor(backend=backend), **kw)
+    assert_close_to_reference(got, ref, naive, torch.float32, what="Flux sample")

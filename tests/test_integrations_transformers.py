@@ -239,11 +239,11 @@ def rand(*shape, seed=0):
 def test_flash_style_cu_seq_lens_kwargs_run_as_block_diagonal():
     q, k, v = _qkv()
     cu = torch.tensor([0, 2, 6], dtype=torch.int32)
-    out, weights = hf.attnlib_attention_forward(_Module(), q, k, v, None, scaling=0.3, cu_seq_lens_q=cu,
+    out, weights = hf.attnlib_attention_forward(_Module(), q, k, v, None, scaling=0.125, cu_seq_lens_q=cu,
                                                 cu_seq_lens_k=cu)
     assert weights is None and out.shape == (1, 6, 4, 8)
     (ref, _), (naive, _) = reference_and_naive(*(t.transpose(1, 2)[0] for t in (q, k, v)),
-                                               BlockDiagonal([2, 4], causal=True), 0.3, packed=True)
+                                               BlockDiagonal([2, 4], causal=True), 0.125, packed=True)
     assert_close_to_reference(out[0], ref, naive, torch.float32)
 
 

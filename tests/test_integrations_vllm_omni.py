@@ -30,7 +30,7 @@ def test_joint_text_tensors_are_joined_in_order_with_their_mask(backend, strateg
     q, k, v = rand(B, S, H, D), rand(B, S, HKV, D, seed=1), rand(B, S, HKV, D, seed=2)
     jq, jk, jv = rand(B, J, H, D, seed=3), rand(B, J, HKV, D, seed=4), rand(B, J, HKV, D, seed=5)
     text_valid = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()
-    layer = Attention(H, D, causal=False, softmax_scale=0.2, num_kv_heads=HKV, backend=backend, prefix="blocks.0")
+    layer = Attention(H, D, causal=False, softmax_scale=0.125, num_kv_heads=HKV, backend=backend, prefix="blocks.0")
     meta = AttentionMetadata(joint_query=jq, joint_key=jk, joint_value=jv, joint_attn_mask=text_valid,
                              joint_strategy=strategy)
     out = layer(q, k, v, meta)
@@ -38,7 +38,7 @@ def test_joint_text_tensors_are_joined_in_order_with_their_mask(backend, strateg
     valid = order(torch.ones(B, S, dtype=torch.bool), text_valid)
     assert out.shape == (B, S + J, H, D)
     assert isinstance(layer.last_plan.mask, KeyPadding) and torch.equal(layer.last_plan.mask.valid, valid)
-    check(out, order(q, jq), order(k, jk), order(v, jv), KeyPadding(valid), 0.2)
+    check(out, order(q, jq), order(k, jk), order(v, jv), KeyPadding(valid), 0.125)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -168,7 +168,7 @@ def _plan_bool(m: torch.Tensor, max_kv_copies: float) -> MaskPlan:
 
     # 2. one causal diagonal for the whole batch
     max_cnt = int(cnt.max())
-    windows = (None,) if max_cnt >= Sk else (None, max_cnt)
+    windows = (None,) if max_cnt >= Sk or max_cnt < 1 else (None, max_cnt)
     for align, diag in (("bottom_right", i + (Sk - Sq)), ("top_left", i)):
         if align == "top_left" and (Sq == Sk or Sq > Sk):
             continue  # same as bottom-right / rows past the last key: not a top-left shape we emit
@@ -197,7 +197,7 @@ def _plan_bool(m: torch.Tensor, max_kv_copies: float) -> MaskPlan:
     # one call: every visible row in causal blocks (optionally windowed), or in full blocks
     best = None
     for causal, window in ((True, None), (True, max_cnt), (False, None)):
-        if window is not None and window >= Sk:
+        if window is not None and (window >= Sk or window < 1):
             continue
         part = _part(flat_lo, flat_hi, kept, Sq, causal, window)
         if best is None or part.mask.num_blocks < best.mask.num_blocks:

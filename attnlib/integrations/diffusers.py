@@ -3,6 +3,7 @@
     from attnlib.integrations.diffusers import QwenImageAttnProcessor, use_attnlib
     pipe.transformer.set_attn_processor(QwenImageAttnProcessor())   # every block
     use_attnlib(pipe.transformer, backend="flash")                  # same, picking the processor by model
+                                                                    # (QwenImage, Flux)
 
 Only diffusers' public ``set_attn_processor`` is used; diffusers' attention-backend registry and its
 process-global ``attention_backend()`` switch are left alone (attnlib's ``use_backend`` is a contextvar:
@@ -31,7 +32,7 @@ from ..registry import _canonical
 from ..rope import apply_rotary
 from ._structure import PlanCache
 
-__all__ = ["QwenImageAttnProcessor", "use_attnlib", "PROCESSORS"]
+__all__ = ["QwenImageAttnProcessor", "FluxAttnProcessor", "use_attnlib", "PROCESSORS"]
 
 
 def _rope_cos_sin(freqs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +112,85 @@ class QwenImageAttnProcessor:
         return img_out, txt_out
 
 
+class FluxAttnProcessor:
+    """Drop-in for diffusers' ``FluxAttnProcessor`` (``FluxTransformer2DModel``) running on attnlib.
+
+    Double-stream blocks attend over ``[text, image]``, single-stream blocks over the one stream they
+    get. Flux's RoPE table is a real ``(cos, sin)`` pair of ``[S, D]`` tables with each frequency
+    repeated for its adjacent pair (diffusers' ``use_real=True, use_real_unbind_dim=-1``); it is applied
+    with ``attnlib.rope.apply_rotary(..., interleaved=True)`` on the de-duplicated ``[S, D/2]`` table
+    (checked once per table). An ``attention_mask`` (through ``joint_attention_kwargs``) may be a 2-D
+    ``[B, S]`` key mask (True/1 = keep) over the joint keys: it becomes a ``KeyPadding``.
+    """
+
+    def __init__(self, backend: str | None = None):
+        self.backend = None if backend is None else _canonical(backend)
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
+        if getattr(attn, "fused_projections", False):
+            q, k, v = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        joint = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
+        if joint:
+            if getattr(attn, "fused_projections", False):
+                eq, ek, ev = attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1)
+            else:
+                eq, ek, ev = (proj(encoder_hidden_states) for proj in (attn.add_q_proj, attn.add_k_proj,
+                                                                        attn.add_v_proj))
+            eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            q, k, v = torch.cat([eq, q], dim=1), torch.cat([ek, k], dim=1), torch.cat([ev, v], dim=1)
+        if image_rotary_emb is not None:
+            cos, sin = _flux_table(image_rotary_emb)
+            q = apply_rotary(q, cos.to(q.device), sin.to(q.device), interleaved=True)
+            k = apply_rotary(k, cos.to(k.device), sin.to(k.device), interleaved=True)
+        mask = _key_mask(attention_mask, k)
+        out = attention(q, k, v, mask, backend=self.backend).flatten(2, 3).to(q.dtype)
+        if encoder_hidden_states is None:
+            return out
+        txt_len = encoder_hidden_states.shape[1]
+        txt_out, img_out = out[:, :txt_len], out[:, txt_len:]
+        img_out = attn.to_out[1](attn.to_out[0](img_out.contiguous()))
+        return img_out, attn.to_add_out(txt_out.contiguous())
+
+
+_tables = PlanCache()
+
+
+def _flux_table(image_rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flux's ``(cos, sin)`` ``[S, D]`` (pairs repeated) -> float32 ``[S, D/2]``; checked once per table."""
+    if not (isinstance(image_rotary_emb, (tuple, list)) and len(image_rotary_emb) == 2):
+        raise TypeError("FluxAttnProcessor expects image_rotary_emb as diffusers' (cos, sin) pair of [S, D] tables, "
+                        f"got {type(image_rotary_emb).__name__}")
+    cos, sin = image_rotary_emb
+
+    def build():
+        c, s_ = cos[:, 0::2], sin[:, 0::2]
+        if not (torch.equal(c, cos[:, 1::2]) and torch.equal(s_, sin[:, 1::2])):
+            raise NotImplementedError("this (cos, sin) table does not repeat each frequency for its adjacent pair "
+                                      "(diffusers' use_real_unbind_dim=-1 layout); FluxAttnProcessor cannot apply it")
+        return c.float().contiguous(), s_.float().contiguous()
+
+    return _tables.get(cos, build) if sin is not None else build()
+
+
+def _key_mask(attention_mask: torch.Tensor | None, k: torch.Tensor):
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 4 and attention_mask.shape[1] == 1 and attention_mask.shape[2] == 1:
+        attention_mask = attention_mask[:, 0, 0]
+    if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (k.shape[0], k.shape[1]):
+        raise NotImplementedError(f"attention_mask of shape {tuple(attention_mask.shape)}: attnlib's diffusers "
+                                  f"processors take a key mask [B, S] = [{k.shape[0]}, {k.shape[1]}] (True/1 = keep) "
+                                  "over the joint [text, image] keys")
+    valid = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+    return KeyPadding(valid)
+
+
 _masks = PlanCache()
 
 
@@ -140,6 +220,7 @@ def _joint_key_padding(text_mask: torch.Tensor | None, hidden_states: torch.Tens
 #: diffusers transformer class name -> attnlib processor class
 PROCESSORS = {
     "QwenImageTransformer2DModel": QwenImageAttnProcessor,
+    "FluxTransformer2DModel": FluxAttnProcessor,
 }
 
 

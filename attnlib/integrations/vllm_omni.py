@@ -20,8 +20,8 @@ none, ``causal=False`` / ``causal=True``        ``None`` / ``Causal()`` (**botto
                                                 ``Sq != Sk`` this differs from vLLM-Omni's SDPA
                                                 backend, which passes torch's top-left ``is_causal``)
 ``attn_mask`` 2-D ``[B, Sk]``, True/1 = keep    ``KeyPadding`` (any pattern); with ``causal=True``
-                                                the rows are unpadded into a causal ``BlockDiagonal``
-                                                where exact, else ``DenseMask`` (see ``last_plan``)
+                                                the rows are packed into causal ``BlockDiagonal``
+                                                blocks (see ``last_plan``)
 ``attn_mask`` 4-D (bool or additive)            recovered structure, else ``DenseMask``
 ``joint_query/key/value`` + ``joint_strategy``  concatenated in front of (``"front"``) or behind
                                                 (``"rear"``) q/k/v; ``joint_attn_mask`` joins
@@ -123,7 +123,10 @@ def plan_for(q: torch.Tensor, k: torch.Tensor, meta, causal: bool) -> MaskPlan:
     if attn_mask.dim() == 4:
         mask = attn_mask
         if causal:
-            keep = _as_valid(mask, "attn_mask") if not mask.dtype.is_floating_point else mask > torch.finfo(mask.dtype).min / 2
+            if mask.dtype.is_floating_point:
+                keep = mask > torch.finfo(mask.dtype).min / 2
+            else:
+                keep = _as_valid(mask, "attn_mask")
             if mask.dtype.is_floating_point and not bool(((mask == 0) | ~keep).all()):
                 raise NotImplementedError("an additive-bias attn_mask together with causal=True is not supported; "
                                           "fold the causal mask into the bias")
