@@ -189,6 +189,21 @@ def test_qwen2_5_vl_fractional_video_interval_is_scaled_before_the_integer_cast(
     assert pos[1, 0, 2:6].tolist() == [2, 2, 2, 2]
 
 
+def test_qwen2_5_vl_time_is_t_times_seconds_then_times_tokens_per_second_in_float32():
+    # float32 (t * 0.7) * 25 = 104.99999 -> 104 (the original order, also Qwen3-Omni's reference);
+    # transformers 5.x computes t * (25 * 0.7) = 105.0 -> 105. Only such rounding edges differ.
+    ids = torch.tensor([[VID] * 7])
+    pos, _ = mrope_position_ids(ids, cfg("qwen2_5_vl", tps=25.0), video_grid_thw=torch.tensor([[7, 2, 2]]),
+                                second_per_grid_ts=[0.7])
+    assert pos[0, 0, 6].item() == 104
+    me, M, _ = hf_vl("qwen2_5_vl")
+    me.config.vision_config.tokens_per_second = 25
+    ref, _ = M.get_rope_index(me, ids, torch.full_like(ids, 2, dtype=torch.int32), video_grid_thw=torch.tensor([[7, 2, 2]]),
+                              second_per_grid_ts=torch.tensor([0.7]))
+    assert ref[0, 0, 6].item() == 105
+    assert torch.equal(pos[:, :, :6], ref[:, :, :6])
+
+
 @pytest.mark.parametrize("variant", ["qwen2_vl", "qwen2_5_vl"])
 def test_text_after_a_long_video_starts_after_its_largest_temporal_position_unlike_transformers5(variant):
     # A 6-frame 2x2 video: temporal offsets reach 5 (qwen2_vl) or 5 * 2 * 1.0 = 10 (qwen2_5_vl, tps=2);
@@ -360,3 +375,12 @@ def test_bad_arguments_name_the_argument():
         mrope_position_ids(torch.zeros(1, 5, dtype=torch.long), cfg("qwen2_vl"), attention_mask=torch.ones(1, 4))
     with pytest.raises(ValueError, match="second_per_grid_ts"):
         mrope_position_ids(torch.tensor([[VID]]), cfg("qwen2_5_vl"), video_grid_thw=[[1, 2, 2]], second_per_grid_ts=[1.0, 2.0])
+
+
+def test_padding_hole_inside_an_image_run_is_skipped():
+    ids = torch.tensor([[50, VS, IMG, IMG, 0, IMG, IMG, VE, 51]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 1, 1, 1, 1]])
+    pos, deltas = mrope_position_ids(ids, cfg("qwen2_vl"), image_grid_thw=torch.tensor([[1, 4, 4]]), attention_mask=mask)
+    alone, d0 = mrope_position_ids(ids[:, mask[0].bool()], cfg("qwen2_vl"), image_grid_thw=torch.tensor([[1, 4, 4]]))
+    assert torch.equal(pos[:, :, mask[0].bool()], alone) and pos[:, 0, 4].tolist() == [0, 0, 0]
+    assert torch.equal(deltas, d0)

@@ -270,3 +270,14 @@ def test_mrope_section_must_cover_the_rotary_frequencies():
         MRotaryEmbedding(16, 10000.0, [4, 2, 1])
     with pytest.raises(ValueError, match=r"\[3, B, S\]"):
         MRotaryEmbedding(16, 10000.0, [4, 2, 2]).cos_sin(torch.zeros(2, 5))
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_inference_and_autograd_paths_compute_the_same_values(interleaved):
+    torch.manual_seed(7)
+    x = torch.randn(2, 5, 3, 12)
+    ang = torch.randn(5, 4)
+    fast = apply_rotary_torch(x, ang.cos(), ang.sin(), interleaved=interleaved)
+    slow = apply_rotary_torch(x.clone().requires_grad_(), ang.cos(), ang.sin(), interleaved=interleaved)
+    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=1e-6)
+    assert torch.equal(fast[..., 8:], x[..., 8:])
