@@ -12,8 +12,8 @@ For a pair ``(a, b)`` rotated by frequency ``f``::
     a' = a * cos[f] - b * sin[f]
     b' = b * cos[f] + a * sin[f]
 
-Dims ``>= 2 * R`` pass through unchanged (partial rotary). The math runs in float32 and the result
-has x's dtype.
+Dims ``>= 2 * R`` pass through unchanged (partial rotary). The math runs in float32 (float64 for float64
+input) and the result has x's dtype.
 
 On CUDA tensors, :func:`apply_rotary` and :func:`apply_rotary_qk` use the Triton kernels of
 ``attnlib_kernels.rotary`` when Triton is installed; everywhere else (and as the reference the
@@ -46,8 +46,16 @@ def _rotary_kernels():
     return _kernel_module
 
 
-def _kernel_for(x: torch.Tensor):
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _kernel_for(x: torch.Tensor, cos: torch.Tensor, *others: torch.Tensor):
+    """The kernel module when it can take this call: CUDA, a kernel dtype, a float32 or x-dtype table."""
     if not x.is_cuda or os.environ.get("ATTNLIB_ROTARY_KERNEL", "1") == "0":
+        return None
+    if any(not t.is_cuda or t.dtype != x.dtype for t in others) or x.dtype not in _KERNEL_DTYPES:
+        return None
+    if cos.dtype not in (torch.float32, x.dtype):
         return None
     return _rotary_kernels()
 
@@ -130,7 +138,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inter
     ``attnlib_kernels.rotary`` kernel; otherwise :func:`apply_rotary_torch`.
     """
     _check_rotary_args(x, cos, sin)
-    kernels = _kernel_for(x)
+    kernels = _kernel_for(x, cos)
     if kernels is not None:
         return kernels.apply_rotary(x, cos, sin, interleaved=interleaved)
     return apply_rotary_torch(x, cos, sin, interleaved=interleaved)
@@ -147,8 +155,8 @@ def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
     _check_rotary_args(k, cos, sin, "k")
     if q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on all dims except the head count")
-    kernels = _kernel_for(q)
-    if kernels is not None and k.is_cuda:
+    kernels = _kernel_for(q, cos, k)
+    if kernels is not None:
         return kernels.apply_rotary_qk(q, k, cos, sin, interleaved=interleaved)
     return (apply_rotary_torch(q, cos, sin, interleaved=interleaved),
             apply_rotary_torch(k, cos, sin, interleaved=interleaved))
