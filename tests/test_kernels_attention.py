@@ -442,3 +442,29 @@ def test_output_keeps_q_layout_dtype_and_value_head_dim():
     assert torch.equal(attention(qt, k, v, scale=0.25), out)
     assert math.isclose(float(attention(q, k, v, scale=0.25, causal=True)[0, 0, 0, 0]), float(v[0, 0, 0, 0]),
                         rel_tol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# the triton backend's mask lowering (attnlib/backends/triton.py)
+# ---------------------------------------------------------------------------------------------
+def test_backend_lowers_each_mask_to_kernel_arguments_and_refuses_dense_masks():
+    from attnlib.backends.triton import TritonBackend, _lower
+    from attnlib.inputs import validate_call
+    from attnlib.masks import BlockDiagonal, Causal, DenseMask, KeyPadding
+
+    dev = torch.device(DEVICE)
+    assert _lower(None, dev) == {}
+    assert _lower(Causal(), dev) == {"causal": True, "top_left": False, "window": None}
+    assert _lower(Causal(align="top_left", window=3), dev) == {"causal": True, "top_left": True, "window": 3}
+    bd = _lower(BlockDiagonal([3, 5], [4, 6], causal=True), dev)
+    assert bd["cu_seqlens_q"].tolist() == [0, 3, 8] and bd["cu_seqlens_k"].tolist() == [0, 4, 10]
+    assert (bd["max_seqlen_q"], bd["max_seqlen_k"], bd["causal"], bd["check_cu_seqlens"]) == (5, 6, True, False)
+    valid = torch.ones(2, 8, dtype=torch.bool, device=DEVICE)
+    assert _lower(KeyPadding(valid), dev)["key_valid"] is valid
+    q, k, v = _qkv()
+    dense = DenseMask(torch.ones(1, 1, 8, 8, dtype=torch.bool, device=DEVICE))
+    reasons = TritonBackend().why_not(validate_call(q, k, v, dense))
+    assert any("DenseMask" in r and "dense" in r for r in reasons)
+    assert TritonBackend().why_not(validate_call(q, k, v, Causal(window=2))) == []
+    with pytest.raises(TypeError, match="DenseMask is not served"):
+        _lower(dense, dev)
