@@ -85,9 +85,11 @@ def translate(query_bhsd: torch.Tensor, key_bhsd: torch.Tensor, attention_mask, 
     if attention_mask is None:
         if not causal or Sq == 1:
             return MaskPlan("none"), None
-        window = sliding_window if sliding_window is not None and sliding_window < Sq else None
         if Sq > Sk:
             raise ValueError(f"causal attention with more queries ({Sq}) than keys ({Sk}) and no mask")
+        # transformers' own masks already carry any binding window; a caller relying on the kwarg
+        # alone (flash-style, no mask) gets it here: the W newest keys, diagonal included
+        window = sliding_window if sliding_window is not None and sliding_window < Sq else None
         return MaskPlan("causal", Causal(window=window)), (Sq if Sk > Sq else None)
     if not isinstance(attention_mask, torch.Tensor):
         raise NotImplementedError(f"attention_mask of type {type(attention_mask).__name__} (e.g. flex BlockMask) is "
