@@ -182,6 +182,26 @@ def test_qwen2_sliding_window_layers_run_windowed_causal(backend, monkeypatch):
     assert Causal(window=3) in rec.masks() and Causal() in rec.masks()
 
 
+def test_padded_bidirectional_encoder_runs_key_padding(monkeypatch):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4)
+    model = transformers.BertModel(cfg).eval()
+    rec = PlanRecorder(monkeypatch)
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(12))
+    am = torch.tensor([[1] * 5 + [0] * 2, [1] * 7])
+
+    def hidden(m, impl):
+        m.set_attn_implementation(impl)
+        with torch.no_grad():
+            return m(input_ids=ids, attention_mask=am).last_hidden_state[am.bool()]
+
+    got = hidden(model, "attnlib")
+    assert_close_to_reference(got, hidden(copy.deepcopy(model).double(), "eager"), hidden(model, "eager"),
+                              torch.float32, what="encoder states")
+    assert all(isinstance(m, KeyPadding) and torch.equal(m.valid, am.bool()) for m in rec.masks())
+
+
 @pytest.fixture(scope="module")
 def qwen25_vl():
     torch.manual_seed(0)
