@@ -384,3 +384,36 @@ def test_padding_hole_inside_an_image_run_is_skipped():
     alone, d0 = mrope_position_ids(ids[:, mask[0].bool()], cfg("qwen2_vl"), image_grid_thw=torch.tensor([[1, 4, 4]]))
     assert torch.equal(pos[:, :, mask[0].bool()], alone) and pos[:, 0, 4].tolist() == [0, 0, 0]
     assert torch.equal(deltas, d0)
+
+
+def tiny_model(variant):
+    """A real (random, ~30k parameter) transformers model; nothing is downloaded."""
+    tr = pytest.importorskip("transformers")
+    text = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                vocab_size=128, bos_token_id=0, eos_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]})
+    ids = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VS)
+    if variant == "qwen2_5_vl":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel
+        vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
+                      spatial_merge_size=MERGE, tokens_per_second=2, fullatt_block_indexes=[0])
+        return Qwen2_5_VLModel(tr.Qwen2_5_VLConfig(vision_config=vision, text_config=text, **ids))
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=16,
+                  spatial_merge_size=MERGE, deepstack_visual_indexes=[])
+    return Qwen3VLModel(tr.Qwen3VLConfig(vision_config=vision, text_config=dict(text, head_dim=8), **ids))
+
+
+@pytest.mark.parametrize("variant", ["qwen2_5_vl", "qwen3_vl"])
+def test_a_real_tiny_model_get_rope_index_agrees(variant):
+    model = tiny_model(variant)
+    rng = random.Random(21)
+    rows = [build_row(rng, 2, 1, max_t=1, qwen3_frames=variant == "qwen3_vl") for _ in range(2)]
+    ids, mask = batch([r[0] for r in rows], "left")
+    ig, vg, spg = grids_of(rows, 1), grids_of(rows, 2), spgs(rows)
+    tt = (ids == IMG).int() + 2 * (ids == VID).int()
+    kw = {"second_per_grid_ts": torch.tensor(spg)} if variant == "qwen2_5_vl" else {}
+    ref, ref_deltas = model.get_rope_index(ids, tt, image_grid_thw=ig, video_grid_thw=vg, attention_mask=mask, **kw)
+    ours, deltas = mrope_position_ids(ids, MRopeConfig.from_hf_config(model.config), image_grid_thw=ig,
+                                      video_grid_thw=vg, second_per_grid_ts=spg, attention_mask=mask)
+    assert torch.equal(ours, ref) and torch.equal(deltas, ref_deltas)

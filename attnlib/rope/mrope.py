@@ -166,7 +166,7 @@ def mrope_position_ids(input_ids: torch.Tensor, config: MRopeConfig, *, image_gr
         image_grid_thw, video_grid_thw: ``[N, 3]`` patch grids (before merging), in the order the
             placeholders appear across the batch (row-major).
         second_per_grid_ts: ``[num_videos]`` seconds per temporal grid step (Qwen2.5-VL /
-            Qwen3-Omni videos; default 1.0).
+            Qwen3-Omni videos; default 1.0; ignored by ``qwen2_vl`` and ``qwen3_vl``).
         attention_mask: ``[B, S]``, nonzero = real token. Padding (anywhere: left, right, holes) is
             skipped: positions count real tokens only and padded slots get position 0.
 
@@ -213,7 +213,7 @@ def _positions_flat(ids, valid, seqlens, config, image_grid_thw, video_grid_thw,
     image_grid = _check_grid(image_grid_thw, "image_grid_thw")
     video_grid = _check_grid(video_grid_thw, "video_grid_thw")
     n_videos = len(video_grid)
-    if second_per_grid_ts is None:
+    if second_per_grid_ts is None or variant in ("qwen2_vl", "qwen3_vl"):  # unused by these two
         spg = torch.ones(n_videos, dtype=torch.float32, device=device)
     else:
         spg = torch.as_tensor(second_per_grid_ts, device=device).to(torch.float32).reshape(-1)
