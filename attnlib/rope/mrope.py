@@ -257,7 +257,7 @@ def _positions_flat(ids, valid, seqlens, config, image_grid_thw, video_grid_thw,
         split = [seq_of[b] != seq_of[n_blocks + b] or last[b] - first[b] + 1 != sizes[b] for b in range(n_blocks)]
         if valid is not None and any(split):  # padding holes inside a block are fine: count real tokens
             real_before = torch.cumsum(valid.long(), 0)
-            span = (real_before[torch.tensor(last)] - real_before[torch.tensor(first)] + 1).tolist()
+            span = (real_before[torch.tensor(last, device=device)] - real_before[torch.tensor(first, device=device)] + 1).tolist()
             split = [sp and (seq_of[b] != seq_of[n_blocks + b] or span[b] != sizes[b]) for b, sp in enumerate(split)]
         t_last = torch.tensor([t - 1 for t, _, _ in llm], device=device)
         last_t = _time_offsets(variant, kind, t_last, spg if kind == "video" else None, tps).tolist()
