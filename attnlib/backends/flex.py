@@ -62,6 +62,10 @@ _FAR = 2 ** 30
 #: bounded caches: lowered masks (block masks + lookup tensors) and compiled entry functions
 PLAN_CACHE_SIZE = 64
 COMPILED_CACHE_SIZE = 32
+#: BlockMask tile (queries x keys) per device type. 64 on CPU: ragged varlen blocks waste less work in
+#: partially visible tiles (bench/results/flex_cpu.md: 64 beat 128 by 15-20 % on varlen, equal on dense);
+#: CUDA keeps flex's default (128), which its Triton kernels are tuned for.
+BLOCK_SIZE = {"cpu": 64}
 #: CPU LSE pass: score elements per chunk (float32), bounding its temporary memory to ~32 MiB
 _LSE_CHUNK_ELEMS = 1 << 23
 
@@ -340,7 +344,9 @@ def _create_block_mask(mask_mod, b, h, sq: int, sk: int, device):
     fa, _ = _flex_module()
     with _LOCK:
         _STATS["block_masks"] += 1
-    return fa.create_block_mask(mask_mod, b, h, sq, sk, device=device)
+    size = BLOCK_SIZE.get(torch.device(device).type)
+    extra = {} if size is None else {"BLOCK_SIZE": size}
+    return fa.create_block_mask(mask_mod, b, h, sq, sk, device=device, **extra)
 
 
 def _build_plan(mask, batch: int, hq: int, sq: int, sk: int, device: torch.device) -> _Plan:
