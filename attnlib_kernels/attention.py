@@ -207,6 +207,10 @@ def _check_inputs(q, k, v, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
         if not 1 <= n <= MAX_HEAD_DIM:
             raise ValueError(f"{name} {n} is not supported by the triton kernels (1..{MAX_HEAD_DIM})")
 
+    n_rows = (cu_seqlens_q.numel() - 1) if packed and isinstance(cu_seqlens_q, torch.Tensor) else q.shape[0]
+    if hq > 65535 or n_rows > 65535:
+        raise ValueError(f"{'blocks' if packed else 'batch'}={n_rows}, Hq={hq}: the kernels launch one grid row per "
+                         "batch row / block and per head, at most 65535 each; split the call")
     if top_left and not causal:
         raise ValueError("top_left=True selects the causal alignment; it needs causal=True")
     if window is not None:
