@@ -468,3 +468,46 @@ def test_backend_lowers_each_mask_to_kernel_arguments_and_refuses_dense_masks():
     assert TritonBackend().why_not(validate_call(q, k, v, Causal(window=2))) == []
     with pytest.raises(TypeError, match="DenseMask is not served"):
         _lower(dense, dev)
+
+
+# ---------------------------------------------------------------------------------------------
+# property tests: tile bounds (lo/hi, interior split) for random lengths, offsets and windows
+# ---------------------------------------------------------------------------------------------
+try:
+    import hypothesis
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test extra
+    hypothesis = None
+
+if hypothesis is not None:
+    @hypothesis.settings(max_examples=25, deadline=None)
+    @hypothesis.given(sq=st.integers(1, 40), sk=st.integers(1, 40), causal=st.booleans(), top_left=st.booleans(),
+                      window=st.one_of(st.none(), st.integers(1, 41)), gqa=st.sampled_from([1, 2]),
+                      seed=st.integers(0, 2 ** 16))
+    def test_any_lengths_and_window_match_the_reference(sq, sk, causal, top_left, window, gqa, seed):
+        kw = {"causal": causal, "top_left": top_left and causal, "window": window if causal else None}
+        q = rand(1, sq, 2 * gqa, 16, dtype=torch.float32, seed=seed)
+        k = rand(1, sk, 2, 16, dtype=torch.float32, seed=seed + 1)
+        v = rand(1, sk, 2, 16, dtype=torch.float32, seed=seed + 2)
+        out, lse = attention(q, k, v, scale=0.3, return_lse=True, **kw)
+        keep = visible(sq, sk, **kw)[None]
+        check_forward(out, lse, naive_dense(q, k, v, keep, 0.3, torch.float64),
+                      naive_dense(q, k, v, keep, 0.3, torch.float32), torch.float32)
+
+
+    @hypothesis.settings(max_examples=8, deadline=None)
+    @hypothesis.given(lens=st.lists(st.tuples(st.integers(0, 24), st.integers(0, 24)), min_size=1, max_size=3),
+                      window=st.one_of(st.none(), st.integers(1, 20)), seed=st.integers(0, 2 ** 16))
+    def test_any_packed_lengths_give_reference_gradients(lens, window, seed):
+        q_lens, k_lens = [a for a, _ in lens], [b for _, b in lens]
+        hypothesis.assume(sum(q_lens) > 0 and sum(k_lens) > 0)
+        q = rand(sum(q_lens), 2, 16, dtype=torch.float32, seed=seed)
+        k = rand(sum(k_lens), 1, 16, dtype=torch.float32, seed=seed + 1)
+        v = rand(sum(k_lens), 1, 16, dtype=torch.float32, seed=seed + 2)
+        cu_q = torch.tensor([0] + [sum(q_lens[:i + 1]) for i in range(len(lens))], dtype=torch.int32, device=DEVICE)
+        cu_k = torch.tensor([0] + [sum(k_lens[:i + 1]) for i in range(len(lens))], dtype=torch.int32, device=DEVICE)
+        kw = {"causal": True, "window": window}
+        check_grads(lambda q, k, v: attention(q, k, v, scale=0.25, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                              max_seqlen_q=max(q_lens), max_seqlen_k=max(k_lens),
+                                              return_lse=True, **kw),
+                    lambda q, k, v, dt: naive_packed(q, k, v, q_lens, k_lens, 0.25, dt, **kw), q, k, v, torch.float32)
