@@ -24,6 +24,8 @@ except ImportError as e:  # pragma: no cover - exercised only without diffusers
     raise ImportError("attnlib.integrations.diffusers needs the `diffusers` package (pip install 'diffusers>=0.35'); "
                       "attnlib itself works without it") from e
 
+import weakref
+
 import torch
 
 from ..api import attention
@@ -48,6 +50,16 @@ def _rope_cos_sin(freqs) -> tuple[torch.Tensor, torch.Tensor]:
         return cos.float(), sin.float()
     raise TypeError("image_rotary_emb entries must be complex [S, D/2] tables (QwenEmbedRope) or (cos, sin) pairs, "
                     f"got {type(freqs).__name__}")
+
+
+_qwen_tables = PlanCache()
+
+
+def _cached_cos_sin(freqs):
+    """:func:`_rope_cos_sin`, once per table tensor (the model hands every block the same tables)."""
+    if isinstance(freqs, torch.Tensor):
+        return _qwen_tables.get(freqs, lambda: _rope_cos_sin(freqs))
+    return _rope_cos_sin(freqs)
 
 
 def _rotate(x: torch.Tensor, table) -> torch.Tensor:
@@ -92,7 +104,7 @@ class QwenImageAttnProcessor:
             txt_k = attn.norm_added_k(txt_k)
 
         if image_rotary_emb is not None:
-            img_table, txt_table = (_rope_cos_sin(f) for f in image_rotary_emb)
+            img_table, txt_table = (_cached_cos_sin(f) for f in image_rotary_emb)
             img_q, img_k = _rotate(img_q, img_table), _rotate(img_k, img_table)
             txt_q, txt_k = _rotate(txt_q, txt_table), _rotate(txt_k, txt_table)
 
@@ -173,9 +185,12 @@ def _flux_table(image_rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
         if not (torch.equal(c, cos[:, 1::2]) and torch.equal(s_, sin[:, 1::2])):
             raise NotImplementedError("this (cos, sin) table does not repeat each frequency for its adjacent pair "
                                       "(diffusers' use_real_unbind_dim=-1 layout); FluxAttnProcessor cannot apply it")
-        return c.float().contiguous(), s_.float().contiguous()
+        return weakref.ref(sin), c.float().contiguous(), s_.float().contiguous()
 
-    return _tables.get(cos, build) if sin is not None else build()
+    sin_ref, c, s_ = _tables.get(cos, build)  # the model passes one table pair to every block
+    if sin_ref() is not sin:
+        _, c, s_ = build()
+    return c, s_
 
 
 def _key_mask(attention_mask: torch.Tensor | None, k: torch.Tensor):
