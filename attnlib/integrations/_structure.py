@@ -24,6 +24,7 @@ mask object to every layer, so callers cache the :class:`MaskPlan` per mask tens
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -271,16 +272,19 @@ class PlanCache:
     def __init__(self, size: int = 4):
         self._size = size
         self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, mask: torch.Tensor, build):
         key = (id(mask), mask._version, mask.data_ptr(), tuple(mask.shape), tuple(mask.stride()), mask.dtype,
                str(mask.device))
-        entry = self._entries.get(key)
-        if entry is not None and entry[0]() is mask:
-            self._entries.move_to_end(key)
-            return entry[1]
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and entry[0]() is mask:
+                self._entries.move_to_end(key)
+                return entry[1]
         plan = build()
-        self._entries[key] = (weakref.ref(mask), plan)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key] = (weakref.ref(mask), plan)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
         return plan
