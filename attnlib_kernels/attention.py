@@ -287,11 +287,8 @@ class _Meta:
 
 
 def _pow2(n: int) -> int:
-    return max(16, triton_next_pow2(n))
-
-
-def triton_next_pow2(n: int) -> int:
-    return 1 << (max(1, n) - 1).bit_length()
+    """Head-dim tile: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, 1 << (max(1, n) - 1).bit_length())
 
 
 def _strides3(t, packed):
