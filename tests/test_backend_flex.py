@@ -78,6 +78,15 @@ def test_a_new_varlen_layout_of_the_same_size_reuses_the_compiled_kernel():
 
 
 @needs_flex
+def test_an_explicit_scale_reaches_the_kernel_and_the_lse():
+    q, k, v = _qkv(2, 33, 4, 32)
+    out, lse = attnlib.attention(q, k, v, Causal(), backend="flex", scale=0.3, return_lse=True)
+    (ref_out, ref_lse), (naive_out, naive_lse) = reference_and_naive(q, k, v, Causal(), 0.3, packed=False)
+    assert_close_to_reference(out, ref_out, naive_out, torch.float32, "out")
+    assert_close_to_reference(lse, ref_lse, naive_lse, torch.float32, "lse")
+
+
+@needs_flex
 def test_key_padding_plan_follows_the_tensor_not_the_wrapper_and_sees_in_place_edits():
     q, k, v = _qkv(2, 33, 4, 32)
     valid = torch.ones(2, 33, dtype=torch.bool)
@@ -105,7 +114,7 @@ def test_a_cached_plan_is_never_returned_for_a_different_tensor_under_the_same_k
     second[:, :25] = False                                              # a very different pattern
     out, lse = attnlib.attention(q, k, v, KeyPadding(second), backend="flex", return_lse=True)
     _check_vs_reference(q, k, v, KeyPadding(second), out, lse)
-    FlexBackend.clear_cache()
+    FlexBackend.clear_cache(compiled=False)
 
 
 @needs_flex
@@ -120,11 +129,11 @@ def test_dense_bool_mask_in_place_edit_is_seen():
 
 def test_plan_cache_is_bounded(monkeypatch):
     monkeypatch.setattr(flexmod, "PLAN_CACHE_SIZE", 3)
-    FlexBackend.clear_cache()
+    FlexBackend.clear_cache(compiled=False)
     for n in range(6):   # block masks are built eagerly (no compile): cheap
         flexmod._plan(BlockDiagonal([n + 1, 5]), 1, 4, n + 6, n + 6, torch.device("cpu"))
     assert FlexBackend.cache_info()["plans"] == 3
-    FlexBackend.clear_cache()
+    FlexBackend.clear_cache(compiled=False)
 
 
 # ---------------------------------------------------------------------------------------------

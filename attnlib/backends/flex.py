@@ -22,7 +22,8 @@ family                 lowering
                        ``bias > -inf`` makes the block mask skip hidden blocks and rows
 =====================  ==============================================================================
 
-Compiled functions are cached per (device type, family, dtype, head dims, GQA, LSE): each key gets its
+Compiled functions are cached per (device type, family, dtype, head dims, GQA, LSE, scale; flex bakes
+the scale into the kernel, and the default ``D ** -0.5`` adds no key of its own): each key gets its
 own copy of the entry function's code object, so dynamo keeps a separate cache per key and shape-only
 changes recompile (automatic dynamic shapes) under that key's own recompile limit instead of exhausting
 a shared one. ``cache_info()`` counts block masks built, compiled functions created and graphs compiled.
@@ -192,11 +193,13 @@ class FlexBackend(Backend):
         return info
 
     @staticmethod
-    def clear_cache() -> None:
-        """Drop cached block masks and compiled functions (counters keep counting)."""
+    def clear_cache(*, plans: bool = True, compiled: bool = True) -> None:
+        """Drop cached block masks and/or compiled functions (counters keep counting)."""
         with _LOCK:
-            _PLANS.clear()
-            _COMPILED.clear()
+            if plans:
+                _PLANS.clear()
+            if compiled:
+                _COMPILED.clear()
 
 
 _LOCK = threading.RLock()
@@ -460,7 +463,9 @@ def _forward(call: AttentionCall):
         plan = _plan(call.mask, b, hq, sq, sk, dev)
         lse_in_kernel = call.return_lse and dev.type != "cpu"
         d_pad, dv_pad = _padded_head_dim(call.head_dim, dev), _padded_head_dim(dv, dev)
-        key = (dev.type, plan.family, call.dtype, d_pad, dv_pad, call.heads_q != call.heads_kv, lse_in_kernel)
+        # flex bakes the scale into the kernel: a new scale value compiles once, under its own key
+        key = (dev.type, plan.family, call.dtype, d_pad, dv_pad, call.heads_q != call.heads_kv, lse_in_kernel,
+               call.scale)
         fn = _compiled(key, lse_in_kernel)
         qk_pad = d_pad != call.head_dim
         res = fn(_pad_last(qh, d_pad) if qk_pad else qh, _pad_last(kh, d_pad) if qk_pad else kh,
