@@ -22,11 +22,12 @@ family                 lowering
                        ``bias > -inf`` makes the block mask skip hidden blocks and rows
 =====================  ==============================================================================
 
-Compiled functions are cached per (device type, family, dtype, head dims, GQA, LSE, scale; flex bakes
+Compiled functions are cached per (device type, family, dtype, head dims, head counts, LSE, scale; flex bakes
 the scale into the kernel, and the default ``D ** -0.5`` adds no key of its own): each key gets its
 own copy of the entry function's code object, so dynamo keeps a separate cache per key and shape-only
 changes recompile (automatic dynamic shapes) under that key's own recompile limit instead of exhausting
-a shared one. ``cache_info()`` counts block masks built, compiled functions created and graphs compiled.
+a shared one; a key that still exceeds it starts over with a fresh code object. ``cache_info()`` counts
+block masks built, compiled functions created and graphs compiled.
 
 Tensors: BSHD in, flex takes BHSD (transposed views, no copy); packed THD is batch 1.
 
@@ -430,6 +431,10 @@ def _compiled(key: tuple, with_lse: bool) -> Callable:
     return fn
 
 
+#: dynamo's error when a ``fullgraph=True`` function exceeds its recompile limit (name across versions)
+_RECOMPILE_LIMIT_ERRORS = ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+
+
 def _padded_head_dim(d: int, device: torch.device) -> int:
     """The head dim the kernel gets: CPU any; CUDA at least 16, a power of 2 before torch 2.6."""
     if device.type != "cuda":
@@ -464,12 +469,21 @@ def _forward(call: AttentionCall):
         lse_in_kernel = call.return_lse and dev.type != "cpu"
         d_pad, dv_pad = _padded_head_dim(call.head_dim, dev), _padded_head_dim(dv, dev)
         # flex bakes the scale into the kernel: a new scale value compiles once, under its own key
-        key = (dev.type, plan.family, call.dtype, d_pad, dv_pad, call.heads_q != call.heads_kv, lse_in_kernel,
+        # head counts too: flex marks them static, so each count would recompile under a shared key
+        key = (dev.type, plan.family, call.dtype, d_pad, dv_pad, call.heads_q, call.heads_kv, lse_in_kernel,
                call.scale)
-        fn = _compiled(key, lse_in_kernel)
         qk_pad = d_pad != call.head_dim
-        res = fn(_pad_last(qh, d_pad) if qk_pad else qh, _pad_last(kh, d_pad) if qk_pad else kh,
-                 _pad_last(vh, dv_pad), plan.score_mod, plan.block_mask, call.scale, call.heads_q != call.heads_kv)
+        args = (_pad_last(qh, d_pad) if qk_pad else qh, _pad_last(kh, d_pad) if qk_pad else kh,
+                _pad_last(vh, dv_pad), plan.score_mod, plan.block_mask, call.scale, call.heads_q != call.heads_kv)
+        try:
+            res = _compiled(key, lse_in_kernel)(*args)
+        except Exception as e:
+            if type(e).__name__ not in _RECOMPILE_LIMIT_ERRORS:
+                raise
+            # this key saw more shapes than dynamo's recompile limit: start it a fresh code object (and cache)
+            with _LOCK:
+                _COMPILED.pop(key, None)
+            res = _compiled(key, lse_in_kernel)(*args)
         if lse_in_kernel:
             out, lse = res
             lse = lse.float()
