@@ -87,17 +87,17 @@ def test_an_explicit_scale_reaches_the_kernel_and_the_lse():
 
 
 @needs_flex
-def test_a_key_past_dynamos_recompile_limit_starts_over_instead_of_failing(monkeypatch):
+def test_a_key_past_dynamos_recompile_limit_starts_over_instead_of_failing():
     """``attnlib check`` runs many shapes per key; fullgraph=True would turn the limit into a hard error."""
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            monkeypatch.setattr(torch._dynamo.config, name, 1)
-    q, k, v = _qkv(2, 33, 4, 32)
-    attnlib.attention(q, k, v, Causal(), backend="flex", scale=0.37)      # its own key (scale): 1 entry
-    before = FlexBackend.cache_info()
-    q, k, v = _qkv(sum(VARLEN), 4, 32)
-    out, lse = attnlib.attention(q, k, v, BlockDiagonal(VARLEN), backend="flex", scale=0.37, return_lse=True)
-    assert FlexBackend.cache_info()["compiled_functions"] == before["compiled_functions"] + 1
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if "recompile_limit" in cfg._config else "cache_size_limit"
+    with cfg.patch(**{name: 1}):
+        q, k, v = _qkv(2, 33, 4, 32)
+        attnlib.attention(q, k, v, Causal(), backend="flex", scale=0.37)      # its own key (scale): 1 entry
+        before = FlexBackend.cache_info()
+        q, k, v = _qkv(sum(VARLEN), 4, 32)
+        out, lse = attnlib.attention(q, k, v, BlockDiagonal(VARLEN), backend="flex", scale=0.37, return_lse=True)
+        assert FlexBackend.cache_info()["compiled_functions"] == before["compiled_functions"] + 1
     (ref_out, ref_lse), (naive_out, naive_lse) = reference_and_naive(q, k, v, BlockDiagonal(VARLEN), 0.37,
                                                                      packed=True)
     assert_close_to_reference(out, ref_out, naive_out, torch.float32, "out")
