@@ -7,6 +7,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# one inductor compile worker: a worker pool only competes for the 2 cores of a CI machine (flex compiles)
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
 # tests pick backends explicitly; a developer's environment must not redirect them
 os.environ.pop("DIFFUSION_ATTENTION_BACKEND", None)
 os.environ.pop("ATTNLIB_FALLBACK", None)
