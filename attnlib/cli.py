@@ -87,7 +87,10 @@ def cmd_check(args) -> int:
             cells = []
             for name in names:
                 worst_ratio, worst, skip = 0.0, None, ""
-                for gqa in conformance.HEADS:
+                if not args.full and dev == "cpu" and name in conformance.SLOW_ON_CPU and dtype != torch.float32:
+                    cells.append(f"{'--full':>18s}")
+                    continue
+                for gqa in conformance.gqa_ratios(name, dtype, dev):
                     grad = args.grad and get_backend(name).capabilities.autograd and dtype != torch.float16
                     r = conformance.run_case(name, case, dtype, gqa, device=dev, grad=grad)
                     if r.skipped:
@@ -111,6 +114,11 @@ def cmd_check(args) -> int:
     print()
     print("cells: worst max|error| / tolerance over GQA 1,2,4 and {out, lse" + (", grads" if args.grad else "")
           + "}; n/a = the backend cannot serve that call (`attnlib info`, why_not)")
+    slow = sorted(set(names) & conformance.SLOW_ON_CPU) if dev == "cpu" else []
+    if slow and args.full:
+        print(f"{', '.join(slow)} on cpu: one GQA ratio per dtype (fp32: 1, bf16: 2, fp16: 4) - compiled/interpreted")
+    elif slow:
+        print(f"{', '.join(slow)} on cpu: fp32 only (each new shape compiles; --full adds bf16/fp16, as the tests do)")
     for r in skipped:
         print(f"not checked: {r['name']}: {r['reason']}")
     if not args.no_models:
@@ -150,6 +158,7 @@ def main(argv=None) -> int:
     c.add_argument("--case", action="append", help="only this case (repeatable)")
     c.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     c.add_argument("--grad", action="store_true", help="also compare gradients")
+    c.add_argument("--full", action="store_true", help="every dtype on compiled/interpreted backends too (slow on cpu)")
     c.add_argument("--no-models", action="store_true", help="skip the models section")
     c.add_argument("-v", "--verbose", action="store_true", help="print why a backend skips a case")
     args = p.parse_args(argv)

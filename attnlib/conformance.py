@@ -17,6 +17,19 @@ from .testing import Comparison, compare, reference_and_naive
 #: (Hq, Hkv) per GQA ratio checked
 HEADS = {1: (4, 4), 2: (4, 2), 4: (4, 1)}
 HEAD_DIM = 32
+#: dtypes of the matrix
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: backends that compile per shape (flex) or run interpreted (triton) on a CPU: they get the diagonal
+#: of the dtype x GQA grid (fp32/GQA1, bf16/GQA2, fp16/GQA4) there; every case still runs on them.
+SLOW_ON_CPU = frozenset({"flex", "triton"})
+
+
+def gqa_ratios(backend: str, dtype: torch.dtype, device: str = "cpu") -> list[int]:
+    """The GQA ratios checked for ``backend`` at ``dtype`` on ``device`` (one place for tests and CLI)."""
+    ratios = list(HEADS)
+    if str(device).startswith("cpu") and backend in SLOW_ON_CPU:
+        return [ratios[DTYPES.index(dtype) % len(ratios)]] if dtype in DTYPES else ratios[:1]
+    return ratios
 
 
 @dataclass(frozen=True)

@@ -7,21 +7,14 @@ import pytest
 import torch
 
 import attnlib
-from attnlib.conformance import CASES, run_case
+from attnlib.conformance import CASES, DTYPES, SLOW_ON_CPU, gqa_ratios, run_case
 from attnlib.registry import get_backend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-GQA = [1, 2, 4]
-#: backends that are slow on this device (compiles per shape / interpreted kernels) get the diagonal of
-#: the dtype x GQA grid instead of the full product; every case still runs on every backend.
-SLOW_ON_CPU = {"flex", "triton"}
 
 
 def _grid(backend):
-    if DEVICE == "cpu" and backend in SLOW_ON_CPU:
-        return list(zip(DTYPES, GQA))
-    return [(d, g) for d in DTYPES for g in GQA]
+    return [(d, g) for d in DTYPES for g in gqa_ratios(backend, d, DEVICE)]
 
 
 def _params():
