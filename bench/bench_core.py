@@ -3,35 +3,19 @@
 Targets: varlen <= 1.1x the per-sequence loop, CFG <= 1.1x separate calls, decode <= 1.1x raw SDPA,
 small-call overhead <= 5 %.
 """
-import pytest
 import torch
 import torch.nn.functional as F
 
 import attnlib
 from attnlib import BlockDiagonal, Causal
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+from harness import DEVICE, DTYPE, run
+
 H, D = 8, 64
 
 
 def rand(*shape):
     return torch.randn(*shape, device=DEVICE, dtype=DTYPE)
-
-
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def run(benchmark, group, variant, fn, baseline=False):
-    benchmark.group = group
-    benchmark.extra_info.update(variant=variant, baseline=baseline, torch=torch.__version__, device=DEVICE)
-
-    def timed():
-        fn()
-        sync()
-    benchmark.pedantic(timed, rounds=30 if DEVICE == "cpu" else 100, warmup_rounds=3, iterations=1)
 
 
 def raw_sdpa(q, k, v, **kw):

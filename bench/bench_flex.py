@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import attnlib
 from attnlib import BlockDiagonal
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+from harness import DEVICE, DTYPE, run as _run, sync
+
 H, D = 8, 64
 ROUNDS = 10 if DEVICE == "cpu" else 100
 
@@ -37,19 +37,8 @@ def rand(*shape):
     return torch.randn(*shape, generator=_GEN).to(device=DEVICE, dtype=DTYPE)
 
 
-def sync():
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
 def run(benchmark, group, variant, fn, baseline=False):
-    benchmark.group = group
-    benchmark.extra_info.update(variant=variant, baseline=baseline, torch=torch.__version__, device=DEVICE)
-
-    def timed():
-        fn()
-        sync()
-    benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=2, iterations=1)
+    _run(benchmark, group, variant, fn, baseline, rounds=ROUNDS, warmup_rounds=2)
 
 
 def packed(q_lens, kv_lens):
