@@ -580,3 +580,38 @@ def test_shape_errors_are_value_errors_and_dtype_errors_type_errors():
         rotary.apply_rotary(x.double(), *rand_angles(4, 4))
     with pytest.raises(ValueError, match="sums to 3"):
         rotary.apply_mrope_qk(x, x, torch.zeros(3, 2, 4), inv_freq_for(4), (1, 1, 1))
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["sectioned", "interleaved"])
+def test_attnlib_rope_apply_mrope_dispatches_to_the_fused_kernel(interleaved, monkeypatch):
+    """Where the kernels can run (CUDA; here forced under the interpreter), ``attnlib.rope.apply_mrope``
+    is one fused launch, equal to its own table path, gradients included."""
+    from attnlib.rope import mrope as mrope_mod
+    calls = []
+    real = rotary.apply_mrope_qk
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rotary, "apply_mrope_qk", spy)
+    monkeypatch.setattr(mrope_mod, "_kernel_for", lambda x, *others: rotary)
+    section = (3, 3, 2) if interleaved else (2, 3, 3)
+    pos = _mrope_positions(2, 5, seed=3)
+    torch.manual_seed(5)
+    q = torch.randn(2, 5, 4, 20, device=DEVICE, requires_grad=True)   # 16 rotated dims, 4 passed through
+    k = torch.randn(2, 5, 2, 20, device=DEVICE, requires_grad=True)
+    qo, ko = mrope_mod.apply_mrope(q, k, pos, section, theta=1e4, interleaved=interleaved)
+    assert len(calls) == 1 and calls[0]["interleaved_sections"] is interleaved
+    (qo.square().sum() + ko.sum()).backward()
+    gq, gk = q.grad.clone(), k.grad.clone()
+    q.grad = k.grad = None
+
+    monkeypatch.setattr(mrope_mod, "_kernel_for", lambda x, *others: None)
+    rq, rk = mrope_mod.apply_mrope(q, k, pos, section, theta=1e4, interleaved=interleaved)
+    assert len(calls) == 1
+    (rq.square().sum() + rk.sum()).backward()
+    torch.testing.assert_close(qo, rq, **TOL[torch.float32])
+    torch.testing.assert_close(ko, rk, **TOL[torch.float32])
+    torch.testing.assert_close(gq, q.grad, **TOL[torch.float32])
+    torch.testing.assert_close(gk, k.grad, **TOL[torch.float32])

@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .rotary import apply_rotary_qk, rotary_inv_freq
+from .rotary import _kernel_for, apply_rotary_qk, rotary_inv_freq
 
 __all__ = ["MRopeConfig", "mrope_position_ids", "MRotaryEmbedding", "apply_mrope", "VARIANTS"]
 
@@ -443,11 +443,20 @@ def apply_mrope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, mr
         mrope_section, interleaved, theta: as :class:`MRotaryEmbedding` (Qwen2/2.5-VL
             ``[16, 24, 24]`` sectioned; Qwen3-VL / Qwen3-Omni ``[24, 20, 20]`` interleaved).
 
-    Returns ``(q_rot, k_rot)`` in q's / k's dtype, float32 math.
+    Returns ``(q_rot, k_rot)`` in q's / k's dtype, float32 math. On CUDA with Triton installed (and
+    ``ATTNLIB_ROTARY_KERNEL`` not ``0``) this is one fused kernel launch that computes the angles from
+    the three position rows in-kernel (``attnlib_kernels.rotary.apply_mrope_qk``): no ``[B, S, R]``
+    cos/sin table is materialized. Elsewhere the table path below is used (and is the reference).
     """
     key = (tuple(int(v) for v in mrope_section), float(theta), bool(interleaved))
     rope = _MROPE_CACHE.get(key)
     if rope is None:
         rope = _MROPE_CACHE[key] = MRotaryEmbedding(2 * sum(key[0]), key[1], key[0], key[2])
+    if isinstance(position_ids, torch.Tensor) and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor):
+        inv_freq = rope._on(rope._inv_freq, q.device)
+        kernels = _kernel_for(q, inv_freq, k)
+        if kernels is not None and position_ids.device == q.device:
+            return kernels.apply_mrope_qk(q, k, position_ids, inv_freq, rope.mrope_section,
+                                          interleaved_sections=rope.interleaved)
     cos, sin = rope.cos_sin(position_ids)
     return apply_rotary_qk(q, k, cos, sin, interleaved=False)
