@@ -17,7 +17,7 @@ those documented in :mod:`attnlib_kernels._attn_fwd`.
 import triton
 import triton.language as tl
 
-from attnlib_kernels._attn_fwd import _dot, _load, _visible, _visible_t
+from attnlib_kernels._attn_fwd import _dot, _key_range, _load, _seq_offset, _sequence, _visible, _visible_t
 
 LOG2E = 1.4426950408889634
 
@@ -141,28 +141,14 @@ def _attn_bwd_dkdv_kernel(
     pid_k = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + b)
-        k_start = tl.load(CuK + b)
-        Lq = tl.load(CuQ + b + 1) - q_start
-        Lk = tl.load(CuK + b + 1) - k_start
-        q_off = q_start.to(tl.int64) * stride_qs
-        do_off = q_start.to(tl.int64) * stride_ds
-        k_off = k_start.to(tl.int64) * stride_ks
-        v_off = k_start.to(tl.int64) * stride_vs
-        gk_off = k_start.to(tl.int64) * stride_gks
-        gv_off = k_start.to(tl.int64) * stride_gvs
-        l_off = q_start.to(tl.int64)
-    else:
-        Lq = seqlen_q
-        Lk = seqlen_k
-        q_off = b.to(tl.int64) * stride_qb
-        do_off = b.to(tl.int64) * stride_db
-        k_off = b.to(tl.int64) * stride_kb
-        v_off = b.to(tl.int64) * stride_vb
-        gk_off = b.to(tl.int64) * stride_gkb
-        gv_off = b.to(tl.int64) * stride_gvb
-        l_off = b.to(tl.int64) * stride_lb
+    q_start, k_start, Lq, Lk = _sequence(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN)
+    q_off = _seq_offset(q_start, b, stride_qs, stride_qb, IS_VARLEN)
+    do_off = _seq_offset(q_start, b, stride_ds, stride_db, IS_VARLEN)
+    k_off = _seq_offset(k_start, b, stride_ks, stride_kb, IS_VARLEN)
+    v_off = _seq_offset(k_start, b, stride_vs, stride_vb, IS_VARLEN)
+    gk_off = _seq_offset(k_start, b, stride_gks, stride_gkb, IS_VARLEN)
+    gv_off = _seq_offset(k_start, b, stride_gvs, stride_gvb, IS_VARLEN)
+    l_off = _seq_offset(q_start, b, 1, stride_lb, IS_VARLEN)
     k0 = pid_k * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
@@ -293,26 +279,13 @@ def _attn_bwd_dq_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2)
     hk = h // GROUP
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + b)
-        k_start = tl.load(CuK + b)
-        Lq = tl.load(CuQ + b + 1) - q_start
-        Lk = tl.load(CuK + b + 1) - k_start
-        q_off = q_start.to(tl.int64) * stride_qs
-        do_off = q_start.to(tl.int64) * stride_ds
-        gq_off = q_start.to(tl.int64) * stride_gqs
-        k_off = k_start.to(tl.int64) * stride_ks
-        v_off = k_start.to(tl.int64) * stride_vs
-        l_off = q_start.to(tl.int64)
-    else:
-        Lq = seqlen_q
-        Lk = seqlen_k
-        q_off = b.to(tl.int64) * stride_qb
-        do_off = b.to(tl.int64) * stride_db
-        gq_off = b.to(tl.int64) * stride_gqb
-        k_off = b.to(tl.int64) * stride_kb
-        v_off = b.to(tl.int64) * stride_vb
-        l_off = b.to(tl.int64) * stride_lb
+    q_start, k_start, Lq, Lk = _sequence(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN)
+    q_off = _seq_offset(q_start, b, stride_qs, stride_qb, IS_VARLEN)
+    do_off = _seq_offset(q_start, b, stride_ds, stride_db, IS_VARLEN)
+    gq_off = _seq_offset(q_start, b, stride_gqs, stride_gqb, IS_VARLEN)
+    k_off = _seq_offset(k_start, b, stride_ks, stride_kb, IS_VARLEN)
+    v_off = _seq_offset(k_start, b, stride_vs, stride_vb, IS_VARLEN)
+    l_off = _seq_offset(q_start, b, 1, stride_lb, IS_VARLEN)
     q0 = pid_q * BLOCK_Q
     offs_q = q0 + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, BLOCK_D)
@@ -327,32 +300,9 @@ def _attn_bwd_dq_kernel(
     v_base = V + v_off + hk.to(tl.int64) * stride_vh
     kv_base = KeyValid + b.to(tl.int64) * stride_mb
 
-    # ---- key range, same rule as the forward kernel ----
-    off = 0
-    if CAUSAL:
-        if not TOP_LEFT:
-            off = Lk - Lq
-    lo = 0
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(Lk, q0 + BLOCK_Q + off)
-        if HAS_WINDOW:
-            lo = (tl.maximum(q0 + off - window + 1, 0) // BLOCK_K) * BLOCK_K
-    hi = tl.where(q0 < Lq, hi, 0)
-    if HAS_KEY_VALID:
-        a = hi
-        b_ = hi
-    else:
-        full_hi = Lk
-        if CAUSAL:
-            full_hi = tl.minimum(full_hi, q0 + off + 1)
-        full_hi = (tl.maximum(full_hi, 0) // BLOCK_K) * BLOCK_K
-        full_lo = lo
-        if HAS_WINDOW:
-            x = tl.maximum(q0 + BLOCK_Q + off - window, 0)
-            full_lo = tl.maximum(lo, ((x + BLOCK_K - 1) // BLOCK_K) * BLOCK_K)
-        a = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
-        b_ = tl.maximum(a, tl.minimum(full_hi, hi))
+    # ---- key range: the forward kernel's rule ----
+    off, lo, a, b_, hi = _key_range(q0, Lq, Lk, window, CAUSAL, TOP_LEFT, HAS_WINDOW, HAS_KEY_VALID,
+                                    BLOCK_Q, BLOCK_K)
 
     dq = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     dq = _dq_key_tiles(dq, q, do, lse, delta, k_base, v_base, kv_base, offs_q, offs_d, offs_dv,

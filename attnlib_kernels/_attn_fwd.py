@@ -82,6 +82,78 @@ def _visible(offs_q, offs_k, Lk, off, window, kv_valid,
 
 
 @triton.jit
+def _sequence(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """``(q_start, k_start, Lq, Lk)`` of batch row / packed block ``b``.
+
+    Packed (IS_VARLEN): the block's first q and k rows (int64) and lengths from ``cu_seqlens``.
+    Dense: starts 0 (unused: dense offsets come from the batch stride, see :func:`_seq_offset`).
+    """
+    if IS_VARLEN:
+        cq = tl.load(CuQ + b)
+        ck = tl.load(CuK + b)
+        Lq = tl.load(CuQ + b + 1) - cq
+        Lk = tl.load(CuK + b + 1) - ck
+        q_start = cq.to(tl.int64)
+        k_start = ck.to(tl.int64)
+    else:
+        Lq = seqlen_q
+        Lk = seqlen_k
+        q_start = b.to(tl.int64) * 0
+        k_start = b.to(tl.int64) * 0
+    return q_start, k_start, Lq, Lk
+
+
+@triton.jit
+def _seq_offset(start, b, stride_s, stride_b, IS_VARLEN: tl.constexpr):
+    """Element offset of sequence ``b``'s first row in one tensor: packed row ``start`` or batch row ``b``."""
+    if IS_VARLEN:
+        o = start * stride_s
+    else:
+        o = b.to(tl.int64) * stride_b
+    return o
+
+
+@triton.jit
+def _key_range(q0, Lq, Lk, window,
+               CAUSAL: tl.constexpr, TOP_LEFT: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               HAS_KEY_VALID: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The key tiles query tile ``[q0, q0 + BLOCK_Q)`` walks, as ``(off, lo, a, b_, hi)``.
+
+    ``off`` is the causal diagonal offset (``Lk - Lq`` bottom-right, 0 top-left or non-causal).
+    Tiles start at ``lo, lo + BLOCK_K, ... < hi`` (tiles wholly hidden by causal/window are skipped;
+    ``hi = 0`` for programs past the block's end); those in ``[a, b_)`` are fully visible to every row
+    of the query tile and need no mask arithmetic. One rule for the forward and the dQ kernels, so
+    both visit the same tiles in the same order.
+    """
+    off = Lk * 0
+    if CAUSAL:
+        if not TOP_LEFT:
+            off = Lk - Lq
+    lo = Lk * 0
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, q0 + BLOCK_Q + off)
+        if HAS_WINDOW:
+            lo = (tl.maximum(q0 + off - window + 1, 0) // BLOCK_K) * BLOCK_K
+    hi = tl.where(q0 < Lq, hi, 0)  # programs past this block's end do nothing
+    if HAS_KEY_VALID:
+        a = hi
+        b_ = hi
+    else:
+        full_hi = Lk
+        if CAUSAL:
+            full_hi = tl.minimum(full_hi, q0 + off + 1)
+        full_hi = (tl.maximum(full_hi, 0) // BLOCK_K) * BLOCK_K
+        full_lo = lo
+        if HAS_WINDOW:
+            x = tl.maximum(q0 + BLOCK_Q + off - window, 0)
+            full_lo = tl.maximum(lo, ((x + BLOCK_K - 1) // BLOCK_K) * BLOCK_K)
+        a = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
+        b_ = tl.maximum(a, tl.minimum(full_hi, hi))
+    return off, lo, a, b_, hi
+
+
+@triton.jit
 def _fwd_key_tiles(
     acc, l_i, m_i, q, k_base, v_base, kv_base,
     offs_q, offs_d, offs_dv, lo, hi, Lk, off, window, qk_scale,
@@ -169,24 +241,12 @@ def _attn_fwd_kernel(
     b = tl.program_id(2)
     hk = h // GROUP
 
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + b)
-        k_start = tl.load(CuK + b)
-        Lq = tl.load(CuQ + b + 1) - q_start
-        Lk = tl.load(CuK + b + 1) - k_start
-        q_off = q_start.to(tl.int64) * stride_qs
-        k_off = k_start.to(tl.int64) * stride_ks
-        v_off = k_start.to(tl.int64) * stride_vs
-        o_off = q_start.to(tl.int64) * stride_os
-        l_off = q_start.to(tl.int64)
-    else:
-        Lq = seqlen_q
-        Lk = seqlen_k
-        q_off = b.to(tl.int64) * stride_qb
-        k_off = b.to(tl.int64) * stride_kb
-        v_off = b.to(tl.int64) * stride_vb
-        o_off = b.to(tl.int64) * stride_ob
-        l_off = b.to(tl.int64) * stride_lb
+    q_start, k_start, Lq, Lk = _sequence(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN)
+    q_off = _seq_offset(q_start, b, stride_qs, stride_qb, IS_VARLEN)
+    k_off = _seq_offset(k_start, b, stride_ks, stride_kb, IS_VARLEN)
+    v_off = _seq_offset(k_start, b, stride_vs, stride_vb, IS_VARLEN)
+    o_off = _seq_offset(q_start, b, stride_os, stride_ob, IS_VARLEN)
+    l_off = _seq_offset(q_start, b, 1, stride_lb, IS_VARLEN)
     q0 = pid_q * BLOCK_Q
 
     q_base = Q + q_off + h.to(tl.int64) * stride_qh
@@ -203,32 +263,8 @@ def _attn_fwd_kernel(
                 mask=(offs_q[:, None] < Lq) & (offs_d[None, :] < D), other=0.0)
 
     # ---- key range this query tile can see (tile-skipping; bounds are block relative) ----
-    off = 0
-    if CAUSAL:
-        if not TOP_LEFT:
-            off = Lk - Lq
-    lo = 0
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(Lk, q0 + BLOCK_Q + off)
-        if HAS_WINDOW:
-            lo = (tl.maximum(q0 + off - window + 1, 0) // BLOCK_K) * BLOCK_K
-    hi = tl.where(q0 < Lq, hi, 0)  # programs past this block's end do nothing
-    # ---- tiles in [a, b) are fully visible to every row of the tile: no mask arithmetic ----
-    if HAS_KEY_VALID:
-        a = hi
-        b_ = hi
-    else:
-        full_hi = Lk
-        if CAUSAL:
-            full_hi = tl.minimum(full_hi, q0 + off + 1)
-        full_hi = (tl.maximum(full_hi, 0) // BLOCK_K) * BLOCK_K
-        full_lo = lo
-        if HAS_WINDOW:
-            x = tl.maximum(q0 + BLOCK_Q + off - window, 0)
-            full_lo = tl.maximum(lo, ((x + BLOCK_K - 1) // BLOCK_K) * BLOCK_K)
-        a = tl.minimum(tl.maximum(full_lo, lo), tl.maximum(hi, lo))
-        b_ = tl.maximum(a, tl.minimum(full_hi, hi))
+    off, lo, a, b_, hi = _key_range(q0, Lq, Lk, window, CAUSAL, TOP_LEFT, HAS_WINDOW, HAS_KEY_VALID,
+                                    BLOCK_Q, BLOCK_K)
 
     m_i = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
