@@ -452,7 +452,7 @@ def apply_mrope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, mr
     rope = _MROPE_CACHE.get(key)
     if rope is None:
         rope = _MROPE_CACHE[key] = MRotaryEmbedding(2 * sum(key[0]), key[1], key[0], key[2])
-    if isinstance(position_ids, torch.Tensor) and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor):
+    if all(isinstance(t, torch.Tensor) for t in (q, k, position_ids)):  # else the table path names the bad argument
         inv_freq = rope._on(rope._inv_freq, q.device)
         kernels = _kernel_for(q, inv_freq, k)
         if kernels is not None and position_ids.device == q.device:
