@@ -38,6 +38,17 @@ Tensors: BSHD in, flex takes BHSD (transposed views, no copy); packed THD is bat
   key span its rows can see (the ``interval`` family makes varlen calls cost their blocks, not ``T^2``).
 - Rows with no visible key: output 0, LSE ``-inf`` (enforced after the kernel on every path).
 - Autograd: CUDA only (torch's CPU flex kernel has no backward): reported in ``why_not``.
+- CPU shape guard (torch's CPU flex kernel, every torch version that has it, up to at least 2.13): when
+  dynamo recompiles a flex call for a second shape it makes the sizes symbolic, and inductor's C++ flex
+  template then indexes the mask_mod's captured tensors with the wrong size symbol: silently wrong outputs
+  (NaN included) or "index out of bounds" errors, for some shapes, depending on which shapes were compiled
+  before in the process (reproduction: ``scripts/repro_torch_flex_cpu_dynamic.py``). On CPU every call is
+  therefore compiled for static shapes, and to bound the compile count the query and key lengths are
+  padded up to a bucket (``_bucket``: keys to 16/32/64 then multiples of 64; queries to a power of 2 up to
+  64, then multiples of 64). Padded keys are hidden by the mask (no padded key is ever visible), padded
+  query rows are sliced off; head dims below 32 are zero-padded to 32 (lengths ≡ 8 mod 16 and head dims
+  8/16 were among the reported wrong results): the result is exactly the unpadded call's. ``ATTNLIB_FLEX_CPU_GUARD=0``
+  turns the guard off (to check whether a torch build still needs it).
 - Head dims: CPU takes any. On CUDA dims below 16 (and non-powers of 2 before torch 2.6) are zero-padded
   (zero columns change no score; padded value columns are sliced off).
 """
@@ -68,6 +79,15 @@ COMPILED_CACHE_SIZE = 32
 #: partially visible tiles (bench/results/flex_cpu.md: 64 beat 128 by 15-20 % on varlen, equal on dense);
 #: CUDA keeps flex's default (128), which its Triton kernels are tuned for.
 BLOCK_SIZE = {"cpu": 64}
+#: the CPU shape guard (module docstring); ``ATTNLIB_FLEX_CPU_GUARD=0`` disables it
+ENV_CPU_GUARD = "ATTNLIB_FLEX_CPU_GUARD"
+#: the padded shapes' granularity above 64 (one BlockMask tile on CPU) and the smallest key bucket
+_BUCKET_STEP = 64
+_MIN_KEY_BUCKET = 16
+#: what padded query rows and keys hold (hidden keys contribute nothing whatever they hold: a test sets it)
+_PAD_VALUE = 0.0
+#: head dims 8 and 16 were among the wrong CPU results reported: under the guard the kernel gets >= 32
+_MIN_CPU_HEAD_DIM = 32
 #: CPU LSE pass: score elements per chunk (float32), bounding its temporary memory to ~32 MiB
 _LSE_CHUNK_ELEMS = 1 << 23
 
@@ -137,6 +157,20 @@ def _cuda_reason() -> str | None:
     except Exception as e:
         return f"device=cuda needs triton for torch.compile's flex kernels: {e}"
     return None
+
+
+def cpu_guard_enabled() -> bool:
+    """True unless ``ATTNLIB_FLEX_CPU_GUARD`` is ``0``/``false``/``off`` (read per call: tests flip it)."""
+    import os
+    return os.environ.get(ENV_CPU_GUARD, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _bucket(n: int, *, minimum: int = 1) -> int:
+    """The padded length for ``n``: a power of 2 (at least ``minimum``) up to 64, then a multiple of 64."""
+    n = max(n, minimum)
+    if n <= _BUCKET_STEP:
+        return 1 << (n - 1).bit_length()
+    return -(-n // _BUCKET_STEP) * _BUCKET_STEP
 
 
 def _lse_kwargs() -> dict:
@@ -310,20 +344,21 @@ def _intervals(mask, sq: int, sk: int) -> tuple[torch.Tensor, torch.Tensor]:
     return lo, hi
 
 
-def _mask_key(mask, batch: int, hq: int, sq: int, sk: int, device: torch.device):
-    """Cache key of a mask at a shape. Tensor-holding masks key on the tensor's id and version counter
-    (the plan keeps the tensor alive, so the id cannot be reused while the plan is cached, and an
-    in-place edit bumps the version); the plan's ``anchor`` is identity-checked on every hit too."""
+def _mask_key(mask, batch: int, hq: int, sq: int, sk: int, device: torch.device, padded: tuple[int, int]):
+    """Cache key of a mask at a shape (and the padded shape the kernel sees). Tensor-holding masks key on
+    the tensor's id and version counter (the plan keeps the tensor alive, so the id cannot be reused while
+    the plan is cached, and an in-place edit bumps the version); the plan's ``anchor`` is identity-checked
+    on every hit too."""
     dev = (device.type, device.index)
     if mask is None or isinstance(mask, (Causal, BlockDiagonal)):
-        return ("interval", mask, sq, sk, dev)
+        return ("interval", mask, sq, sk, padded, dev)
     t = mask.valid if isinstance(mask, KeyPadding) else mask.mask
     try:
         version = t._version
     except RuntimeError:   # inference tensors have no version counter: identity only
         version = None
     kind = "key_padding" if isinstance(mask, KeyPadding) else "dense"
-    return (kind, id(t), version, tuple(t.shape), t.dtype, batch, hq, sq, sk, dev)
+    return (kind, id(t), version, tuple(t.shape), t.dtype, batch, hq, sq, sk, padded, dev)
 
 
 def _anchor(mask):
@@ -334,12 +369,16 @@ def _anchor(mask):
     return None
 
 
-def _plan(mask, batch: int, hq: int, sq: int, sk: int, device: torch.device) -> _Plan:
-    key = _mask_key(mask, batch, hq, sq, sk, device)
+def _plan(mask, batch: int, hq: int, sq: int, sk: int, device: torch.device,
+          padded: tuple[int, int] | None = None) -> _Plan:
+    """The lowered mask for an ``Sq x Sk`` call whose kernel sees ``padded = (Sq', Sk')`` (>=) lengths:
+    padded query rows and keys are hidden; ``empty`` covers the real ``Sq`` rows only."""
+    padded = (sq, sk) if padded is None else padded
+    key = _mask_key(mask, batch, hq, sq, sk, device, padded)
     plan = _lru_get(_PLANS, key)
     if plan is not None and plan.anchor is _anchor(mask):
         return plan
-    plan = _build_plan(mask, batch, hq, sq, sk, device)
+    plan = _build_plan(mask, batch, hq, sq, sk, device, *padded)
     _lru_put(_PLANS, key, plan, PLAN_CACHE_SIZE)
     return plan
 
@@ -353,32 +392,50 @@ def _create_block_mask(mask_mod, b, h, sq: int, sk: int, device):
     return fa.create_block_mask(mask_mod, b, h, sq, sk, device=device, **extra)
 
 
-def _build_plan(mask, batch: int, hq: int, sq: int, sk: int, device: torch.device) -> _Plan:
+def _pad_dim(x: torch.Tensor, dim: int, to: int, value) -> torch.Tensor:
+    """``x`` extended along ``dim`` to length ``to`` with ``value``."""
+    extra = to - x.shape[dim]
+    if extra == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat([x, x.new_full(shape, value)], dim=dim)
+
+
+def _build_plan(mask, batch: int, hq: int, sq: int, sk: int, device: torch.device, psq: int | None = None,
+                psk: int | None = None) -> _Plan:
+    psq, psk = (sq if psq is None else psq), (sk if psk is None else psk)
     if mask is None or isinstance(mask, (Causal, BlockDiagonal)):
-        lo, hi = _intervals(mask, sq, sk)
+        lo, hi = _intervals(mask, sq, sk)          # hi <= sk - 1: padded keys are never visible
         empty_rows = lo > hi
         empty = empty_rows.to(device) if bool(empty_rows.any()) else None   # CPU tensors: no device sync
-        mod = _interval_mod(lo.to(device=device, dtype=torch.int32), hi.to(device=device, dtype=torch.int32))
-        bm = _create_block_mask(mod, None, None, sq, sk, device)
+        lo_k, hi_k = _pad_dim(lo, 0, psq, _FAR), _pad_dim(hi, 0, psq, -1)   # padded query rows see nothing
+        mod = _interval_mod(lo_k.to(device=device, dtype=torch.int32), hi_k.to(device=device, dtype=torch.int32))
+        bm = _create_block_mask(mod, None, None, psq, psk, device)
         return _Plan("interval", bm, mod, None, empty, (lo, hi))
     if isinstance(mask, KeyPadding):
         valid = mask.valid
-        mod = _key_padding_mod(valid)
-        bm = _create_block_mask(mod, batch, None, sq, sk, device)
+        mod = _key_padding_mod(_pad_dim(valid, 1, psk, False))
+        bm = _create_block_mask(mod, batch, None, psq, psk, device)
         return _Plan("key_padding", bm, mod, None, (~valid.any(dim=-1))[:, None, None], anchor=valid)
     if isinstance(mask, DenseMask):
         m = mask.mask
         m4 = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
         mb, mh = m4.shape[0], m4.shape[1]
-        full = m4.expand(batch, hq, sq, sk)
+        hidden = False if mask.is_bool else _NEG_INF
+        if (psq, psk) != (sq, sk):
+            m4p = _pad_dim(_pad_dim(m4.expand(mb, mh, sq, sk), 2, psq, hidden), 3, psk, hidden)
+        else:
+            m4p = m4
+        full = m4p.expand(batch, hq, psq, psk)
         if mask.is_bool:
             mod = _dense_bool_mod(full)
             empty = ~m4.any(dim=-1)
-            bm = _create_block_mask(mod, mb, mh, sq, sk, device)
+            bm = _create_block_mask(mod, mb, mh, psq, psk, device)
             return _Plan("dense_bool", bm, mod, None, empty, anchor=m)
         mod = _dense_finite_mod(full)
         empty = ~(m4 > _NEG_INF).any(dim=-1)
-        bm = _create_block_mask(mod, mb, mh, sq, sk, device)
+        bm = _create_block_mask(mod, mb, mh, psq, psk, device)
         return _Plan("dense_bias", bm, mod, _dense_bias_score(full), empty, anchor=m)
     raise TypeError(f"flex cannot lower {type(mask).__name__}")
 
@@ -409,7 +466,7 @@ def _counting_inductor(gm, example_inputs):
     return compile_fx(gm, example_inputs)
 
 
-def _compiled(key: tuple, with_lse: bool) -> Callable:
+def _compiled(key: tuple, with_lse: bool, static: bool = False) -> Callable:
     global _FLEX, _LSE_KW, _LSE_AUX
     fn = _lru_get(_COMPILED, key)
     if fn is not None:
@@ -426,7 +483,8 @@ def _compiled(key: tuple, with_lse: bool) -> Callable:
     # a fresh code object per key: dynamo caches (and counts recompiles) per code object
     code = base.__code__.replace(co_name=f"{base.__name__}_{n}")
     fresh = types.FunctionType(code, base.__globals__, code.co_name)
-    fn = torch.compile(fresh, backend=_counting_inductor, fullgraph=True)
+    # static: one kernel per shape (the CPU shape guard); otherwise dynamo's automatic dynamic shapes
+    fn = torch.compile(fresh, backend=_counting_inductor, fullgraph=True, dynamic=False if static else None)
     _lru_put(_COMPILED, key, fn, COMPILED_CACHE_SIZE)
     return fn
 
@@ -435,10 +493,12 @@ def _compiled(key: tuple, with_lse: bool) -> Callable:
 _RECOMPILE_LIMIT_ERRORS = ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
 
 
-def _padded_head_dim(d: int, device: torch.device) -> int:
-    """The head dim the kernel gets: CPU any; CUDA at least 16, a power of 2 before torch 2.6."""
+def _padded_head_dim(d: int, device: torch.device, static: bool = False) -> int:
+    """The head dim the kernel gets: CPU any (at least ``_MIN_CPU_HEAD_DIM`` under the CPU shape guard);
+    CUDA at least 16, a power of 2 before torch 2.6. Zero columns change no score; padded value columns
+    are sliced off."""
     if device.type != "cuda":
-        return d
+        return max(d, _MIN_CPU_HEAD_DIM) if static else d
     if _torch_version() < (2, 6):
         return max(16, 1 << (d - 1).bit_length())
     return max(16, d)
@@ -465,25 +525,32 @@ def _forward(call: AttentionCall):
         out = qh.new_zeros(b, hq, sq, dv)
         lse = torch.full((b, hq, sq), _NEG_INF, device=dev) if call.return_lse else None
     else:
-        plan = _plan(call.mask, b, hq, sq, sk, dev)
+        # the CPU shape guard: static shapes, lengths padded to a bucket (module docstring)
+        static = dev.type == "cpu" and cpu_guard_enabled()
+        psq, psk = (_bucket(sq), _bucket(sk, minimum=_MIN_KEY_BUCKET)) if static else (sq, sk)
+        plan = _plan(call.mask, b, hq, sq, sk, dev, (psq, psk))
         lse_in_kernel = call.return_lse and dev.type != "cpu"
-        d_pad, dv_pad = _padded_head_dim(call.head_dim, dev), _padded_head_dim(dv, dev)
+        d_pad, dv_pad = _padded_head_dim(call.head_dim, dev, static), _padded_head_dim(dv, dev, static)
         # flex bakes the scale into the kernel: a new scale value compiles once, under its own key
         # head counts too: flex marks them static, so each count would recompile under a shared key
         key = (dev.type, plan.family, call.dtype, d_pad, dv_pad, call.heads_q, call.heads_kv, lse_in_kernel,
-               call.scale)
-        qk_pad = d_pad != call.head_dim
-        args = (_pad_last(qh, d_pad) if qk_pad else qh, _pad_last(kh, d_pad) if qk_pad else kh,
-                _pad_last(vh, dv_pad), plan.score_mod, plan.block_mask, call.scale, call.heads_q != call.heads_kv)
+               call.scale, static)
+        qk, kk, vk = qh, kh, vh
+        if static:   # padded, and one contiguous BHSD layout whether padded or not (strides are guarded too)
+            qk, kk, vk = (_pad_dim(t, 2, n, _PAD_VALUE).contiguous() for t, n in ((qh, psq), (kh, psk), (vh, psk)))
+        if d_pad != call.head_dim:
+            qk, kk = _pad_last(qk, d_pad), _pad_last(kk, d_pad)
+        args = (qk, kk, _pad_last(vk, dv_pad), plan.score_mod, plan.block_mask, call.scale,
+                call.heads_q != call.heads_kv)
         try:
-            res = _compiled(key, lse_in_kernel)(*args)
+            res = _compiled(key, lse_in_kernel, static)(*args)
         except Exception as e:
             if type(e).__name__ not in _RECOMPILE_LIMIT_ERRORS:
                 raise
             # this key saw more shapes than dynamo's recompile limit: start it a fresh code object (and cache)
             with _LOCK:
                 _COMPILED.pop(key, None)
-            res = _compiled(key, lse_in_kernel)(*args)
+            res = _compiled(key, lse_in_kernel, static)(*args)
         if lse_in_kernel:
             out, lse = res
             lse = lse.float()
@@ -491,6 +558,9 @@ def _forward(call: AttentionCall):
             out, lse = res, None
         if dv_pad != dv:
             out = out[..., :dv]
+        if psq != sq:
+            out = out[:, :, :sq]
+            lse = lse[:, :, :sq] if lse is not None else None
         if call.return_lse and lse is None:
             with torch.no_grad():
                 lse = _lse_pass(qh, kh, plan, call.scale)
