@@ -1,6 +1,7 @@
 """Shared test settings: deterministic seeds, the Triton interpreter on machines without a GPU."""
 import os
 
+import pytest
 import torch
 
 # Triton kernels run on the CPU through the interpreter; it must be chosen before triton is imported.
@@ -23,6 +24,16 @@ except ImportError:  # pragma: no cover
     pass
 
 
+def pytest_addoption(parser):
+    parser.addoption("--fuzz-long", action="store_true", default=False,
+                     help="differential fuzzer: 20x the CI budget, random (not derandomized) examples")
+
+
+@pytest.fixture
+def fuzz_long(request) -> bool:
+    return request.config.getoption("--fuzz-long")
+
+
 def pytest_report_header(config):
     import attnlib
 
@@ -30,3 +41,15 @@ def pytest_report_header(config):
     lines = [f"torch {torch.__version__}, cuda={torch.cuda.is_available()}"]
     lines += [f"  backend {r['name']:9s} {'available' if r['available'] else 'unavailable: ' + r['reason']}" for r in rows]
     return lines
+
+
+@pytest.fixture(autouse=True)
+def _isolated_selection_state():
+    """No test sees another's fallback warnings or backend override (registry state is process-global)."""
+    from attnlib import registry
+
+    registry.reset_warnings()
+    token = registry._override.set(None)
+    yield
+    registry._override.reset(token)
+    registry.reset_warnings()
