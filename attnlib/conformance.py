@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from .masks import BlockDiagonal, Causal, DenseMask, KeyPadding
-from .testing import Comparison, compare, reference_and_naive
+from .testing import Comparison, compare, gradient_magnitudes, reference_and_naive
 
 #: (Hq, Hkv) per GQA ratio checked
 HEADS = {1: (4, 4), 2: (4, 2), 4: (4, 1)}
@@ -124,7 +124,69 @@ CASES: tuple[Case, ...] = (
     Case("key_padding_empty_row", "key_padding", _dense(3, 10, 21, _padding("empty"))),
     Case("dense_bool", "dense", _dense(2, 11, 19, _dense_bool)),
     Case("dense_additive", "dense", _dense(2, 11, 19, _dense_additive)),
+    # shapes where tiled/compiled kernels have gone wrong: small head dims, key lengths = 8 mod 16, decode
+    # against a cache; they share head dims, so they also run several shapes through one compiled kernel
+    Case("risky_d8_keys24", "none", _dense(2, 9, 24, d=8), note="D=8, Sk=24 (8 mod 16)"),
+    Case("risky_d16_causal_keys40", "causal", _dense(2, 7, 40, _const(Causal()), d=16),
+         note="D=16, Sk=40 (8 mod 16), bottom-right offset 33"),
+    Case("risky_d16_decode_keys24", "causal", _dense(3, 1, 24, _const(Causal()), d=16),
+         note="decode: 1 query vs a 24-key cache"),
+    Case("risky_d16_keys8", "none", _dense(2, 16, 8, d=16), note="D=16, Sk=8"),
+    Case("risky_d16_padding_keys24", "key_padding", _dense(3, 12, 24, _padding("holes"), d=16)),
+    Case("risky_d72_varlen", "block_diagonal", _packed([8, 24, 1], [24, 40, 8], causal=True, d=72), packed=True,
+         note="D=72 (not a power of 2), per-block lengths 8 mod 16"),
 )
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype whose tolerance the LSE gets: float32 (what every backend returns) for fp64 inputs."""
+    return torch.float32 if dtype == torch.float64 else dtype
+
+
+#: mask kinds the fuzz cases draw from (``fuzz_cases``) -> the table's mask column
+_FUZZ_KINDS = {"none": "none", "causal": "causal", "causal_window": "causal+window", "top_left": "causal",
+               "block_diagonal": "block_diagonal", "key_padding": "key_padding"}
+_FUZZ_LENGTHS = (1, 7, 8, 9, 15, 16, 17, 23, 24, 25, 31, 32, 33, 40, 47, 48, 49, 63, 64, 65)
+_FUZZ_HEAD_DIMS = (8, 16, 24, 40, 64, 72, 96, 128)
+
+
+def fuzz_cases(n: int, seed: int = 0) -> list[Case]:
+    """``n`` random cases (lengths biased to tile edges, head dims 8..128, every structured mask kind),
+    the same for a given seed: ``attnlib check``'s short fuzz pass (the test suite's fuzzer is larger)."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = tuple(_FUZZ_KINDS)[i % len(_FUZZ_KINDS)]
+        d = rng.choice(_FUZZ_HEAD_DIMS)
+        sq, sk = rng.choice(_FUZZ_LENGTHS), rng.choice(_FUZZ_LENGTHS)
+        b = rng.randint(1, 3)
+        if kind == "block_diagonal":
+            nb = rng.randint(1, 4)
+            ql = [rng.choice((0, 1, 7, 8, 9, 16, 24)) for _ in range(nb)]
+            ql[0] = max(ql[0], 1)
+            kl = [max(x, 1) + rng.choice((0, 0, 8, 15)) for x in ql]
+            build = _packed(ql, kl, causal=rng.random() < 0.5, d=d)
+            out.append(Case(f"fuzz{i}", _FUZZ_KINDS[kind], build, packed=True, note=f"D={d} q={ql} kv={kl}"))
+            continue
+        if kind == "none":
+            mask_fn = _const(None)
+        elif kind == "causal":
+            mask_fn = _const(Causal())
+        elif kind == "causal_window":
+            mask_fn = _const(Causal(window=rng.randint(1, 20)))
+        elif kind == "top_left":
+            mask_fn = _const(Causal(align="top_left"))
+        else:
+            p = rng.uniform(0.2, 0.9)
+
+            def mask_fn(b_, sq_, sk_, hq_, gen, device, p=p):
+                valid = torch.rand(b_, sk_, generator=gen) < p
+                return KeyPadding(valid.to(device))
+        out.append(Case(f"fuzz{i}", _FUZZ_KINDS[kind], _dense(b, sq, sk, mask_fn, d=d),
+                        note=f"{kind} B={b} Sq={sq} Sk={sk} D={d}"))
+    return out
 
 
 def case_names() -> list[str]:
@@ -179,7 +241,8 @@ def run_case(backend: str, case: Case, dtype: torch.dtype, gqa: int = 1, *, devi
     out, lse = attention(q, k, v, mask, backend=backend, return_lse=True)
     (ref_out, ref_lse), (naive_out, naive_lse) = reference_and_naive(q, k, v, mask, call.scale, packed=call.packed)
     result.comparisons.append(compare(out, ref_out, naive_out, dtype, "out"))
-    result.comparisons.append(compare(lse, ref_lse, naive_lse, dtype, "lse"))
+    # the LSE is float32 on every backend: an fp64 call's LSE is held to the float32 policy
+    result.comparisons.append(compare(lse, ref_lse, naive_lse, lse_dtype(dtype), "lse"))
     if grad:
         result.comparisons.extend(_grad_comparisons(out, q, k, v, mask, call.scale, call.packed, dtype, gen))
     return result
@@ -196,4 +259,5 @@ def _grad_comparisons(out, q, k, v, mask, scale, packed, dtype, gen):
     leaves_lp = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     naive_out, _ = reference_attention(*leaves_lp, mask, scale, packed=packed, compute_dtype=dtype)
     naive = torch.autograd.grad(naive_out, leaves_lp, dout)
-    return [compare(g, r, n, dtype, name) for g, r, n, name in zip(got, ref, naive, ("dq", "dk", "dv"))]
+    mags = gradient_magnitudes(q, k, v, dout, scale)
+    return [compare(g, r, n, dtype, name, mags[name]) for g, r, n, name in zip(got, ref, naive, ("dq", "dk", "dv"))]

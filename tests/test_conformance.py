@@ -1,16 +1,40 @@
 """Every available backend against the float64 ``math`` reference, per mask kind, dtype and GQA ratio.
 
 The cases live in ``attnlib.conformance`` (shared with ``attnlib check``); the tolerance policy in
-``attnlib.testing``. Unavailable backends are skipped with their reason.
+``attnlib.testing``. ``math`` itself is checked against the independent oracle (``tests/reference64.py``),
+not against itself. Only a backend that is not installed is skipped: a backend that refuses a case its
+capability table says it serves fails, except for the documented exceptions below.
 """
 import pytest
 import torch
 
 import attnlib
-from attnlib.conformance import CASES, DTYPES, SLOW_ON_CPU, gqa_ratios, run_case
+from attnlib.conformance import CASES, DTYPES, HEADS, SLOW_ON_CPU, gqa_ratios, lse_dtype, run_case
+from attnlib.inputs import validate_call
+from attnlib.masks import mask_features
 from attnlib.registry import get_backend
+from attnlib.testing import compare
+
+from reference64 import attention64
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+#: refusals a backend documents beyond its capability table: (backend, device type, what)
+DOCUMENTED_EXCEPTIONS = {
+    ("flex", "cpu", "grad"): "torch's CPU flex kernel has no backward",
+}
+
+
+def _must_serve(backend: str, case, dtype, grad: bool) -> bool:
+    """Whether ``backend`` has to serve this case here: its capability table covers it and no
+    documented exception applies."""
+    caps = get_backend(backend).capabilities
+    if dtype not in caps.dtypes or DEVICE not in caps.devices:
+        return False
+    if grad and (not caps.autograd or (backend, DEVICE, "grad") in DOCUMENTED_EXCEPTIONS):
+        return False
+    q, k, v, mask = case.build(dtype, torch.device(DEVICE), 4, 2, torch.Generator().manual_seed(0))
+    return mask_features(mask) <= caps.masks and (not case.packed or caps.packed)
 
 
 def _grid(backend):
@@ -21,6 +45,8 @@ def _params():
     out = []
     for row in attnlib.list_backends():
         name = row["name"]
+        if name == "math":      # the reference of the others: checked against the independent oracle below
+            continue
         marks = [] if row["available"] else [pytest.mark.skip(reason=f"{name}: {row['reason']}")]
         for case in CASES:
             for dtype, gqa in _grid(name):
@@ -32,7 +58,10 @@ def _params():
 def _run(backend, case, dtype, gqa, grad=False):
     result = run_case(backend, case, dtype, gqa, device=DEVICE, grad=grad)
     if result.skipped:
-        pytest.skip(f"{backend} cannot serve {case.name}: {result.skipped}")
+        if _must_serve(backend, case, dtype, grad):
+            pytest.fail(f"{backend} refused {case.name} ({dtype}, grad={grad}), which its capabilities promise: "
+                        f"{result.skipped}")
+        pytest.skip(f"{backend} cannot serve {case.name} (capability table): {result.skipped}")
     bad = [c for c in result.comparisons if not c.passed]
     assert not bad, "; ".join(f"{c.what}: error {c.error:.3g} > tol {c.tol:.3g} (naive {c.naive:.3g})" for c in bad)
     return result
@@ -47,6 +76,8 @@ def _grad_params():
     out = []
     for row in attnlib.list_backends():
         name = row["name"]
+        if name == "math":
+            continue
         ok = row["available"] and get_backend(name).capabilities.autograd
         marks = [] if ok else [pytest.mark.skip(reason=f"{name}: {row['reason'] or 'no autograd'}")]
         grid = [(torch.float32, 2), (torch.bfloat16, 1)]
@@ -62,3 +93,29 @@ def _grad_params():
 @pytest.mark.parametrize("backend,case,dtype,gqa", _grad_params())
 def test_gradients_match_float64_reference(backend, case, dtype, gqa):
     _run(backend, case, dtype, gqa, grad=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + (torch.float64,), ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_math_matches_the_independent_oracle(case, dtype):
+    """``math`` is every other backend's reference: it answers to ``tests/reference64.py``, forward,
+    LSE and gradients, in every dtype it takes."""
+    hq, hkv = HEADS[2]
+    q, k, v, mask = case.build(dtype, torch.device(DEVICE), hq, hkv, torch.Generator().manual_seed(0))
+    grad = dtype != torch.float16
+    leaves = [t.detach().requires_grad_(grad) for t in (q, k, v)]
+    call = validate_call(*leaves, mask, None, True)
+    out, lse = attnlib.attention(*leaves, mask, backend="math", return_lse=True)
+    ref_in = [t.detach().double().requires_grad_(grad) for t in leaves]
+    naive_in = [t.detach().cpu().clone().requires_grad_(grad) for t in leaves]
+    ref, ref_lse = attention64(*ref_in, mask, call.scale, packed=call.packed)
+    naive, naive_lse = attention64(*naive_in, mask, call.scale, packed=call.packed, dtype=dtype)
+    checks = [compare(out.cpu(), ref, naive, dtype), compare(lse.cpu(), ref_lse, naive_lse.float(), lse_dtype(dtype), "lse")]
+    if grad:
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+        got = torch.autograd.grad(out, leaves, dout.to(out.device))
+        want = torch.autograd.grad(ref, ref_in, dout.double())
+        naive_g = torch.autograd.grad(naive, naive_in, dout)
+        checks += [compare(g.cpu(), w, n, dtype, name) for g, w, n, name in zip(got, want, naive_g, ("dq", "dk", "dv"))]
+    bad = [c for c in checks if not c.passed]
+    assert not bad, "; ".join(f"{c.what}: error {c.error:.3g} > tol {c.tol:.3g} (naive {c.naive:.3g})" for c in bad)
