@@ -9,6 +9,7 @@ import time
 import torch
 
 from . import conformance
+from .backends.base import dtype_name
 from .registry import AUTO_ORDER, get_backend, list_backends
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -68,64 +69,150 @@ def _fmt(x: float) -> str:
     return f"{x:.1e}" if x else "0"
 
 
-def cmd_check(args) -> int:
+class UsageError(Exception):
+    """A bad ``attnlib check`` argument: printed as one line, exit status 2."""
+
+
+def _check_plan(args):
+    """Validate the arguments: ``(device, names, unavailable, dtypes, cases)`` or ``UsageError``."""
+    from .registry import _canonical
+
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    names = args.backend or [r["name"] for r in list_backends() if r["available"]]
-    skipped = [r for r in list_backends() if not r["available"] and r["name"] not in names]
+    if dev not in ("cpu", "cuda"):
+        raise UsageError(f"--device {dev!r}: use cpu or cuda")
+    if dev == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device cuda: torch {torch.__version__} sees no CUDA device here; use --device cpu")
+    rows = {r["name"]: r for r in list_backends()}
+    if args.backend:
+        names = []
+        for n in args.backend:
+            try:
+                c = _canonical(n)
+            except ValueError as e:
+                raise UsageError(f"--backend: {e}") from None
+            if c == "auto":
+                raise UsageError("--backend auto: name the backends to check (or leave --backend out for all)")
+            if c not in names:
+                names.append(c)
+        unavailable = [rows[n] for n in names if not rows[n]["available"]]
+        names = [n for n in names if rows[n]["available"]]
+    else:
+        names = [n for n, r in rows.items() if r["available"]]
+        unavailable = []
     dtypes = [_DTYPES[d] for d in args.dtype]
-    cases = [c for c in conformance.CASES if not args.case or c.name in args.case]
+    cases = list(conformance.CASES)
+    if args.fuzz:
+        cases += conformance.fuzz_cases(args.fuzz, seed=args.seed)
+    if args.case:
+        known = {c.name for c in cases}
+        wrong = [c for c in args.case if c not in known]
+        if wrong:
+            raise UsageError(f"--case {', '.join(wrong)}: unknown; valid cases: {', '.join(c.name for c in cases)}")
+        cases = [c for c in cases if c.name in args.case]
+    return dev, names, unavailable, dtypes, cases
+
+
+def _cell(args, name: str, case, dtype, dev) -> tuple[str, int, str]:
+    """``(cell text, failing comparisons, skip reason)`` of one backend on one case and dtype."""
+    backend = get_backend(name)
+    if dtype not in backend.capabilities.dtypes:
+        return f"{'n/a':>18s}", 0, f"{name} does not take {str(dtype)[6:]}"
+    if not args.full and dev == "cpu" and name in conformance.SLOW_ON_CPU and dtype != torch.float32:
+        return f"{'--full':>18s}", 0, ""
+    worst_ratio, worst, skip, failures = 0.0, None, "", 0
+    for gqa in conformance.gqa_ratios(name, dtype, dev):
+        grad = args.grad and backend.capabilities.autograd and dtype != torch.float16
+        r = conformance.run_case(name, case, dtype, gqa, device=dev, grad=grad)
+        if r.skipped:
+            skip = r.skipped
+            continue
+        for c in r.comparisons:
+            ratio = c.error / c.tol if c.tol else float("inf")
+            if ratio >= worst_ratio:
+                worst_ratio, worst = ratio, c
+            failures += not c.passed
+    if worst is None:
+        return f"{'n/a':>18s}", 0, skip
+    mark = "ok" if worst_ratio <= 1 else "FAIL"
+    return f"{_fmt(worst.error) + '/' + _fmt(worst.tol) + ' ' + mark:>18s}", failures, ""
+
+
+def _defects_section(names, dev) -> int:
+    """Known upstream defects of the checked backends: a failure when one is present and unguarded."""
+    from .known_defects import KNOWN_DEFECTS
+
+    failures = 0
+    relevant = [d for d in KNOWN_DEFECTS if "flex" in names and dev == "cpu" and d.applies()]
+    if not relevant:
+        return 0
+    print("\nknown upstream defects")
+    for d in relevant:
+        if d.guard_active():
+            print(f"  {d.name:28s} guarded: {d.handling}")
+            continue
+        present, output = d.run_reproduction()
+        status = "PRESENT and unguarded: FAIL" if present else "guard off, reproduction clean"
+        failures += present
+        print(f"  {d.name:28s} {status} (scripts/{d.reproduction})")
+        for line in output.splitlines():
+            print(f"      {line}")
+    return failures
+
+
+def cmd_check(args) -> int:
+    try:
+        dev, names, unavailable, dtypes, cases = _check_plan(args)
+    except UsageError as e:
+        print(f"attnlib check: {e}", file=sys.stderr)
+        return 2
+    if not names:
+        for r in unavailable:
+            print(f"FAIL: {r['name']} was asked for and cannot run here: {r['reason']}")
+        print("FAILED: no backend to check")
+        return 1
     t0 = time.perf_counter()
     print(f"attnlib check: {len(names)} backend(s) x {len(cases)} cases x {len(dtypes)} dtypes x GQA "
           f"{list(conformance.HEADS)} on {dev}, vs float64 math (tolerance: attnlib.testing)")
     print()
-    failures = 0
-    header = f"{'case':22s} {'mask':15s} {'dtype':5s} " + " ".join(f"{n:>18s}" for n in names)
+    failures, ran = 0, 0
+    header = f"{'case':24s} {'mask':15s} {'dtype':5s} " + " ".join(f"{n:>18s}" for n in names)
     print(header)
     print("-" * len(header))
     for case in cases:
         for dtype in dtypes:
             cells = []
             for name in names:
-                worst_ratio, worst, skip = 0.0, None, ""
-                if not args.full and dev == "cpu" and name in conformance.SLOW_ON_CPU and dtype != torch.float32:
-                    cells.append(f"{'--full':>18s}")
-                    continue
-                for gqa in conformance.gqa_ratios(name, dtype, dev):
-                    grad = args.grad and get_backend(name).capabilities.autograd and dtype != torch.float16
-                    r = conformance.run_case(name, case, dtype, gqa, device=dev, grad=grad)
-                    if r.skipped:
-                        skip = r.skipped
-                        continue
-                    for c in r.comparisons:
-                        ratio = c.error / c.tol if c.tol else float("inf")
-                        if ratio >= worst_ratio:
-                            worst_ratio, worst = ratio, c
-                        if not c.passed:
-                            failures += 1
-                if worst is None:
-                    cells.append(f"{'n/a':>18s}")
-                    if args.verbose and skip:
-                        print(f"    [{name} skips {case.name}: {skip}]")
-                else:
-                    mark = "ok" if worst_ratio <= 1 else "FAIL"
-                    cells.append(f"{_fmt(worst.error) + '/' + _fmt(worst.tol) + ' ' + mark:>18s}")
-            print(f"{case.name:22s} {case.kind:15s} {str(dtype)[6:].replace('float', 'fp').replace('bfp', 'bf'):5s} "
-                  + " ".join(cells))
+                text, bad, skip = _cell(args, name, case, dtype, dev)
+                cells.append(text)
+                failures += bad
+                ran += not text.strip().startswith(("n/a", "--full"))
+                if args.verbose and skip:
+                    print(f"    [{name} skips {case.name}: {skip}]")
+            print(f"{case.name:24s} {case.kind:15s} {dtype_name(dtype):5s} " + " ".join(cells))
     print()
     print("cells: worst max|error| / tolerance over GQA 1,2,4 and {out, lse" + (", grads" if args.grad else "")
-          + "}; n/a = the backend cannot serve that call (`attnlib info`, why_not)")
+          + "}; n/a = the backend cannot serve that call (`attnlib check -v` says why)")
     slow = sorted(set(names) & conformance.SLOW_ON_CPU) if dev == "cpu" else []
     if slow and args.full:
         print(f"{', '.join(slow)} on cpu: one GQA ratio per dtype (fp32: 1, bf16: 2, fp16: 4) - compiled/interpreted")
-    elif slow:
-        print(f"{', '.join(slow)} on cpu: fp32 only (each new shape compiles; --full adds bf16/fp16, as the tests do)")
-    for r in skipped:
-        print(f"not checked: {r['name']}: {r['reason']}")
+    elif any(d != torch.float32 and d in get_backend(n).capabilities.dtypes for n in slow for d in dtypes):
+        print(f"{', '.join(slow)} on cpu: fp32 only (each new shape compiles; --full adds the other dtypes they take)")
+    for r in unavailable:
+        print(f"FAIL: {r['name']} was asked for and cannot run here: {r['reason']}")
+        failures += 1
+    if not args.backend:
+        for r in list_backends():
+            if not r["available"]:
+                print(f"not checked: {r['name']}: {r['reason']}")
+    failures += _defects_section(names, dev)
     if not args.no_models:
         failures += _models_section(names, dev)
+    if ran == 0:
+        print("\nFAILED: no comparison ran (no backend could serve the cases and dtypes asked for)")
+        return 1
     dt = time.perf_counter() - t0
     print()
-    print(f"{'FAILED' if failures else 'PASSED'}: {failures} failing comparison(s), {dt:.1f}s")
+    print(f"{'FAILED' if failures else 'PASSED'}: {failures} failing comparison(s), {ran} cells checked, {dt:.1f}s")
     return 1 if failures else 0
 
 
@@ -160,6 +247,10 @@ def main(argv=None) -> int:
     c.add_argument("--grad", action="store_true", help="also compare gradients")
     c.add_argument("--full", action="store_true", help="every dtype on compiled/interpreted backends too (slow on cpu)")
     c.add_argument("--no-models", action="store_true", help="skip the models section")
+    c.add_argument("--fuzz", type=int, default=8, metavar="N",
+                   help="also run N random cases (tile-edge lengths, head dims 8..128, every structured mask; "
+                        "default 8, 0 for none)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the --fuzz cases (default 0)")
     c.add_argument("-v", "--verbose", action="store_true", help="print why a backend skips a case")
     args = p.parse_args(argv)
     if args.cmd == "info":

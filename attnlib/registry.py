@@ -69,7 +69,12 @@ _aliases: dict[str, str] = {}
 _extra_auto: dict[str, str] = {}          # third-party name -> name it is tried before
 _lock = threading.Lock()
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnlib_backend", default=None)
-_warned: set = set()
+_warned: set = set()          # (backend, reasons) already warned about; reset_warnings() clears it
+
+
+def reset_warnings() -> None:
+    """Forget which fallbacks were warned about (each warns once per process otherwise; tests reset it)."""
+    _warned.clear()
 
 
 def _load_builtins() -> None:
@@ -164,8 +169,44 @@ def _requested(backend: str | None) -> tuple[str, str]:
         return ctx, "use_backend(...)"
     env = os.environ.get(ENV_BACKEND)
     if env:
-        return _canonical(env), f"${ENV_BACKEND}"
+        try:
+            return _canonical(env), f"${ENV_BACKEND}"
+        except ValueError as e:
+            raise ValueError(f"${ENV_BACKEND}={env!r}: {e}; fix or unset the environment variable") from None
     return "auto", "auto"
+
+
+#: values of ``$ATTNLIB_FALLBACK``: warn (default) falls back to auto with one warning, error raises
+FALLBACK_POLICIES = ("warn", "error")
+
+
+def fallback_policy() -> str:
+    """``$ATTNLIB_FALLBACK`` (``warn`` when unset); an unknown value raises naming the valid ones."""
+    raw = os.environ.get(ENV_FALLBACK, "")
+    value = raw.strip().lower() or "warn"
+    if value not in FALLBACK_POLICIES:
+        raise ValueError(f"${ENV_FALLBACK}={raw!r} is not a fallback policy; valid values: "
+                         f"{', '.join(FALLBACK_POLICIES)} (unset means warn)")
+    return value
+
+
+#: packages whose frames are not "the user's line" for a fallback warning
+_LIBRARY_PACKAGES = ("attnlib", "attnlib_kernels", "torch", "transformers", "diffusers", "vllm", "vllm_omni")
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that makes ``warnings.warn`` called from the caller of this function point at the
+    first frame outside attnlib and the libraries that host it (model code calling a transformers model
+    gets its own line, not transformers' or torch's module code)."""
+    import sys
+
+    frame, level = sys._getframe(2), 2      # 1: the function calling warnings.warn
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.split(".")[0] not in _LIBRARY_PACKAGES:
+            return level
+        frame, level = frame.f_back, level + 1
+    return 2
 
 
 def auto_order(device_type: str) -> tuple[str, ...]:
@@ -193,11 +234,12 @@ def select_backend(call: AttentionCall, backend: str | None = None) -> Backend:
     name, source = _requested(backend)
     if name == "auto":
         return _auto(call)
+    policy = fallback_policy()          # validated whenever a backend is named, not only on a fallback
     chosen = _backends()[name]
     why = chosen.why_not(call)
     if not why:
         return chosen
-    if os.environ.get(ENV_FALLBACK, "warn").strip().lower() == "error":
+    if policy == "error":
         raise BackendUnavailableError(f"backend {name!r} (chosen by {source}) cannot serve this call "
                                       f"(${ENV_FALLBACK}=error forbids falling back)", {name: why})
     fallback = _auto(call)
@@ -206,7 +248,7 @@ def select_backend(call: AttentionCall, backend: str | None = None) -> Backend:
         _warned.add(key)
         warnings.warn(f"attnlib: backend {name!r} (chosen by {source}) cannot serve this call: {'; '.join(why)}; "
                       f"using {fallback.name!r} instead (set {ENV_FALLBACK}=error to raise)", RuntimeWarning,
-                      stacklevel=4)
+                      stacklevel=_user_stacklevel())
     return fallback
 
 
