@@ -10,7 +10,7 @@ import torch
 
 from . import conformance
 from .backends.base import dtype_name
-from .registry import AUTO_ORDER, get_backend, list_backends
+from .registry import auto_order, get_backend, list_backends
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
@@ -37,7 +37,7 @@ def cmd_info(args) -> int:
         print(f"{name:11s} {_version(mod)}")
     print(f"device      {_device()}")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    print(f"auto order  {' > '.join(AUTO_ORDER.get(dev, ()))} ({dev})")
+    print(f"auto order  {' > '.join(auto_order(dev))} ({dev})")
     print()
     rows = list_backends()
     width = max(len(r["name"]) for r in rows)
@@ -45,6 +45,12 @@ def cmd_info(args) -> int:
         status = "available" if r["available"] else "unavailable"
         detail = r["implementation"] if r["available"] else r["reason"]
         print(f"  {r['name']:{width}s}  {status:11s}  {detail}")
+    from .known_defects import KNOWN_DEFECTS
+
+    print("\nknown upstream defects (routed around; reproductions in scripts/)")
+    for d in KNOWN_DEFECTS:
+        state = ("guard on" if d.guard_active() else "guard OFF") if d.applies() else "not applicable here"
+        print(f"  {d.name} [{state}]: {d.library}; {d.affected}\n    symptom: {d.symptom}\n    handling: {d.handling}")
     return 0
 
 

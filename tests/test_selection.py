@@ -123,3 +123,40 @@ def test_attention_module_pins_its_backend(qkv):
     layer = attnlib.Attention(2, 8, backend="_native_math")
     assert layer.backend == "math"
     torch.testing.assert_close(layer(*qkv), attnlib.attention(*qkv, backend="math"))
+
+
+def test_an_unknown_name_in_the_environment_names_the_variable(qkv, monkeypatch):
+    monkeypatch.setenv("DIFFUSION_ATTENTION_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"\$DIFFUSION_ATTENTION_BACKEND='bogus'.*valid names: auto, math"):
+        attnlib.attention(*qkv)
+
+
+def test_an_unknown_fallback_policy_raises_with_the_valid_values(qkv, monkeypatch):
+    monkeypatch.setenv("ATTNLIB_FALLBACK", "bogus")
+    with pytest.raises(ValueError, match=r"\$ATTNLIB_FALLBACK='bogus'.*valid values: warn, error"):
+        attnlib.attention(*qkv, backend="sdpa")        # raised even when no fallback happens
+    monkeypatch.setenv("ATTNLIB_FALLBACK", " Error ")
+    assert resolve_backend(*qkv, backend="sdpa") == "sdpa"
+
+
+@pytest.mark.parametrize("via", ["function", "module"])
+def test_the_fallback_warning_points_at_the_users_line(qkv, fp64only, via):
+    layer = attnlib.Attention(2, 8, backend="fp64only")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        if via == "function":
+            attnlib.attention(*qkv, backend="fp64only")
+        else:
+            layer(*qkv)
+    (hit,) = [x for x in w if "fp64only" in str(x.message)]
+    assert hit.filename == __file__, hit.filename
+
+
+def test_warnings_do_not_leak_between_tests_part_1(qkv, fp64only):
+    with pytest.warns(RuntimeWarning, match="fp64only"):
+        attnlib.attention(*qkv, backend="fp64only")
+
+
+def test_warnings_do_not_leak_between_tests_part_2(qkv, fp64only):
+    with pytest.warns(RuntimeWarning, match="fp64only"):          # warned again: the registry state was reset
+        attnlib.attention(*qkv, backend="fp64only")
