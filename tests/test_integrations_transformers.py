@@ -351,3 +351,18 @@ def test_training_gradients_on_a_right_padded_batch_match_eager(backend, llama):
     model.zero_grad()
     model64.zero_grad()
     assert_close_to_reference(got, ref, naive, torch.float32, what="parameter gradients")
+
+
+def test_a_fallback_inside_a_transformers_model_warns_at_the_users_line(llama):
+    """The warning skips attnlib's, transformers' and torch's frames: it points at this test's call."""
+    model, _ = llama
+    model.set_attn_implementation("attnlib")
+    ids = torch.randint(0, 97, (1, 5))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        with attnlib.use_backend("flash"), torch.no_grad():
+            model(input_ids=ids)                                   # flash cannot run here -> one fallback
+    hits = [x for x in w if "attnlib: backend" in str(x.message)]
+    if not hits:
+        pytest.skip("flash can serve this call here: no fallback to point at")
+    assert all(x.filename == __file__ for x in hits), [x.filename for x in hits]
