@@ -107,23 +107,43 @@ def test_dense_block_mask_sdpa(benchmark, group):
 DENSE = {"dense full 1x2048, H8 D64": None, "dense causal 1x2048, H8 D64": attnlib.Causal()}
 
 
+def _guard_off(fn):
+    """``fn`` with flex's CPU shape guard switched off (dynamic shapes, no padding): what the guard costs."""
+    import os
+    from attnlib.backends.flex import ENV_CPU_GUARD
+
+    def call():
+        os.environ[ENV_CPU_GUARD] = "0"
+        try:
+            return fn()
+        finally:
+            del os.environ[ENV_CPU_GUARD]
+    return call
+
+
 def variants(group):
     if group in DENSE:
         q, k, v = rand(1, 2048, H, D), rand(1, 2048, H, D), rand(1, 2048, H, D)
         mask = DENSE[group]
-        return {
+        out = {
             "raw SDPA": lambda: F.scaled_dot_product_attention(
                 q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=mask is not None),
             "attnlib sdpa": lambda: attnlib.attention(q, k, v, mask, backend="sdpa"),
             "attnlib flex": lambda: attnlib.attention(q, k, v, mask, backend="flex"),
         }
+        if DEVICE == "cpu":
+            out["attnlib flex, CPU guard off"] = _guard_off(out["attnlib flex"])
+        return out
     q, k, v, mask, bool_mask = inputs(group)
-    return {
+    out = {
         "per-sequence SDPA loop": lambda: loop(q, k, v, mask),
         "attnlib sdpa": lambda: attnlib.attention(q, k, v, mask, backend="sdpa"),
         "attnlib flex": lambda: attnlib.attention(q, k, v, mask, backend="flex"),
         "SDPA + dense [T,T] mask": lambda: dense_mask_sdpa(q, k, v, bool_mask),
     }
+    if DEVICE == "cpu":
+        out["attnlib flex, CPU guard off"] = _guard_off(out["attnlib flex"])
+    return out
 
 
 def interleaved(rounds: int = 15) -> None:
