@@ -119,10 +119,11 @@ def _check_plan(args):
 
 
 def _cell(args, name: str, case, dtype, dev) -> tuple[str, int, str]:
-    """``(cell text, failing comparisons, skip reason)`` of one backend on one case and dtype."""
+    """``(cell text, failing comparisons, skip reason)`` of one backend on one case and dtype; the text is
+    ``n/a`` or ``--full`` when nothing ran."""
     backend = get_backend(name)
     if dtype not in backend.capabilities.dtypes:
-        return f"{'n/a':>18s}", 0, f"{name} does not take {str(dtype)[6:]}"
+        return f"{'n/a':>18s}", 0, f"{name} does not take {dtype_name(dtype)}"
     if not args.full and dev == "cpu" and name in conformance.SLOW_ON_CPU and dtype != torch.float32:
         return f"{'--full':>18s}", 0, ""
     worst_ratio, worst, skip, failures = 0.0, None, "", 0
@@ -148,7 +149,7 @@ def _defects_section(names, dev) -> int:
     from .known_defects import KNOWN_DEFECTS
 
     failures = 0
-    relevant = [d for d in KNOWN_DEFECTS if "flex" in names and dev == "cpu" and d.applies()]
+    relevant = [d for d in KNOWN_DEFECTS if d.backend in names and d.device == dev and d.applies()]
     if not relevant:
         return 0
     print("\nknown upstream defects")

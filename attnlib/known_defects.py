@@ -22,6 +22,8 @@ SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 @dataclass(frozen=True)
 class KnownDefect:
     name: str
+    backend: str                   # the attnlib backend it concerns
+    device: str                    # the device type it concerns
     library: str
     affected: str                  # versions and devices, in words
     symptom: str
@@ -53,6 +55,8 @@ def _cpu_flex_guard() -> bool:
 
 FLEX_CPU_DYNAMIC_SHAPES = KnownDefect(
     name="flex-cpu-dynamic-shapes",
+    backend="flex",
+    device="cpu",
     library="torch (inductor's C++ flex_attention template)",
     affected="torch 2.13.0+cpu (seen); every torch whose CPU flex kernel compiles dynamic shapes until a "
              "reproduction run says otherwise",

@@ -47,14 +47,15 @@ Tensors: BSHD in, flex takes BHSD (transposed views, no copy); packed THD is bat
   padded up to a bucket (``_bucket``: keys to 16/32/64 then multiples of 64; queries to a power of 2 up to
   64, then multiples of 64). Padded keys are hidden by the mask (no padded key is ever visible), padded
   query rows are sliced off; head dims below 32 are zero-padded to 32 (lengths ≡ 8 mod 16 and head dims
-  8/16 were among the reported wrong results): the result is exactly the unpadded call's. ``ATTNLIB_FLEX_CPU_GUARD=0``
-  turns the guard off (to check whether a torch build still needs it).
+  8/16 were among the reported wrong results): the result is exactly the unpadded call's.
+  ``ATTNLIB_FLEX_CPU_GUARD=0`` turns the guard off (to check whether a torch build still needs it).
 - Head dims: CPU takes any. On CUDA dims below 16 (and non-powers of 2 before torch 2.6) are zero-padded
   (zero columns change no score; padded value columns are sliced off).
 """
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import threading
 import types
@@ -131,7 +132,6 @@ def _environment_reason() -> str | None:
 @functools.lru_cache(maxsize=1)
 def _cpu_reason() -> str | None:
     """Why inductor cannot build flex's C++ kernel here (None: it can)."""
-    import os
     import sys
     cxx = os.environ.get("CXX")
     found = shutil.which(cxx) if cxx else None
@@ -161,7 +161,6 @@ def _cuda_reason() -> str | None:
 
 def cpu_guard_enabled() -> bool:
     """True unless ``ATTNLIB_FLEX_CPU_GUARD`` is ``0``/``false``/``off`` (read per call: tests flip it)."""
-    import os
     return os.environ.get(ENV_CPU_GUARD, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
