@@ -3,12 +3,12 @@ from . import masks, rope
 from .api import Attention, attention
 from .errors import BackendUnavailableError
 from .masks import BlockDiagonal, Causal, DenseMask, KeyPadding
-from .registry import get_backend, list_backends, register_backend, resolve_backend, use_backend
+from .registry import canonical_name, get_backend, list_backends, register_backend, resolve_backend, use_backend
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention", "Attention", "masks", "rope", "Causal", "BlockDiagonal", "KeyPadding", "DenseMask",
     "BackendUnavailableError", "list_backends", "use_backend", "resolve_backend", "register_backend",
-    "get_backend", "__version__",
+    "get_backend", "canonical_name", "__version__",
 ]

@@ -6,7 +6,7 @@ from torch import nn
 
 from .inputs import validate_call
 from .masks import BlockDiagonal, Causal
-from .registry import _canonical, select_backend
+from .registry import canonical_name, select_backend
 
 
 def attention(q, k, v, mask=None, *, scale=None, backend=None, return_lse: bool = False):
@@ -59,7 +59,7 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.scale = head_size ** -0.5 if scale is None else float(scale)
         self.causal = bool(causal)
-        self.backend = None if backend is None else _canonical(backend)
+        self.backend = None if backend is None else canonical_name(backend)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, *, return_lse: bool = False):
         if q.dim() >= 2 and (q.shape[-2] != self.num_heads or q.shape[-1] != self.head_size):

@@ -81,7 +81,7 @@ class UsageError(Exception):
 
 def _check_plan(args):
     """Validate the arguments: ``(device, names, unavailable, dtypes, cases)`` or ``UsageError``."""
-    from .registry import _canonical
+    from .registry import canonical_name
 
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev not in ("cpu", "cuda"):
@@ -93,7 +93,7 @@ def _check_plan(args):
         names = []
         for n in args.backend:
             try:
-                c = _canonical(n)
+                c = canonical_name(n)
             except ValueError as e:
                 raise UsageError(f"--backend: {e}") from None
             if c == "auto":

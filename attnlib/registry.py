@@ -105,13 +105,13 @@ def register_backend(backend: Backend, *, aliases: Iterable[str] = (), auto_befo
             _load_builtins()
         if (name in _registry or name in _aliases) and not replace:
             raise ValueError(f"a backend named {name!r} is already registered; pass replace=True to swap it")
-        if auto_before is not None and _canonical(auto_before) not in _registry:
+        if auto_before is not None and canonical_name(auto_before) not in _registry:
             raise ValueError(f"auto_before={auto_before!r} is not a registered backend")
         _registry[name] = backend
         for a in aliases:
             _aliases[_normalize(a)] = name
         if auto_before is not None:
-            _extra_auto[name] = _canonical(auto_before)
+            _extra_auto[name] = canonical_name(auto_before)
     return backend
 
 
@@ -127,7 +127,7 @@ def _normalize(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
-def _canonical(name: str) -> str:
+def canonical_name(name: str) -> str:
     """Canonical backend name for any accepted spelling; ``ValueError`` listing valid names otherwise."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str name, got {type(name).__name__}")
@@ -145,7 +145,7 @@ def _canonical(name: str) -> str:
 
 def get_backend(name: str) -> Backend:
     """The backend object for a name or alias (not ``auto``)."""
-    n = _canonical(name)
+    n = canonical_name(name)
     if n == "auto":
         raise ValueError("'auto' is a selection rule, not a backend; use resolve_backend(...)")
     return _backends()[n]
@@ -154,7 +154,7 @@ def get_backend(name: str) -> Backend:
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
     """Select a backend inside a ``with`` block (thread- and task-local); ``None`` clears the override."""
-    token = _override.set(None if name is None else _canonical(name))
+    token = _override.set(None if name is None else canonical_name(name))
     try:
         yield
     finally:
@@ -163,14 +163,14 @@ def use_backend(name: str | None) -> Iterator[None]:
 
 def _requested(backend: str | None) -> tuple[str, str]:
     if backend is not None:
-        return _canonical(backend), "the backend= argument"
+        return canonical_name(backend), "the backend= argument"
     ctx = _override.get()
     if ctx is not None:
         return ctx, "use_backend(...)"
     env = os.environ.get(ENV_BACKEND)
     if env:
         try:
-            return _canonical(env), f"${ENV_BACKEND}"
+            return canonical_name(env), f"${ENV_BACKEND}"
         except ValueError as e:
             raise ValueError(f"${ENV_BACKEND}={env!r}: {e}; fix or unset the environment variable") from None
     return "auto", "auto"

@@ -8,7 +8,7 @@ import torch
 import attnlib
 from attnlib import BackendUnavailableError, resolve_backend, use_backend
 from attnlib.backends.base import Backend, Capabilities
-from attnlib.registry import _canonical
+from attnlib.registry import canonical_name
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def test_argument_beats_context_beats_environment(qkv, monkeypatch):
     ("Triton", "triton"), ("auto", "auto"), ("  Sdpa ", "sdpa"),
 ])
 def test_vllm_omni_and_diffusers_spellings_resolve(spelling, name):
-    assert _canonical(spelling) == name
+    assert canonical_name(spelling) == name
 
 
 def test_unknown_backend_name_lists_the_valid_ones(qkv, monkeypatch):

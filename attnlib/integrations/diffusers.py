@@ -30,7 +30,7 @@ import torch
 
 from ..api import attention
 from ..masks import KeyPadding
-from ..registry import _canonical
+from ..registry import canonical_name
 from ..rope import apply_rotary
 from ._structure import PlanCache
 
@@ -77,7 +77,7 @@ class QwenImageAttnProcessor:
     """
 
     def __init__(self, backend: str | None = None):
-        self.backend = None if backend is None else _canonical(backend)
+        self.backend = None if backend is None else canonical_name(backend)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  encoder_hidden_states_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -136,7 +136,7 @@ class FluxAttnProcessor:
     """
 
     def __init__(self, backend: str | None = None):
-        self.backend = None if backend is None else _canonical(backend)
+        self.backend = None if backend is None else canonical_name(backend)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None):

@@ -46,7 +46,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
 import torch
 
 from ..masks import BlockDiagonal, Causal
-from ..registry import _canonical
+from ..registry import canonical_name
 from ._structure import MaskPlan, PackedPart, PlanCache, plan_from_dense
 
 __all__ = ["register", "attnlib_attention_forward", "make_attention_function", "translate", "last_plan",
@@ -105,7 +105,7 @@ def translate(query_bhsd: torch.Tensor, key_bhsd: torch.Tensor, attention_mask, 
 
 def make_attention_function(backend: str | None = None):
     """An attention function for ``AttentionInterface`` that pins ``backend`` (None: selection rules)."""
-    backend = None if backend is None else _canonical(backend)
+    backend = None if backend is None else canonical_name(backend)
 
     def attnlib_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                   scaling: float | None = None, is_causal: bool | None = None,

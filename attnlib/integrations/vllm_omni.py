@@ -44,7 +44,7 @@ from torch import nn
 
 from ..api import attention
 from ..masks import BlockDiagonal, Causal, KeyPadding
-from ..registry import _canonical
+from ..registry import canonical_name
 from ._structure import MaskPlan, PackedPart, plan_from_dense
 
 __all__ = ["Attention", "AttentionMetadata", "plan_for"]
@@ -192,7 +192,7 @@ class Attention(nn.Module):
         self.head_size = head_size
         self.causal = bool(causal)
         self.softmax_scale = head_size ** -0.5 if softmax_scale is None else float(softmax_scale)
-        self.backend = None if backend is None else _canonical(backend)
+        self.backend = None if backend is None else canonical_name(backend)
         self.last_plan: MaskPlan | None = None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_metadata=None) -> torch.Tensor:
