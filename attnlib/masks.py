@@ -4,7 +4,7 @@ Backends lower these to their native form (``is_causal`` / cu_seqlens / attn_bia
 arguments); users never build cu_seqlens or dense masks by hand. ``materialize`` gives the boolean
 truth (True = query may see key) that the ``math`` backend and the tests use.
 
-Visibility rules (``i`` = query index, ``j`` = key index inside one sequence or block, ``Sq``/``Sk`` its
+The rules below are implemented once, in :mod:`attnlib.plan`. Visibility (``i`` = query index, ``j`` = key index inside one sequence or block, ``Sq``/``Sk`` its
 query/key lengths, ``off = Sk - Sq`` for bottom-right alignment and ``0`` for top-left):
 
 =====================================  =====================================================
@@ -15,6 +15,7 @@ query/key lengths, ``off = Sk - Sq`` for bottom-right alignment and ``0`` for to
 ``BlockDiagonal(...)``                 only keys of the query's own block; ``causal``/``window``
                                        apply per block, bottom-right
 ``KeyPadding(valid)``                  ``valid[b, j]``
+``KeyPadding(valid, causal=True)``     ``valid[b, j]`` and bottom-right causal (``window`` as above)
 ``DenseMask(m)``                       ``m`` (bool: True = attend; float: added to the scores)
 =====================================  =====================================================
 
@@ -42,16 +43,6 @@ def _check_window(window, name: str = "window") -> None:
         raise TypeError(f"{name} must be a positive int (number of newest keys a query sees) or None, got {window!r}")
     if window < 1:
         raise ValueError(f"{name} must be >= 1 (it counts the diagonal key), got {window}")
-
-
-def _causal_grid(sq: int, sk: int, offset: int, window: int | None, device) -> torch.Tensor:
-    """bool [sq, sk]: key j visible to query i iff i+offset-window < j <= i+offset."""
-    i = torch.arange(sq, device=device).unsqueeze(1)
-    j = torch.arange(sk, device=device).unsqueeze(0)
-    keep = j <= i + offset
-    if window is not None:
-        keep &= j > i + offset - window
-    return keep
 
 
 class Mask:
@@ -103,7 +94,7 @@ class Causal(Mask):
 
     def materialize(self, seqlen_q: int, seqlen_k: int, device=None) -> torch.Tensor:
         """bool ``[Sq, Sk]``."""
-        return _causal_grid(seqlen_q, seqlen_k, self.offset(seqlen_q, seqlen_k), self.window, device)
+        return _materialize(self, seqlen_q, seqlen_k, device)
 
 
 def _as_int_tuple(values, name: str) -> tuple[int, ...]:
@@ -270,17 +261,7 @@ class BlockDiagonal(Mask):
         tq, tk = self.total_q, self.total_k
         if seqlen_q is not None and seqlen_q != tq or seqlen_k is not None and seqlen_k != tk:
             raise ValueError(f"BlockDiagonal covers {tq} query and {tk} key tokens, asked for {seqlen_q}x{seqlen_k}")
-        out = torch.zeros(tq, tk, dtype=torch.bool, device=device)
-        cq = ck = 0
-        for lq, lk in zip(self.q_seqlens, self.kv_seqlens):
-            if self.causal:
-                block = _causal_grid(lq, lk, lk - lq, self.window, device)
-            else:
-                block = torch.ones(lq, lk, dtype=torch.bool, device=device)
-            out[cq:cq + lq, ck:ck + lk] = block
-            cq += lq
-            ck += lk
-        return out
+        return _materialize(self, tq, tk, device)
 
     # -- identity -------------------------------------------------------------------------------
     def __eq__(self, other):
@@ -344,11 +325,16 @@ def _runs(ids, name: str) -> tuple[list[int], list[int]]:
 class KeyPadding(Mask):
     """Per-batch key validity: ``valid`` is bool ``[B, Sk]``, True = the key may be seen.
 
-    Any pattern works (left padding, right padding, holes). Queries are never dropped: a batch row
-    whose keys are all invalid returns 0 (LSE -inf). Identity-hashed (it holds a tensor).
+    Any pattern works (left padding, right padding, holes). Queries are never dropped: a query row
+    that sees no valid key returns 0 (LSE -inf). ``causal=True`` also applies bottom-right causal
+    attention over the key axis (query ``i`` sees key ``j`` iff ``j <= i + (Sk - Sq)`` and ``valid[b, j]``:
+    padded prompts in a decoder, prefill and decode alike); ``window`` as in :class:`Causal`.
+    Identity-hashed (it holds a tensor).
     """
 
     valid: torch.Tensor
+    causal: bool = False
+    window: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.valid, torch.Tensor):
@@ -358,21 +344,33 @@ class KeyPadding(Mask):
                             "use valid.bool() or attention_mask == 1")
         if self.valid.dim() != 2:
             raise ValueError(f"KeyPadding(valid) must be [B, Sk], got shape {tuple(self.valid.shape)}")
+        if not isinstance(self.causal, bool):
+            raise TypeError(f"KeyPadding(causal=...) must be a bool, got {self.causal!r}")
+        _check_window(self.window)
+        if self.window is not None and not self.causal:
+            raise ValueError("KeyPadding(window=...) needs causal=True (a window is counted back from the causal "
+                             "diagonal)")
 
     def features(self) -> frozenset[str]:
-        return frozenset({"key_padding"})
+        f = {"key_padding"}
+        if self.causal:
+            f.add("causal")
+        if self.window is not None:
+            f.add("window")
+        return frozenset(f)
 
     def materialize(self, seqlen_q: int, seqlen_k: int, device=None) -> torch.Tensor:
         """bool ``[B, 1, Sq, Sk]``."""
-        if seqlen_k != self.valid.shape[1]:
-            raise ValueError(f"KeyPadding covers {self.valid.shape[1]} keys, asked for {seqlen_k}")
-        v = self.valid if device is None else self.valid.to(device)
-        return v[:, None, None, :].expand(-1, 1, seqlen_q, -1)
+        return _materialize(self, seqlen_q, seqlen_k, device)
 
     @property
     def seqlens(self) -> torch.Tensor:
         """Valid keys per batch row, int32 ``[B]`` (a tensor: reading it syncs the device)."""
         return self.valid.sum(-1, dtype=torch.int32)
+
+    def __repr__(self):
+        extra = (", causal=True" if self.causal else "") + (f", window={self.window}" if self.window else "")
+        return f"KeyPadding(valid=<bool {list(self.valid.shape)}>{extra})"
 
 
 @dataclass(frozen=True, eq=False)
@@ -401,8 +399,18 @@ class DenseMask(Mask):
 
     def materialize(self, seqlen_q: int, seqlen_k: int, device=None) -> torch.Tensor:
         """bool, broadcastable to ``[B, Hq, Sq, Sk]`` (a float mask's ``-inf`` entries are False)."""
-        m = self.mask if device is None else self.mask.to(device)
-        return m if self.is_bool else m > float("-inf")
+        return _materialize(self, seqlen_q, seqlen_k, device)
+
+    def __repr__(self):
+        return f"DenseMask(mask=<{self.mask.dtype} {list(self.mask.shape)}>)"
+
+
+def _materialize(mask, seqlen_q: int, seqlen_k: int, device) -> torch.Tensor:
+    """The mask's plan, materialized (a fresh tensor: callers may edit it)."""
+    from .plan import plan_for
+
+    m = plan_for(mask, seqlen_q, seqlen_k).materialize(device)
+    return m.clone() if isinstance(mask, (Causal, BlockDiagonal)) else m
 
 
 AnyMask = Union[Causal, BlockDiagonal, KeyPadding, DenseMask, None]

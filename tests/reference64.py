@@ -44,7 +44,10 @@ def visibility(mask, batch: int, sq: int, sk: int) -> tuple[torch.Tensor, torch.
         assert (q0, k0) == (sq, sk), "BlockDiagonal lengths must cover the call"
         return keep[None, None], None
     if isinstance(mask, KeyPadding):
-        return mask.valid.detach().cpu()[:, None, None, :], None
+        keep = mask.valid.detach().cpu()[:, None, None, :]
+        if mask.causal:
+            keep = keep & _causal_keep(sq, sk, sk - sq, mask.window)[None, None]
+        return keep, None
     if isinstance(mask, DenseMask):
         m = mask.mask.detach().cpu()
         m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
