@@ -69,7 +69,7 @@ def _packed(q_lens, kv_lens=None, causal=False, window=None, d=HEAD_DIM):
     return build
 
 
-def _padding(kind):
+def _padding(kind, causal=False, window=None):
     def mask_fn(b, sq, sk, hq, gen, device):
         valid = torch.ones(b, sk, dtype=torch.bool)
         valid[0, sk - 5:] = False                  # right padding
@@ -78,7 +78,7 @@ def _padding(kind):
         valid[2, sk - 2:] = False
         if kind == "empty":
             valid[1] = False                       # a row with no visible key at all
-        return KeyPadding(valid.to(device))
+        return KeyPadding(valid.to(device), causal=causal, window=window)
     return mask_fn
 
 
@@ -122,6 +122,9 @@ CASES: tuple[Case, ...] = (
          note="3 CFG branches, different cache lengths"),
     Case("key_padding", "key_padding", _dense(3, 10, 21, _padding("holes"))),
     Case("key_padding_empty_row", "key_padding", _dense(3, 10, 21, _padding("empty"))),
+    Case("key_padding_causal", "key_padding+causal", _dense(3, 10, 21, _padding("holes", causal=True)),
+         note="padded prompts in a decoder (bottom-right)"),
+    Case("key_padding_causal_window", "key_padding+causal", _dense(3, 12, 12, _padding("holes", True, 4))),
     Case("dense_bool", "dense", _dense(2, 11, 19, _dense_bool)),
     Case("dense_additive", "dense", _dense(2, 11, 19, _dense_additive)),
     # shapes where tiled/compiled kernels have gone wrong: small head dims, key lengths = 8 mod 16, decode
@@ -249,7 +252,7 @@ def run_case(backend: str, case: Case, dtype: torch.dtype, gqa: int = 1, *, devi
 
 
 def _grad_comparisons(out, q, k, v, mask, scale, packed, dtype, gen):
-    from .backends.math import reference_attention
+    from .reference import reference_attention
 
     dout = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
     got = torch.autograd.grad(out, (q, k, v), dout)
@@ -261,3 +264,46 @@ def _grad_comparisons(out, q, k, v, mask, scale, packed, dtype, gen):
     naive = torch.autograd.grad(naive_out, leaves_lp, dout)
     mags = gradient_magnitudes(q, k, v, dout, scale)
     return [compare(g, r, n, dtype, name, mags[name]) for g, r, n, name in zip(got, ref, naive, ("dq", "dk", "dv"))]
+
+
+# ---------------------------------------------------------------------------------------------------
+# extra sections of `attnlib check`, contributed by other packages (the core imports none of them)
+# ---------------------------------------------------------------------------------------------------
+#: entry-point group a package declares its sections in: ``name = "module:function"``
+CHECK_SECTIONS_GROUP = "attnlib.check_sections"
+_sections: dict[str, Callable] = {}
+_entry_points_loaded = False
+
+
+def register_check_section(name: str, fn: Callable, *, replace: bool = False) -> None:
+    """Add a section to ``attnlib check``: ``fn(backends: list[str], device: str) -> int`` prints its rows
+    and returns its failure count. ``attnlib check --skip-section NAME`` leaves it out. Packages can
+    declare one instead in the ``attnlib.check_sections`` entry-point group (loaded on first use)."""
+    if name in _sections and not replace:
+        raise ValueError(f"a check section named {name!r} is already registered; pass replace=True")
+    _sections[name] = fn
+
+
+def check_sections() -> dict[str, Callable]:
+    """Every section, by name: those registered plus the entry points of installed packages. A section
+    whose entry point cannot load is a function that says so (``attnlib check`` never fails on it)."""
+    global _entry_points_loaded
+    if not _entry_points_loaded:
+        _entry_points_loaded = True
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=CHECK_SECTIONS_GROUP):
+            if ep.name in _sections:
+                continue
+            try:
+                _sections[ep.name] = ep.load()
+            except Exception as e:  # noqa: BLE001 - a broken plugin is reported, not fatal
+                _sections[ep.name] = _unloadable(ep.name, e)
+    return dict(_sections)
+
+
+def _unloadable(name: str, error: Exception) -> Callable:
+    def section(backends, device) -> int:
+        print(f"\n{name}: not checked ({type(error).__name__}: {error})")
+        return 0
+    return section

@@ -10,8 +10,14 @@ from dataclasses import dataclass
 import torch
 
 from .masks import BlockDiagonal, Causal, DenseMask, KeyPadding, mask_features
+from .plan import plan_for
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def default_scale(head_dim: int) -> float:
+    """The softmax scale used when none is given: ``head_dim ** -0.5`` (the one definition)."""
+    return head_dim ** -0.5
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,6 +44,8 @@ class AttentionCall:
     head_dim_v: int
     features: frozenset
     squeezed_batch: bool = False
+    #: the mask's :class:`attnlib.plan.Plan` for this call's shape (the one visibility rule)
+    plan: object = None
 
     @property
     def device(self) -> torch.device:
@@ -58,6 +66,8 @@ class AttentionCall:
     def replace(self, **changes) -> "AttentionCall":
         fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
         fields.update(changes)
+        if "plan" not in changes and {"mask", "seqlen_q", "seqlen_k"} & set(changes):
+            fields["plan"] = plan_for(fields["mask"], fields["seqlen_q"], fields["seqlen_k"])
         return AttentionCall(**fields)
 
 
@@ -116,7 +126,7 @@ def validate_call(q, k, v, mask=None, scale=None, return_lse: bool = False) -> A
         raise ValueError(f"head dims must be >= 1, got D={d}, Dv={dv}")
 
     if scale is None:
-        scale = d ** -0.5
+        scale = default_scale(d)
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None (default D ** -0.5), got {type(scale).__name__}")
     else:
@@ -125,7 +135,7 @@ def validate_call(q, k, v, mask=None, scale=None, return_lse: bool = False) -> A
     features = mask_features(mask)
     _check_mask(mask, packed, batch, sq, sk, hq, q)
     return AttentionCall(q, k, v, mask, scale, bool(return_lse), packed, batch, sq, sk, hq, hkv, d, dv,
-                         features, squeezed)
+                         features, squeezed, plan_for(mask, sq, sk))
 
 
 def _check_mask(mask, packed: bool, batch: int, sq: int, sk: int, hq: int, q: torch.Tensor) -> None:

@@ -105,10 +105,15 @@ class Plan:
         return self.key_valid is None and self.dense is None
 
     @property
+    def structure_full(self) -> bool:
+        """The blocks alone hide nothing: one block, every query sees every key (tensors may still hide)."""
+        return len(self.blocks) == 1 and self.blocks[0].full and self.blocks[0].k_len == self.seqlen_k \
+            and self.blocks[0].q_len == self.seqlen_q
+
+    @property
     def full(self) -> bool:
         """Every query sees every key (no mask at all)."""
-        return self.structured and len(self.blocks) == 1 and self.blocks[0].full and \
-            self.blocks[0].k_len == self.seqlen_k
+        return self.structured and self.structure_full
 
     def empty_row_runs(self) -> tuple[tuple[int, int], ...]:
         """Global ``[start, stop)`` runs of query rows that see no key by structure (Python ints).
@@ -194,7 +199,7 @@ class Plan:
         if self.key_valid is None:
             return self.structure_grid(device)
         valid = self.key_valid if device is None else self.key_valid.to(device)
-        if self.full:
+        if self.structure_full:
             return valid[:, None, None, :].expand(-1, 1, self.seqlen_q, -1)
         return self.structure_grid(valid.device)[None, None] & valid[:, None, None, :]
 
@@ -211,7 +216,7 @@ class Plan:
             return ~m.any(dim=-1)
         if self.key_valid is not None:
             valid = self.key_valid.to(device)
-            if self.full:
+            if self.structure_full:
                 return (~valid.any(dim=-1))[:, None, None]
             lo, hi = self.intervals_on(valid.device)
             csum = torch.nn.functional.pad(valid.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
@@ -352,6 +357,9 @@ def _structured_plan(mask, sq: int, sk: int) -> Plan:
     return Plan(sq, sk, (Block(0, sq, 0, sk, True, mask.offset(sq, sk), mask.window),))
 
 
-def replace_blocks(plan: Plan, blocks) -> Plan:
-    """``plan`` with other blocks (same shape and tensors); for lowering code that crops or drops rows."""
-    return replace(plan, blocks=tuple(blocks), _cache={})
+@functools.lru_cache(maxsize=1024)
+def block_plan(block: Block) -> Plan:
+    """The dense plan of one block on its own (``q_len`` x ``k_len``, at the origin): how backends that
+    run blocks one batched call at a time (:meth:`Plan.runs`) lower each of them."""
+    local = replace(block, q_start=0, k_start=0)
+    return Plan(block.q_len, block.k_len, (local,))

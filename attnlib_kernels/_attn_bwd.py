@@ -17,9 +17,7 @@ those documented in :mod:`attnlib_kernels._attn_fwd`.
 import triton
 import triton.language as tl
 
-from attnlib_kernels._attn_fwd import _dot, _key_range, _load, _seq_offset, _sequence, _visible, _visible_t
-
-LOG2E = 1.4426950408889634
+from attnlib_kernels._attn_fwd import _diagonal, _dot, _key_range, _load, _seq_offset, _sequence, _visible
 
 
 @triton.jit(do_not_specialize=["seqlen_q"])
@@ -98,7 +96,8 @@ def _dkdv_query_tiles(
         # transposed scores: [BLOCK_K, BLOCK_Q]
         qkt = _dot(k, tl.trans(q), tl.zeros([BLOCK_K, BLOCK_Q], dtype=tl.float32), IEEE)
         if MASKED:
-            okt = _visible_t(offs_q, offs_k, Lk, off, window, kv, CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
+            okt = _visible(offs_q[None, :], offs_k[:, None], Lk, off, window, kv[:, None],
+                           CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
             qkt = tl.where(okt, qkt, float("-inf"))
         pt = tl.exp2(qkt * qk_scale - lse[None, :])
         dv = _dot(pt.to(do.dtype), do, dv, IEEE)
@@ -163,10 +162,7 @@ def _attn_bwd_dkdv_kernel(
         kv = tl.load(KeyValid + b.to(tl.int64) * stride_mb + offs_k, mask=k_ok, other=0)
 
     # ---- query range that can see this key tile ----
-    off = 0
-    if CAUSAL:
-        if not TOP_LEFT:
-            off = Lk - Lq
+    off = _diagonal(Lq, Lk, CAUSAL, TOP_LEFT)
     lo = 0
     hi = Lq
     if CAUSAL:
@@ -242,7 +238,8 @@ def _dq_key_tiles(
             kv = tl.zeros([BLOCK_K], dtype=tl.int8)
             if HAS_KEY_VALID:
                 kv = tl.load(kv_base + offs_k, mask=k_ok, other=0)
-            ok = _visible(offs_q, offs_k, Lk, off, window, kv, CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
+            ok = _visible(offs_q[:, None], offs_k[None, :], Lk, off, window, kv[None, :],
+                          CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
             qk = tl.where(ok, qk, float("-inf"))
         p = tl.exp2(qk * qk_scale - lse[:, None])
         dp = _dot(do, tl.trans(v), tl.zeros([BLOCK_Q, BLOCK_K], dtype=tl.float32), IEEE)

@@ -51,33 +51,31 @@ def _load(ptrs, mask, USE_MASK: tl.constexpr):
 
 
 @triton.jit
-def _visible_t(offs_q, offs_k, Lk, off, window, kv_valid,
-               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_VALID: tl.constexpr):
-    """``_visible`` transposed: bool ``[len(offs_k), len(offs_q)]`` (for the dK/dV kernel)."""
-    ok = offs_k[:, None] < Lk
+def _diagonal(Lq, Lk, CAUSAL: tl.constexpr, TOP_LEFT: tl.constexpr):
+    """The causal diagonal offset of a block: ``Lk - Lq`` bottom-right, 0 top-left (and when not causal)."""
+    off = Lk * 0
     if CAUSAL:
-        ok = ok & (offs_k[:, None] <= offs_q[None, :] + off)
-        if HAS_WINDOW:
-            ok = ok & (offs_k[:, None] > offs_q[None, :] + off - window)
-    if HAS_KEY_VALID:
-        ok = ok & (kv_valid[:, None] != 0)
-    return ok
+        if not TOP_LEFT:
+            off = Lk - Lq
+    return off
 
 
 @triton.jit
-def _visible(offs_q, offs_k, Lk, off, window, kv_valid,
+def _visible(qi, kj, Lk, off, window, kv_valid,
              CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KEY_VALID: tl.constexpr):
-    """Bool ``[len(offs_q), len(offs_k)]``: may query ``offs_q[i]`` see key ``offs_k[j]``?
+    """May query ``qi`` see key ``kj``? attnlib's visibility rule (``attnlib.plan``) in device code.
 
-    ``kv_valid`` is the ``[len(offs_k)]`` int8 row of key_valid (ignored unless HAS_KEY_VALID).
+    ``qi``/``kj`` are index tensors that broadcast against each other (``offs_q[:, None]`` and
+    ``offs_k[None, :]`` for a ``[Q, K]`` tile, the other way round for the transposed dK/dV tile);
+    ``kv_valid`` is the int8 key_valid row broadcast like ``kj`` (ignored unless HAS_KEY_VALID).
     """
-    ok = offs_k[None, :] < Lk
+    ok = kj < Lk
     if CAUSAL:
-        ok = ok & (offs_k[None, :] <= offs_q[:, None] + off)
+        ok = ok & (kj <= qi + off)
         if HAS_WINDOW:
-            ok = ok & (offs_k[None, :] > offs_q[:, None] + off - window)
+            ok = ok & (kj > qi + off - window)
     if HAS_KEY_VALID:
-        ok = ok & (kv_valid[None, :] != 0)
+        ok = ok & (kv_valid != 0)
     return ok
 
 
@@ -125,10 +123,7 @@ def _key_range(q0, Lq, Lk, window,
     of the query tile and need no mask arithmetic. One rule for the forward and the dQ kernels, so
     both visit the same tiles in the same order.
     """
-    off = Lk * 0
-    if CAUSAL:
-        if not TOP_LEFT:
-            off = Lk - Lq
+    off = _diagonal(Lq, Lk, CAUSAL, TOP_LEFT)
     lo = Lk * 0
     hi = Lk
     if CAUSAL:
@@ -188,7 +183,8 @@ def _fwd_key_tiles(
             v = _load(v_ptrs, offs_dv[None, :] < DV, BLOCK_DV != DV)
         qk = _dot(q, kt, tl.zeros([BLOCK_Q, BLOCK_K], dtype=tl.float32), IEEE)
         if MASKED:
-            ok = _visible(offs_q, offs_k, Lk, off, window, kv, CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
+            ok = _visible(offs_q[:, None], offs_k[None, :], Lk, off, window, kv[None, :],
+                          CAUSAL, HAS_WINDOW, HAS_KEY_VALID)
             qk = tl.where(ok, qk, float("-inf"))
         # scores in log2 units: s * scale * log2(e)
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)

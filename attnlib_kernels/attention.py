@@ -1,4 +1,4 @@
-"""attnlib's own attention kernels: one Triton kernel family for every mask in DESIGN.md.
+"""attnlib's own attention kernels: one Triton kernel family for every attnlib mask.
 
 ``attention(q, k, v, scale=...)`` computes ``softmax(q k^T * scale + mask) v`` without ever
 materializing a mask. Masks arrive as arguments:

@@ -19,10 +19,9 @@ from reference64 import attention64
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-#: refusals a backend documents beyond its capability table: (backend, device type, what)
-DOCUMENTED_EXCEPTIONS = {
-    ("flex", "cpu", "grad"): "torch's CPU flex kernel has no backward",
-}
+#: refusals a backend documents beyond its capability table: (backend, device type, what) -> why. Empty:
+#: what used to be here (flex has no backward on CPU) is now in the table (``autograd`` per device).
+DOCUMENTED_EXCEPTIONS: dict = {}
 
 
 def _must_serve(backend: str, case, dtype, grad: bool) -> bool:
@@ -31,7 +30,7 @@ def _must_serve(backend: str, case, dtype, grad: bool) -> bool:
     caps = get_backend(backend).capabilities
     if dtype not in caps.dtypes or DEVICE not in caps.devices:
         return False
-    if grad and (not caps.autograd or (backend, DEVICE, "grad") in DOCUMENTED_EXCEPTIONS):
+    if grad and (not caps.autograd_on(DEVICE) or (backend, DEVICE, "grad") in DOCUMENTED_EXCEPTIONS):
         return False
     q, k, v, mask = case.build(dtype, torch.device(DEVICE), 4, 2, torch.Generator().manual_seed(0))
     return mask_features(mask) <= caps.masks and (not case.packed or caps.packed)
@@ -78,8 +77,8 @@ def _grad_params():
         name = row["name"]
         if name == "math":
             continue
-        ok = row["available"] and get_backend(name).capabilities.autograd
-        marks = [] if ok else [pytest.mark.skip(reason=f"{name}: {row['reason'] or 'no autograd'}")]
+        ok = row["available"] and get_backend(name).capabilities.autograd_on(DEVICE)
+        marks = [] if ok else [pytest.mark.skip(reason=f"{name}: {row['reason'] or f'no autograd on {DEVICE}'}")]
         grid = [(torch.float32, 2), (torch.bfloat16, 1)]
         if DEVICE == "cpu" and name in SLOW_ON_CPU:
             grid = grid[:1]

@@ -81,7 +81,7 @@ class Example:
         shapes = " ".join(f"{n}={tuple(t.shape)}" for n, t in (("q", self.q), ("k", self.k), ("v", self.v)))
         m = self.mask
         if isinstance(m, KeyPadding):
-            m = f"KeyPadding(valid={m.valid.int().tolist()})"
+            m = f"KeyPadding(valid={m.valid.int().tolist()}, causal={m.causal}, window={m.window})"
         elif isinstance(m, DenseMask):
             m = f"DenseMask({tuple(m.mask.shape)}, {m.mask.dtype})"
         return f"Example({shapes} {self.q.dtype} mask={m} scale={self.scale} grad={self.grad})"
@@ -124,7 +124,9 @@ def examples(draw, lim: Limits):
             valid = torch.rand(batch, sk, generator=g) < draw(st.floats(0.05, 1.0))
             if draw(st.booleans()):
                 valid[draw(st.integers(0, batch - 1))] = False          # a sequence with no key at all
-            mask = KeyPadding(valid)
+            causal = draw(st.booleans())
+            window = draw(st.one_of(st.none(), st.integers(1, lim.max_len))) if causal else None
+            mask = KeyPadding(valid, causal=causal, window=window)
         elif kind == "dense_bool":
             m = torch.rand(batch, draw(st.sampled_from([1, hq])), sq, sk, generator=g) < draw(st.floats(0.1, 1.0))
             mask = DenseMask(m)
@@ -147,7 +149,7 @@ def _to_device(ex: Example) -> Example:
         return ex
     mask = ex.mask
     if isinstance(mask, KeyPadding):
-        mask = KeyPadding(mask.valid.to(DEVICE))
+        mask = KeyPadding(mask.valid.to(DEVICE), causal=mask.causal, window=mask.window)
     elif isinstance(mask, DenseMask):
         mask = DenseMask(mask.mask.to(DEVICE))
     return Example(ex.q.to(DEVICE), ex.k.to(DEVICE), ex.v.to(DEVICE), mask, ex.scale, ex.grad)

@@ -452,22 +452,29 @@ def test_backend_lowers_each_mask_to_kernel_arguments_and_refuses_dense_masks():
     from attnlib.inputs import validate_call
     from attnlib.masks import BlockDiagonal, Causal, DenseMask, KeyPadding
 
-    dev = torch.device(DEVICE)
-    assert _lower(None, dev) == {}
-    assert _lower(Causal(), dev) == {"causal": True, "top_left": False, "window": None}
-    assert _lower(Causal(align="top_left", window=3), dev) == {"causal": True, "top_left": True, "window": 3}
-    bd = _lower(BlockDiagonal([3, 5], [4, 6], causal=True), dev)
+    q, k, v = rand(1, 6, 2, 16, dtype=torch.float32, seed=1), rand(1, 8, 2, 16, dtype=torch.float32, seed=2), rand(1, 8, 2, 16, dtype=torch.float32, seed=3)
+
+    def lower(mask, q=q, k=k, v=v):
+        return _lower(validate_call(q, k, v, mask))
+
+    assert lower(None) == {}
+    assert lower(Causal()) == {"causal": True, "top_left": False, "window": None}
+    assert lower(Causal(align="top_left", window=3)) == {"causal": True, "top_left": True, "window": 3}
+    qp, kp = rand(8, 2, 16, dtype=torch.float32, seed=4), rand(10, 2, 16, dtype=torch.float32, seed=5)
+    bd = lower(BlockDiagonal([3, 5], [4, 6], causal=True), qp, kp, kp)
     assert bd["cu_seqlens_q"].tolist() == [0, 3, 8] and bd["cu_seqlens_k"].tolist() == [0, 4, 10]
     assert (bd["max_seqlen_q"], bd["max_seqlen_k"], bd["causal"], bd["check_cu_seqlens"]) == (5, 6, True, False)
-    valid = torch.ones(2, 8, dtype=torch.bool, device=DEVICE)
-    assert _lower(KeyPadding(valid), dev)["key_valid"] is valid
+    valid = torch.ones(1, 8, dtype=torch.bool, device=DEVICE)
+    assert lower(KeyPadding(valid))["key_valid"] is valid
+    assert lower(KeyPadding(valid, causal=True, window=2)) == {"causal": True, "top_left": False, "window": 2,
+                                                                "key_valid": valid}
     q, k, v = _qkv()
     dense = DenseMask(torch.ones(1, 1, 8, 8, dtype=torch.bool, device=DEVICE))
     reasons = TritonBackend().why_not(validate_call(q, k, v, dense))
     assert any("DenseMask" in r and "dense" in r for r in reasons)
     assert TritonBackend().why_not(validate_call(q, k, v, Causal(window=2))) == []
-    with pytest.raises(TypeError, match="DenseMask is not served"):
-        _lower(dense, dev)
+    with pytest.raises(TypeError, match="DenseMask"):
+        lower(dense, q, k, v)
 
 
 # ---------------------------------------------------------------------------------------------

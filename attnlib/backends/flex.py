@@ -1,26 +1,24 @@
 """``flex``: ``torch.nn.attention.flex_attention``, compiled with ``torch.compile``.
 
-On CPU inductor generates a C++ kernel, on CUDA a Triton one. Every mask becomes a ``BlockMask``
-(``create_block_mask``) over one of four ``mask_mod`` families, built once per (mask, shape, device)
-and kept in a bounded LRU so repeated layers reuse it:
+On CPU inductor generates a C++ kernel, on CUDA a Triton one. The call's plan (:mod:`attnlib.plan`)
+becomes a ``BlockMask`` (``create_block_mask``) over one of five ``mask_mod`` families, built once per
+(mask, shape, device) and kept in a bounded LRU so repeated layers reuse it:
 
-=====================  ==============================================================================
-family                 lowering
-=====================  ==============================================================================
-``interval``           ``None``, ``Causal`` (either alignment, any window) and ``BlockDiagonal``
-                       (different q/kv lengths per block, per-block bottom-right causal and window):
-                       under each of them query row ``i`` sees one contiguous run of keys
-                       ``lo[i] <= j <= hi[i]`` in global key coordinates. ``lo``/``hi`` are int32 lookup
-                       tensors built once per mask from the cu_seqlens (a row's block and that block's
-                       bottom-right diagonal are folded into them), so the mask_mod is two gathers and two
-                       compares, and one compiled kernel serves full, causal and varlen calls alike
-                       (fewer compiles; full blocks never evaluate the mask_mod). ``lo > hi``: no key.
-``key_padding``        ``valid[b, j]`` (per-batch lookup; any pattern: left, right, holes)
-``dense_bool``         ``mask[b, h, i, j]`` on the broadcast-expanded tensor (block mask over its own
-                       batch/head extent)
-``dense_bias``         additive float mask: ``score_mod`` adds ``bias[b, h, i, j]``; a ``mask_mod``
-                       ``bias > -inf`` makes the block mask skip hidden blocks and rows
-=====================  ==============================================================================
+========================  ===========================================================================
+family                    lowering
+========================  ===========================================================================
+``interval``              structured plans (``None``, ``Causal``, ``BlockDiagonal``): under each, query row
+                          ``i`` sees one contiguous run of keys ``lo[i] <= j <= hi[i]`` in global key
+                          coordinates (``Plan.intervals``); ``lo``/``hi`` are int32 lookup tensors, so the
+                          mask_mod is two gathers and two compares, and one compiled kernel serves full,
+                          causal and varlen calls alike (full blocks never evaluate the mask_mod)
+``key_padding``           ``valid[b, j]`` (per-batch lookup; any pattern: left, right, holes)
+``key_padding_interval``  ``KeyPadding(causal=True)``: the interval test and ``valid[b, j]``
+``dense_bool``            ``mask[b, h, i, j]`` on the broadcast-expanded tensor (block mask over its own
+                          batch/head extent)
+``dense_bias``            additive float mask: ``score_mod`` adds ``bias[b, h, i, j]``; a ``mask_mod``
+                          ``bias > -inf`` makes the block mask skip hidden blocks and rows
+========================  ===========================================================================
 
 Compiled functions are cached per (device type, family, dtype, head dims, head counts, LSE, scale; flex bakes
 the scale into the kernel, and the default ``D ** -0.5`` adds no key of its own): each key gets its
@@ -65,14 +63,14 @@ from typing import Any, Callable
 
 import torch
 
+from .. import settings
 from ..inputs import AttentionCall
 from ..masks import BlockDiagonal, Causal, DenseMask, KeyPadding
+from ..plan import Plan
 from .base import Backend, Capabilities
 
 _NEG_INF = float("-inf")
 _MIN_TORCH = (2, 5)
-#: key index that no key reaches (``hi`` of a row that sees every key of a non-causal block)
-_FAR = 2 ** 30
 #: bounded caches: lowered masks (block masks + lookup tensors) and compiled entry functions
 PLAN_CACHE_SIZE = 64
 COMPILED_CACHE_SIZE = 32
@@ -81,7 +79,7 @@ COMPILED_CACHE_SIZE = 32
 #: CUDA keeps flex's default (128), which its Triton kernels are tuned for.
 BLOCK_SIZE = {"cpu": 64}
 #: the CPU shape guard (module docstring); ``ATTNLIB_FLEX_CPU_GUARD=0`` disables it
-ENV_CPU_GUARD = "ATTNLIB_FLEX_CPU_GUARD"
+ENV_CPU_GUARD = settings.FLEX_CPU_GUARD
 #: the padded shapes' granularity above 64 (one BlockMask tile on CPU) and the smallest key bucket
 _BUCKET_STEP = 64
 _MIN_KEY_BUCKET = 16
@@ -133,7 +131,7 @@ def _environment_reason() -> str | None:
 def _cpu_reason() -> str | None:
     """Why inductor cannot build flex's C++ kernel here (None: it can)."""
     import sys
-    cxx = os.environ.get("CXX")
+    cxx = os.environ.get(settings.CXX)
     found = shutil.which(cxx) if cxx else None
     if not found:
         found = next((shutil.which(c) for c in ("g++", "clang++", "c++") if shutil.which(c)), None)
@@ -161,7 +159,7 @@ def _cuda_reason() -> str | None:
 
 def cpu_guard_enabled() -> bool:
     """True unless ``ATTNLIB_FLEX_CPU_GUARD`` is ``0``/``false``/``off`` (read per call: tests flip it)."""
-    return os.environ.get(ENV_CPU_GUARD, "1").strip().lower() not in ("0", "false", "off", "no")
+    return os.environ.get(ENV_CPU_GUARD, "1").strip().lower() not in settings.FLEX_CPU_GUARD_OFF
 
 
 def _bucket(n: int, *, minimum: int = 1) -> int:
@@ -188,7 +186,7 @@ class FlexBackend(Backend):
     capabilities = Capabilities(
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-        autograd=True,  # CUDA only; CPU is refused in extra_reasons
+        autograd=frozenset({"cuda"}),  # torch's CPU flex kernel has no backward
     )
     implementation = (f"torch {torch.__version__} flex_attention + torch.compile "
                       "(inductor C++ kernel on CPU, Triton on CUDA)")
@@ -203,9 +201,6 @@ class FlexBackend(Backend):
             r = _cpu_reason()
             if r:
                 out.append(r)
-            if call.requires_grad:
-                out.append(f"autograd on device=cpu: torch {torch.__version__}'s CPU flex kernel is inference-only "
-                           "(no backward); use device=cuda or another backend for training")
         elif dev == "cuda":
             r = _cuda_reason()
             if r:
@@ -291,6 +286,12 @@ def _key_padding_mod(valid: torch.Tensor):
     return mask_mod
 
 
+def _interval_valid_mod(lo: torch.Tensor, hi: torch.Tensor, valid: torch.Tensor):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx >= lo[q_idx]) & (kv_idx <= hi[q_idx]) & valid[b, kv_idx]
+    return mask_mod
+
+
 def _dense_bool_mod(mask4: torch.Tensor):
     def mask_mod(b, h, q_idx, kv_idx):
         return mask4[b, h, q_idx, kv_idx]
@@ -309,40 +310,6 @@ def _dense_bias_score(bias4: torch.Tensor):
     return score_mod
 
 
-def _intervals(mask, sq: int, sk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 CPU ``lo, hi`` ``[Sq]``: query row ``i`` sees keys ``lo[i] <= j <= hi[i]`` (global indices)."""
-    if mask is None:
-        blocks = [(0, sq, 0, sk, False, None, 0)]
-    elif isinstance(mask, Causal):
-        blocks = [(0, sq, 0, sk, True, mask.window, mask.offset(sq, sk))]
-    else:
-        blocks, q0, k0 = [], 0, 0
-        for lq, lk in zip(mask.q_seqlens, mask.kv_seqlens):
-            blocks.append((q0, lq, k0, lk, mask.causal, mask.window, lk - lq))
-            q0 += lq
-            k0 += lk
-    lo = torch.empty(sq, dtype=torch.int64)
-    hi = torch.empty(sq, dtype=torch.int64)
-    for q0, lq, k0, lk, causal, window, off in blocks:
-        if lq == 0:
-            continue
-        i = torch.arange(lq, dtype=torch.int64)
-        if causal:
-            last = i + off                                  # newest visible local key
-            first = last - window + 1 if window is not None else torch.zeros_like(i)
-            last = last.clamp(max=lk - 1)
-            first = first.clamp(min=0)
-        else:
-            first = torch.zeros_like(i)
-            last = torch.full_like(i, lk - 1)
-        lo[q0:q0 + lq] = first + k0
-        hi[q0:q0 + lq] = last + k0
-        # rows with no key (lk == 0, or causal with more queries than keys) keep lo > hi
-        hi[q0:q0 + lq] = torch.where(first > last, torch.full_like(i, -1), hi[q0:q0 + lq])
-        lo[q0:q0 + lq] = torch.where(first > last, torch.full_like(i, _FAR), lo[q0:q0 + lq])
-    return lo, hi
-
-
 def _mask_key(mask, batch: int, hq: int, sq: int, sk: int, device: torch.device, padded: tuple[int, int]):
     """Cache key of a mask at a shape (and the padded shape the kernel sees). Tensor-holding masks key on
     the tensor's id and version counter (the plan keeps the tensor alive, so the id cannot be reused while
@@ -351,13 +318,14 @@ def _mask_key(mask, batch: int, hq: int, sq: int, sk: int, device: torch.device,
     dev = (device.type, device.index)
     if mask is None or isinstance(mask, (Causal, BlockDiagonal)):
         return ("interval", mask, sq, sk, padded, dev)
+    extra = (mask.causal, mask.window) if isinstance(mask, KeyPadding) else ()
     t = mask.valid if isinstance(mask, KeyPadding) else mask.mask
     try:
         version = t._version
     except RuntimeError:   # inference tensors have no version counter: identity only
         version = None
     kind = "key_padding" if isinstance(mask, KeyPadding) else "dense"
-    return (kind, id(t), version, tuple(t.shape), t.dtype, batch, hq, sq, sk, padded, dev)
+    return (kind, id(t), version, tuple(t.shape), t.dtype, batch, hq, sq, sk, padded, dev, *extra)
 
 
 def _anchor(mask):
@@ -368,18 +336,19 @@ def _anchor(mask):
     return None
 
 
-def _plan(mask, batch: int, hq: int, sq: int, sk: int, device: torch.device,
+def _plan(plan: Plan, mask, batch: int, hq: int, device: torch.device,
           padded: tuple[int, int] | None = None) -> _Plan:
     """The lowered mask for an ``Sq x Sk`` call whose kernel sees ``padded = (Sq', Sk')`` (>=) lengths:
     padded query rows and keys are hidden; ``empty`` covers the real ``Sq`` rows only."""
+    sq, sk = plan.seqlen_q, plan.seqlen_k
     padded = (sq, sk) if padded is None else padded
     key = _mask_key(mask, batch, hq, sq, sk, device, padded)
-    plan = _lru_get(_PLANS, key)
-    if plan is not None and plan.anchor is _anchor(mask):
-        return plan
-    plan = _build_plan(mask, batch, hq, sq, sk, device, *padded)
-    _lru_put(_PLANS, key, plan, PLAN_CACHE_SIZE)
-    return plan
+    lowered = _lru_get(_PLANS, key)
+    if lowered is not None and lowered.anchor is _anchor(mask):
+        return lowered
+    lowered = _build_plan(plan, batch, hq, device, *padded)
+    _lru_put(_PLANS, key, lowered, PLAN_CACHE_SIZE)
+    return lowered
 
 
 def _create_block_mask(mask_mod, b, h, sq: int, sk: int, device):
@@ -401,42 +370,46 @@ def _pad_dim(x: torch.Tensor, dim: int, to: int, value) -> torch.Tensor:
     return torch.cat([x, x.new_full(shape, value)], dim=dim)
 
 
-def _build_plan(mask, batch: int, hq: int, sq: int, sk: int, device: torch.device, psq: int | None = None,
+def _build_plan(plan: Plan, batch: int, hq: int, device: torch.device, psq: int | None = None,
                 psk: int | None = None) -> _Plan:
+    """Lower the call's plan to a BlockMask (+ score_mod): padded rows see nothing, padded keys are hidden."""
+    sq, sk = plan.seqlen_q, plan.seqlen_k
     psq, psk = (sq if psq is None else psq), (sk if psk is None else psk)
-    if mask is None or isinstance(mask, (Causal, BlockDiagonal)):
-        lo, hi = _intervals(mask, sq, sk)          # hi <= sk - 1: padded keys are never visible
-        empty_rows = lo > hi
-        empty = empty_rows.to(device) if bool(empty_rows.any()) else None   # CPU tensors: no device sync
-        lo_k, hi_k = _pad_dim(lo, 0, psq, _FAR), _pad_dim(hi, 0, psq, -1)   # padded query rows see nothing
-        mod = _interval_mod(lo_k.to(device=device, dtype=torch.int32), hi_k.to(device=device, dtype=torch.int32))
-        bm = _create_block_mask(mod, None, None, psq, psk, device)
-        return _Plan("interval", bm, mod, None, empty, (lo, hi))
-    if isinstance(mask, KeyPadding):
-        valid = mask.valid
-        mod = _key_padding_mod(_pad_dim(valid, 1, psk, False))
+    empty = plan.empty_rows_on(device)        # structure: from Python ints; tensors: on the device
+    if plan.dense is None:
+        lo, hi = plan.intervals()             # hi <= sk - 1: padded keys are never visible
+        lo_k, hi_k = _pad_dim(lo, 0, psq, 0), _pad_dim(hi, 0, psq, -1)   # padded query rows see nothing
+        lo_d, hi_d = lo_k.to(device=device, dtype=torch.int32), hi_k.to(device=device, dtype=torch.int32)
+        if plan.key_valid is None:
+            mod = _interval_mod(lo_d, hi_d)
+            bm = _create_block_mask(mod, None, None, psq, psk, device)
+            return _Plan("interval", bm, mod, None, empty, (lo, hi))
+        valid = plan.key_valid
+        valid_p = _pad_dim(valid, 1, psk, False)
+        if plan.structure_full:
+            mod = _key_padding_mod(valid_p)
+            bm = _create_block_mask(mod, batch, None, psq, psk, device)
+            return _Plan("key_padding", bm, mod, None, empty, anchor=valid)
+        mod = _interval_valid_mod(lo_d, hi_d, valid_p)
         bm = _create_block_mask(mod, batch, None, psq, psk, device)
-        return _Plan("key_padding", bm, mod, None, (~valid.any(dim=-1))[:, None, None], anchor=valid)
-    if isinstance(mask, DenseMask):
-        m = mask.mask
-        m4 = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
-        mb, mh = m4.shape[0], m4.shape[1]
-        hidden = False if mask.is_bool else _NEG_INF
-        if (psq, psk) != (sq, sk):
-            m4p = _pad_dim(_pad_dim(m4.expand(mb, mh, sq, sk), 2, psq, hidden), 3, psk, hidden)
-        else:
-            m4p = m4
-        full = m4p.expand(batch, hq, psq, psk)
-        if mask.is_bool:
-            mod = _dense_bool_mod(full)
-            empty = ~m4.any(dim=-1)
-            bm = _create_block_mask(mod, mb, mh, psq, psk, device)
-            return _Plan("dense_bool", bm, mod, None, empty, anchor=m)
-        mod = _dense_finite_mod(full)
-        empty = ~(m4 > _NEG_INF).any(dim=-1)
+        return _Plan("key_padding_interval", bm, mod, None, empty, (lo, hi), anchor=valid)
+    mask = plan.dense                          # DenseMask
+    m = mask.mask
+    m4 = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
+    mb, mh = m4.shape[0], m4.shape[1]
+    hidden = False if mask.is_bool else _NEG_INF
+    if (psq, psk) != (sq, sk):
+        m4p = _pad_dim(_pad_dim(m4.expand(mb, mh, sq, sk), 2, psq, hidden), 3, psk, hidden)
+    else:
+        m4p = m4
+    full = m4p.expand(batch, hq, psq, psk)
+    if mask.is_bool:
+        mod = _dense_bool_mod(full)
         bm = _create_block_mask(mod, mb, mh, psq, psk, device)
-        return _Plan("dense_bias", bm, mod, _dense_bias_score(full), empty, anchor=m)
-    raise TypeError(f"flex cannot lower {type(mask).__name__}")
+        return _Plan("dense_bool", bm, mod, None, empty, anchor=m)
+    mod = _dense_finite_mod(full)
+    bm = _create_block_mask(mod, mb, mh, psq, psk, device)
+    return _Plan("dense_bias", bm, mod, _dense_bias_score(full), empty, anchor=m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,7 +500,7 @@ def _forward(call: AttentionCall):
         # the CPU shape guard: static shapes, lengths padded to a bucket (module docstring)
         static = dev.type == "cpu" and cpu_guard_enabled()
         psq, psk = (_bucket(sq), _bucket(sk, minimum=_MIN_KEY_BUCKET)) if static else (sq, sk)
-        plan = _plan(call.mask, b, hq, sq, sk, dev, (psq, psk))
+        plan = _plan(call.plan, call.mask, b, hq, dev, (psq, psk))
         lse_in_kernel = call.return_lse and dev.type != "cpu"
         d_pad, dv_pad = _padded_head_dim(call.head_dim, dev, static), _padded_head_dim(dv, dev, static)
         # flex bakes the scale into the kernel: a new scale value compiles once, under its own key
@@ -593,11 +566,12 @@ def _lse_pass(qh: torch.Tensor, kh: torch.Tensor, plan: _Plan, scale: float) -> 
     for a in range(0, sq, rows):
         e = min(sq, a + rows)
         k0, k1 = 0, sk
-        if plan.lo_hi_cpu is not None:
+        if plan.lo_hi_cpu is not None:    # CPU tensors (host reads here cost no device sync)
             lo, hi = plan.lo_hi_cpu
-            k0, k1 = int(lo[a:e].min()), int(hi[a:e].max()) + 1
-            if k1 <= k0:
+            seen = hi[a:e] >= lo[a:e]
+            if not bool(seen.any()):
                 continue          # every row of the chunk sees nothing: stays -inf
+            k0, k1 = int(lo[a:e][seen].min()), int(hi[a:e][seen].max()) + 1
         s = torch.matmul(qg[:, :, :, a:e].float(), kh[:, :, None, k0:k1].float().transpose(-1, -2))
         s = s.reshape(b, hq, e - a, k1 - k0) * scale
         qi = torch.arange(a, e, device=dev).view(1, 1, -1, 1)

@@ -1,12 +1,16 @@
 """``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``.
 
 Lowering:
-- ``Causal``: ``is_causal=True`` only when the diagonal offset is 0 (``Sq == Sk``, or top-left);
-  one-query decode with no window needs no mask at all; anything else gets a cached bool grid.
-  ``is_causal`` is never passed when it would mean top-left for a bottom-right mask.
-- ``BlockDiagonal``: consecutive blocks of equal ``(Sq, Sk)`` become one batched call on free views
+Lowering reads the call's plan (:mod:`attnlib.plan`):
+
+- one causal block: ``is_causal=True`` only when the plan's diagonal offset is 0 (``Sq == Sk``, or
+  top-left); a plan where every query sees every key (one-query decode) needs no mask at all; anything
+  else gets the plan's bool grid (cached per plan and device). ``is_causal`` is never passed when it
+  would mean top-left for a bottom-right mask.
+- ``BlockDiagonal``: the plan's runs of equal blocks become one batched call on free views
   (CFG branches, equal-length packing); other blocks are called one by one on views. No ``[T, T]`` mask.
-- ``KeyPadding``: a ``[B, 1, 1, Sk]`` bool mask. ``DenseMask``: passed through.
+- ``KeyPadding``: a ``[B, 1, 1, Sk]`` bool mask (``[B, 1, Sq, Sk]`` with ``causal=True``).
+  ``DenseMask``: passed through.
 - GQA: query heads folded into the query axis when the mask allows it (no K/V copies), else
   ``enable_gqa=True`` (K/V expanded only on the LSE path, whose kernels lack it).
 - Rows with no visible key: unmasked before the call (SDPA would give NaN), then zeroed (LSE -inf).
@@ -21,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ..inputs import AttentionCall
-from ..masks import BlockDiagonal, Causal, DenseMask, KeyPadding
+from ..masks import BlockDiagonal
+from ..plan import Plan, block_plan
 from .base import Backend, Capabilities
 from .common import repeat_kv, zero_rows
 
@@ -37,69 +42,64 @@ class SdpaBackend(Backend):
     implementation = f"torch {torch.__version__} scaled_dot_product_attention"
 
     def forward(self, call: AttentionCall):
-        mask = call.mask
-        if isinstance(mask, BlockDiagonal):
-            return _block_diagonal(call.q, call.k, call.v, mask, call.scale, call.return_lse)
+        plan = call.plan
+        if isinstance(call.mask, BlockDiagonal):
+            return _block_diagonal(call.q, call.k, call.v, plan, call.scale, call.return_lse)
         q, k, v = call.q, call.k, call.v
         if call.packed:
             q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-        out, lse = _dense(q, k, v, mask, call.scale, call.return_lse)
+        out, lse = _dense(q, k, v, plan, call.scale, call.return_lse)
         if call.packed:
             out, lse = out[0], (lse[0] if lse is not None else None)
         return out, lse
 
 
 # ---------------------------------------------------------------------------------------------
-# mask lowering: (attn_mask, is_causal, empty_rows) for BHSD tensors
+# mask lowering, from the plan: (attn_mask, is_causal, empty_rows) for BHSD tensors
 # ---------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=256)
-def _causal_lowering(sq: int, sk: int, offset: int, window, device: torch.device):
-    """Lower one causal diagonal. Returns ``(attn_mask | None, is_causal, empty_rows | None)``."""
-    if window is None and offset == 0:
-        return None, True, None
-    if window is None and offset >= sk - 1:
-        return None, False, None  # every query sees every key (one-token decode against a cache)
-    i = torch.arange(sq, device=device).unsqueeze(1)
-    j = torch.arange(sk, device=device).unsqueeze(0)
-    keep = j <= i + offset
-    if window is not None:
-        keep &= j > i + offset - window
-    empty = ~keep.any(dim=-1)                      # [sq]
-    if sk == 0 or bool(empty.any()):
+def _structured_lowering(plan: Plan, device: torch.device):
+    """One block, no tensors. Returns ``(attn_mask | None, is_causal, empty_rows | None)``."""
+    block = plan.single
+    if plan.structure_full:
+        return None, False, None        # e.g. one-token decode against a cache
+    if block.causal and block.offset == 0 and block.window is None and block.k_len == plan.seqlen_k:
+        return None, True, None         # torch's is_causal is the top-left diagonal
+    keep = plan.structure_grid(device)
+    empty = plan.empty_rows_on(device)  # [Sq] from the plan's Python ints (no device read)
+    if empty is not None:               # SDPA gives NaN for rows with no key: unmask them, zero them after
         keep = keep | empty.unsqueeze(-1)
-        return keep, False, empty
-    return keep, False, None
+    return keep, False, empty
 
 
-def _lower_dense_mask(mask, sq: int, sk: int, dtype: torch.dtype, device: torch.device):
+def _lower(plan: Plan, dtype: torch.dtype, device: torch.device):
     """Returns ``(attn_mask, is_causal, empty_rows)``; empty_rows broadcasts to ``[B, H, Sq]``."""
-    if mask is None:
-        return None, False, None
-    if isinstance(mask, Causal):
-        return _causal_lowering(sq, sk, mask.offset(sq, sk), mask.window, device)
-    if isinstance(mask, KeyPadding):
-        valid = mask.valid
-        empty = ~valid.any(dim=-1)                 # [B]
-        valid = valid | empty.unsqueeze(-1)
-        return valid[:, None, None, :], False, empty[:, None, None]
-    if isinstance(mask, DenseMask):
-        m = mask.mask
+    if plan.dense is not None:
+        m = plan.dense.mask
         while m.dim() < 4:
             m = m.unsqueeze(0)
-        if mask.is_bool:
-            empty = ~m.any(dim=-1)
+        empty = plan.empty_rows_on(device)
+        if m.dtype == torch.bool:
             return m | empty.unsqueeze(-1), False, empty
-        finite = m > _NEG_INF
-        empty = ~finite.any(dim=-1)
         m = torch.where(empty.unsqueeze(-1), torch.zeros((), dtype=m.dtype, device=m.device), m)
         return m.to(dtype), False, empty
-    raise TypeError(f"sdpa cannot lower {type(mask).__name__} here")
+    if plan.key_valid is not None:
+        valid = plan.key_valid
+        if plan.structure_full:
+            keep = valid[:, None, None, :]                               # [B, 1, 1, Sk]
+        else:
+            keep = plan.structure_grid(device)[None, None] & valid[:, None, None, :]
+        empty = plan.empty_rows_on(device)                               # [B, 1, Sq or 1]
+        if plan.structure_full:
+            empty = empty[..., :1]
+        return keep | empty.unsqueeze(-1), False, empty
+    return _structured_lowering(plan, device)
 
 
 # ---------------------------------------------------------------------------------------------
 # calls
 # ---------------------------------------------------------------------------------------------
-def _dense(q, k, v, mask, scale: float, return_lse: bool):
+def _dense(q, k, v, plan: Plan, scale: float, return_lse: bool):
     """BSHD in, ``(out BSHD, lse [B,H,Sq] | None)`` out."""
     b, sq, hq, _ = q.shape
     sk, hkv = k.shape[1], k.shape[2]
@@ -108,7 +108,7 @@ def _dense(q, k, v, mask, scale: float, return_lse: bool):
         out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
         lse = torch.full((b, hq, sq), _NEG_INF, device=q.device) if return_lse else None
         return out, lse
-    attn_mask, is_causal, empty = _lower_dense_mask(mask, sq, sk, q.dtype, q.device)
+    attn_mask, is_causal, empty = _lower(plan, q.dtype, q.device)
     # GQA: when the mask does not depend on the query position, fold each kv group's query heads into
     # the query axis ([B, Hkv, ratio*Sq, D]); no K/V copies, and decode becomes one longer query block.
     fold = hq != hkv and not is_causal and (attn_mask is None or (
@@ -166,38 +166,26 @@ def _sdpa_with_lse(qh, kh, vh, attn_mask, is_causal: bool, scale: float):
     return out, lse
 
 
-def _block_diagonal(q, k, v, mask: BlockDiagonal, scale: float, return_lse: bool):
-    """THD in, ``(out [Tq,H,Dv], lse [H,Tq] | None)`` out."""
-    block_mask = Causal(window=mask.window) if mask.causal else None
+def _block_diagonal(q, k, v, plan: Plan, scale: float, return_lse: bool):
+    """THD in, ``(out [Tq,H,Dv], lse [H,Tq] | None)`` out: one batched call per run of equal blocks."""
     outs, lses = [], []
-    for q0, k0, n, lq, lk in _runs(mask):
+    for q0, k0, n, block in plan.runs():
+        lq, lk = block.q_len, block.k_len
         if lq == 0:
             continue
         qg = q.narrow(0, q0, n * lq).view(n, lq, *q.shape[1:])
         kg = k.narrow(0, k0, n * lk).view(n, lk, *k.shape[1:])
         vg = v.narrow(0, k0, n * lk).view(n, lk, *v.shape[1:])
-        out, lse = _dense(qg, kg, vg, block_mask, scale, return_lse)
+        out, lse = _dense(qg, kg, vg, block_plan(block), scale, return_lse)
         outs.append(out.reshape(n * lq, *out.shape[2:]))
         if return_lse:
             lses.append(lse.transpose(0, 1).reshape(lse.shape[1], n * lq))
+    if not outs:
+        out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+        lse = torch.full((q.shape[1], q.shape[0]), _NEG_INF, device=q.device) if return_lse else None
+        return out, lse
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
     lse = None
     if return_lse:
         lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=1)
     return out, lse
-
-
-@functools.lru_cache(maxsize=1024)
-def _runs(mask: BlockDiagonal):
-    """Maximal runs of consecutive blocks with equal (Sq, Sk): ``(q_start, k_start, n, Sq, Sk)``."""
-    runs = []
-    q0 = k0 = 0
-    for lq, lk in zip(mask.q_seqlens, mask.kv_seqlens):
-        if runs and runs[-1][3] == lq and runs[-1][4] == lk:
-            a, b, n, _, _ = runs[-1]
-            runs[-1] = (a, b, n + 1, lq, lk)
-        else:
-            runs.append((q0, k0, 1, lq, lk))
-        q0 += lq
-        k0 += lk
-    return tuple(runs)

@@ -5,7 +5,7 @@ One kernel family serves every mask natively, so no mask is ever materialized:
 - ``Causal``: ``causal=True``, ``top_left`` for ``align="top_left"``, ``window`` as is.
 - ``BlockDiagonal``: packed THD with the mask's cached ``cu_seqlens_q/k`` on q's device and its
   Python-int ``max_seqlen_q/k`` (no device sync); ``causal``/``window`` per block.
-- ``KeyPadding``: ``key_valid`` ``[B, Sk]`` read by the kernel.
+- ``KeyPadding``: ``key_valid`` ``[B, Sk]`` read by the kernel (with ``causal=True``: both).
 - ``DenseMask``: not served (it is a materialized mask by definition); ``why_not`` says so.
 
 Fully-masked key tiles (causal, window, other blocks) are skipped, not computed and discarded.
@@ -25,8 +25,9 @@ import os
 
 import torch
 
+from .. import settings
 from ..inputs import AttentionCall
-from ..masks import BlockDiagonal, Causal, KeyPadding
+from ..masks import BlockDiagonal
 from .base import ALL_MASK_FEATURES, Backend, Capabilities
 
 _INTERPRET_HINT = "set TRITON_INTERPRET=1 before triton is imported to run the kernels on the CPU (slow)"
@@ -39,8 +40,6 @@ class TritonBackend(Backend):
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         max_head_dim=256,
         masks=ALL_MASK_FEATURES - {"dense"},
-        notes=("DenseMask is not served: the kernels never read a materialized mask",
-               "CPU only under TRITON_INTERPRET=1"),
     )
     implementation = "attnlib_kernels Triton FA2-style forward + backward"
 
@@ -59,13 +58,16 @@ class TritonBackend(Backend):
             out.append(f"device=cpu needs the Triton interpreter; {_INTERPRET_HINT}")
         if call.device.type == "cuda" and _interpreting():
             out.append("TRITON_INTERPRET=1 is set: the kernels run interpreted on the CPU, not on cuda")
+        diagonal = _diagonal_reason(call.plan)
+        if diagonal:
+            out.append(diagonal)
         return out
 
     def forward(self, call: AttentionCall):
         from attnlib_kernels.attention import attention
 
         q, k, v = call.q, call.k, call.v
-        kwargs = _lower(call.mask, q.device)
+        kwargs = _lower(call)
         packed_rows = call.packed and not isinstance(call.mask, BlockDiagonal)
         if packed_rows:  # THD without a BlockDiagonal: one sequence, i.e. a batch of 1
             q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
@@ -77,23 +79,33 @@ class TritonBackend(Backend):
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return os.environ.get(settings.TRITON_INTERPRET, "0") == "1"
 
 
 def deterministic_mode() -> bool:
     """True under ``torch.use_deterministic_algorithms(True)`` or ``ATTNLIB_DETERMINISTIC=1``."""
-    return torch.are_deterministic_algorithms_enabled() or os.environ.get("ATTNLIB_DETERMINISTIC", "0") == "1"
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get(settings.DETERMINISTIC, "0") == "1"
 
 
 # ---------------------------------------------------------------------------------------------
-# mask lowering: keyword arguments of attnlib_kernels.attention.attention
+# mask lowering, from the plan: keyword arguments of attnlib_kernels.attention.attention
 # ---------------------------------------------------------------------------------------------
-def _lower(mask, device: torch.device) -> dict:
-    if mask is None:
-        return {}
-    if isinstance(mask, Causal):
-        return {"causal": True, "top_left": mask.top_left, "window": mask.window}
-    if isinstance(mask, BlockDiagonal):
+def _diagonal_reason(plan) -> str | None:
+    """The kernels place the causal diagonal at ``Sk - Sq`` (bottom-right) or ``0`` (top-left), per block."""
+    for b in plan.blocks:
+        if b.causal and b.offset not in (b.k_len - b.q_len, 0):
+            return (f"a causal block with diagonal offset {b.offset} ({b.q_len} queries x {b.k_len} keys): the "
+                    "kernels place the diagonal bottom-right or top-left only")
+        if b.causal and plan.packed and b.offset != b.k_len - b.q_len:
+            return "packed blocks with a top-left diagonal: the kernels are bottom-right per block"
+    return None
+
+
+def _lower(call: AttentionCall) -> dict:
+    plan = call.plan
+    device = call.q.device
+    if isinstance(call.mask, BlockDiagonal):
+        mask = call.mask
         return {
             "cu_seqlens_q": mask.cu_seqlens_q_on(device),
             "cu_seqlens_k": mask.cu_seqlens_k_on(device),
@@ -103,7 +115,14 @@ def _lower(mask, device: torch.device) -> dict:
             "window": mask.window,
             "check_cu_seqlens": False,  # built and checked by BlockDiagonal itself
         }
-    if isinstance(mask, KeyPadding):
-        return {"key_valid": mask.valid}
-    raise TypeError(f"triton cannot lower {type(mask).__name__} (DenseMask is not served: use Causal, "
-                    "BlockDiagonal or KeyPadding, or another backend)")
+    if plan.dense is not None:
+        raise TypeError("triton cannot lower a DenseMask (it is a materialized mask by definition): use Causal, "
+                        "BlockDiagonal or KeyPadding, or another backend")
+    block = plan.single
+    kwargs = {}
+    if block.causal:
+        top_left = block.offset == 0 and block.k_len != block.q_len
+        kwargs = {"causal": True, "top_left": top_left, "window": block.window}
+    if plan.key_valid is not None:
+        kwargs["key_valid"] = plan.key_valid
+    return kwargs
