@@ -6,6 +6,7 @@ import torch
 
 import attnlib
 from attnlib import BlockDiagonal, Causal, DenseMask, KeyPadding
+from attnlib.integrations import vllm_omni
 from attnlib.integrations.vllm_omni import Attention, AttentionMetadata
 from attnlib.testing import assert_close_to_reference, reference_and_naive
 
@@ -53,14 +54,115 @@ def test_2d_padding_mask_true_means_keep(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_causal_with_left_padding_is_unpadded_into_causal_blocks(backend):
+def test_causal_with_a_padding_mask_is_causal_key_padding(backend):
     q, k, v = rand(2, 6, H, D), rand(2, 6, HKV, D, seed=1), rand(2, 6, HKV, D, seed=2)
-    keep = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6]).bool()
+    keep = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]).bool()      # left and right padding
     layer = Attention(H, D, True, None, num_kv_heads=HKV, backend=backend)
     out = layer(q, k, v, AttentionMetadata(attn_mask=keep))
-    assert layer.last_plan.mask == BlockDiagonal([4, 6], causal=True)
+    mask = layer.last_plan.mask
+    assert layer.last_plan.kind == "key_padding" and isinstance(mask, KeyPadding) and mask.causal
+    assert torch.equal(mask.valid, keep)
     dense = DenseMask((Causal().materialize(6, 6)[None] & keep[:, None, :])[:, None])
     check(out, q, k, v, dense, D ** -0.5)
+
+
+@pytest.mark.parametrize("sq,sk", [(6, 6), (3, 8)])
+def test_causal_with_a_padding_mask_reads_nothing_back_to_the_host_and_matches_math(monkeypatch, sq, sk):
+    q, k, v = rand(2, sq, H, D), rand(2, sk, HKV, D, seed=1), rand(2, sk, HKV, D, seed=2)
+    keep = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1, 0, 1, 1, 1, 0, 0, 0]])[:, :sk]      # 0/1 ints
+    dense = DenseMask((Causal().materialize(sq, sk)[None] & keep.bool()[:, None, :])[:, None])
+    want = attnlib.attention(q, k, v, dense, backend="math")
+
+    def host_read(*a, **kw):
+        raise AssertionError("a host read of a tensor")
+
+    for name in ("__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    out = Attention(H, D, True, None, num_kv_heads=HKV, backend="sdpa")(q, k, v, AttentionMetadata(attn_mask=keep))
+    monkeypatch.undo()
+    assert torch.allclose(out, want, atol=1e-5)
+
+
+def _count_plans(monkeypatch):
+    counts = {"plan_for": 0, "plan_from_dense": 0}
+    for name in counts:
+        real = getattr(vllm_omni, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            counts[_name] += 1
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(vllm_omni, name, counted)
+    return counts
+
+
+def test_every_layer_after_the_first_reuses_the_plan_of_the_same_metadata(monkeypatch):
+    counts = _count_plans(monkeypatch)
+    B, S, J = 2, 6, 3
+    q, k, v = rand(B, S, H, D), rand(B, S, HKV, D, seed=1), rand(B, S, HKV, D, seed=2)
+    jq, jk, jv = rand(B, J, H, D, seed=3), rand(B, J, HKV, D, seed=4), rand(B, J, HKV, D, seed=5)
+    padded = torch.tensor([[1] * S, [0, 1, 1, 1, 1, 1]]).bool()
+    four_d = Causal().materialize(S, S)[None, None] & padded[:, None, None]
+    metas = [AttentionMetadata(attn_mask=torch.tensor([[1, 1, 1, 1, 0, 0], [1] * S])),
+             AttentionMetadata(attn_mask=four_d),
+             AttentionMetadata(joint_query=jq, joint_key=jk, joint_value=jv,
+                               joint_attn_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()),
+             {"attn_mask": torch.tensor([[1, 0, 1, 1, 1, 1], [1] * S]).bool()}]        # a dict: no weak reference
+    for causal in (False, True):
+        layers = [Attention(H, D, causal, None, num_kv_heads=HKV, backend="sdpa") for _ in range(3)]
+        for meta in metas:
+            before = dict(counts)
+            outs = [layer(q, k, v, meta) for layer in layers]                          # three layers, one plan
+            assert counts["plan_for"] == before["plan_for"] + 1, (causal, meta)
+            assert counts["plan_from_dense"] - before["plan_from_dense"] <= 1
+            assert all(layer.last_plan is layers[0].last_plan for layer in layers)
+            assert all(torch.equal(o, outs[0]) for o in outs)
+    # packed: cu_seqlens are read once, not once per layer
+    cu = torch.tensor([0, 3, 8, 10], dtype=torch.int32)
+    meta = AttentionMetadata(cu_seqlens_q=cu, cu_seqlens_k=cu)
+    before = counts["plan_for"]
+    packed_q, packed_kv = rand(10, H, D), rand(10, HKV, D)
+    for _ in range(3):
+        Attention(H, D, True, None, num_kv_heads=HKV, backend="sdpa")(packed_q, packed_kv, packed_kv, meta)
+    assert counts["plan_for"] == before + 1
+
+
+def test_the_cached_plan_follows_in_place_edits_shapes_and_the_causal_flag(monkeypatch):
+    counts = _count_plans(monkeypatch)
+    q, k, v = rand(2, 5, H, D), rand(2, 5, HKV, D, seed=1), rand(2, 5, HKV, D, seed=2)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+    meta = AttentionMetadata(attn_mask=keep)
+    layer = Attention(H, D, False, None, num_kv_heads=HKV, backend="sdpa")
+    layer(q, k, v, meta)
+    assert layer.last_plan.kind == "key_padding" and counts["plan_for"] == 1
+    keep[0] = True                                          # an in-place edit of the mask: re-planned
+    out = layer(q, k, v, meta)
+    assert layer.last_plan.kind == "none" and counts["plan_for"] == 2
+    check(out, q, k, v, None, D ** -0.5)
+    Attention(H, D, True, None, num_kv_heads=HKV, backend="sdpa")(q, k, v, meta)          # another causal flag
+    assert counts["plan_for"] == 3
+    layer(q[:, :3], k, v, meta)                             # another query length
+    assert counts["plan_for"] == 4
+    meta.attn_mask = keep.clone()                           # another tensor in the same metadata object
+    layer(q, k, v, meta)
+    assert counts["plan_for"] == 5
+
+
+def test_inference_tensors_are_cached_per_metadata_object(monkeypatch):
+    counts = _count_plans(monkeypatch)
+    q, k, v = rand(2, 5, H, D), rand(2, 5, HKV, D, seed=1), rand(2, 5, HKV, D, seed=2)
+    layer = Attention(H, D, True, None, num_kv_heads=HKV, backend="sdpa")
+    with torch.inference_mode():
+        keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
+        meta = AttentionMetadata(attn_mask=keep)
+        layer(q, k, v, meta)
+        layer(q, k, v, meta)
+        assert counts["plan_for"] == 1
+        layer(q, k, v, AttentionMetadata(attn_mask=keep))    # a new metadata object: planned again
+        assert counts["plan_for"] == 2
+        layer(q, k, v, {"attn_mask": keep})                  # no weak reference, no version counter: not cached
+        layer(q, k, v, {"attn_mask": keep})
+        assert counts["plan_for"] == 4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -16,10 +16,12 @@ import torch
 import attnlib
 from attnlib import BlockDiagonal, Causal, DenseMask, KeyPadding
 from attnlib.backends import flash
-from attnlib.backends.lowering import (flash_causal_plan, flash_window_size, lower_key_padding, pad_head_dims, pad_keys,
-                                       unpad_keys, varlen_lse_to_dense)
+from attnlib.backends.flash import (KEY_PADDING_CAUSAL_REASON, FlashDense, FlashKeyPadding, FlashVarlen, Refused,
+                                    flash_window_size, lower, lower_key_padding, pad_head_dims, pad_keys, unpad_keys,
+                                    varlen_lse_to_dense)
 from attnlib.conformance import CASES, run_case
 from attnlib.inputs import validate_call
+from attnlib.plan import plan_for
 from attnlib import registry
 from attnlib.registry import get_backend
 
@@ -34,16 +36,46 @@ def test_window_of_w_newest_keys_is_flash_window_w_minus_1_left_0_right():
     assert flash_window_size(8) == (7, 0)
 
 
+def _lowered(mask, sq, sk):
+    return lower(plan_for(mask, sq, sk), mask)
+
+
 def test_bottom_right_causal_is_native_and_top_left_truncates_keys_when_keys_outnumber_queries():
-    none = flash_causal_plan(None, 5, 9)
-    assert (none.causal, none.window_size, none.key_stop) == (False, (-1, -1), None)
-    br = flash_causal_plan(Causal(window=4), 6, 29)
-    assert (br.causal, br.window_size, br.key_stop, br.reason) == (True, (3, 0), None, None)
-    tl = flash_causal_plan(Causal(align="top_left"), 6, 29)
-    assert (tl.causal, tl.window_size, tl.key_stop) == (True, (-1, -1), 6)
-    assert flash_causal_plan(Causal(align="top_left"), 7, 7).key_stop is None
-    bad = flash_causal_plan(Causal(align="top_left"), 12, 7)
-    assert "top_left" in bad.reason and "12" in bad.reason
+    assert _lowered(None, 5, 9) == FlashDense()
+    assert _lowered(Causal(window=4), 6, 29) == FlashDense(True, (3, 0))
+    assert _lowered(Causal(align="top_left"), 6, 29) == FlashDense(True, (-1, -1), key_stop=6)
+    assert _lowered(Causal(align="top_left"), 7, 7) == FlashDense(True)
+    assert _lowered(Causal(), 1, 9) == FlashDense()           # every query sees every key: no causal at all
+    bad = _lowered(Causal(align="top_left"), 12, 7)
+    assert isinstance(bad, Refused) and "top_left" in bad.reason and "12" in bad.reason
+    assert _lowered(Causal(align="top_left"), 12, 1) == FlashDense()     # one key: every row sees it
+    mask = BlockDiagonal([3, 1], [4, 1], causal=True)
+    assert _lowered(mask, 4, 5) == FlashVarlen(mask)
+
+
+def test_restricted_plans_cut_keys_or_are_refused():
+    whole = plan_for(Causal(), 8, 8)
+    # rows 0..3 against every key: offset 0 < Sk - Sq = 4 -> the first 4 keys, bottom-right
+    assert lower(whole.restrict((0, 4), (0, 8))) == FlashDense(True, key_stop=4)
+    assert lower(whole.restrict((4, 8), (2, 8))) == FlashDense(True)                # offset 2 == 6 - 4: native
+    assert lower(whole.restrict((0, 2), (4, 8))) == FlashDense(True, key_stop=0)    # offset -4: no row sees a key
+    for part in (whole.restrict((4, 8), (0, 6)), whole.restrict((0, 8), (2, 6))):  # diagonal right of bottom-right
+        why = lower(part)
+        assert isinstance(why, Refused) and f"diagonal offset {part.single.offset}" in why.reason
+    assert lower(whole.restrict((7, 8), (0, 6))) == FlashDense()      # the last row sees all 6 keys
+    packed = plan_for(BlockDiagonal([2, 2], causal=True), 4, 4).restrict((0, 2), (0, 4))
+    assert isinstance(lower(packed, BlockDiagonal([2, 2], causal=True)), Refused)
+
+
+def test_key_padding_causal_runs_only_where_every_query_sees_the_same_key_positions():
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    assert _lowered(KeyPadding(valid), 4, 9) == FlashKeyPadding(0, 9)
+    assert _lowered(KeyPadding(valid, causal=True), 1, 9) == FlashKeyPadding(0, 9)               # decode
+    assert _lowered(KeyPadding(valid, causal=True, window=3), 1, 9) == FlashKeyPadding(6, 9)     # its window
+    refused = _lowered(KeyPadding(valid, causal=True), 4, 9)
+    assert refused == Refused(KEY_PADDING_CAUSAL_REASON)
+    assert "KeyPadding(causal=True)" in refused.reason and "cannot keep key positions" in refused.reason
+    assert _lowered(KeyPadding(valid[:, :0], causal=True), 3, 0) == FlashKeyPadding(0, 0)
 
 
 def _valid_patterns():
@@ -62,7 +94,6 @@ def test_key_padding_cu_seqlens_count_valid_keys_for_left_right_and_holes():
     assert low.cu_seqlens_k.tolist() == [0, 6, 11, 17, 17]
     assert low.cu_seqlens_q.tolist() == [0, 3, 6, 9, 12]     # queries are never dropped
     assert (low.max_seqlen_q, low.max_seqlen_k) == (3, 9)
-    assert low.empty_rows.tolist() == [False, False, False, True]
     # the index walks keys in order, batch row by batch row
     assert low.key_index[:6].tolist() == [0, 1, 2, 3, 4, 5]
     assert low.key_index[6:11].tolist() == [13, 14, 15, 16, 17]
@@ -329,22 +360,69 @@ def _served(kind, install, dtypes_gqa, grad=False):
     return skipped
 
 
+#: what flash-attn cannot take: arbitrary dense masks, and causal padded prompts (more than one query)
+NOT_SERVED = {"dense_bool", "dense_additive", "key_padding_causal", "key_padding_causal_window"}
+
+
 def test_fa2_lowering_matches_math_on_every_conformance_case_it_serves(on_fake):
     skipped = _served("fa2", on_fake, [(torch.float16, 1), (torch.bfloat16, 4)])
-    # only the arbitrary dense masks are out of reach for flash-attn
-    assert set(skipped) == {"dense_bool", "dense_additive"}
-    assert all("dense" in why for why in skipped.values())
+    assert set(skipped) == NOT_SERVED
+    assert all("dense" in why for name, why in skipped.items() if name.startswith("dense"))
+    assert all(KEY_PADDING_CAUSAL_REASON in why for name, why in skipped.items() if name.startswith("key_padding"))
 
 
 def test_fa2_gradients_flow_through_unpad_and_padding_and_match_math(on_fake):
     skipped = _served("fa2", on_fake, [(torch.bfloat16, 2)], grad=True)
-    assert set(skipped) == {"dense_bool", "dense_additive"}
+    assert set(skipped) == NOT_SERVED
 
 
 @pytest.mark.parametrize("kind", ["fa3", "fa4", "torch"])
 def test_other_implementations_take_the_same_lowering(on_fake, kind):
     skipped = _served(kind, on_fake, [(torch.bfloat16, 2)])
-    assert set(skipped) == {"dense_bool", "dense_additive"}
+    assert set(skipped) == NOT_SERVED
+
+
+def test_key_padding_causal_is_refused_in_why_not_with_the_sentence(on_fake):
+    on_fake("fa2")
+    backend = get_backend("flash")
+    valid = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)   # left and right padding
+    q = torch.randn(2, 4, 2, 16, dtype=torch.bfloat16)
+    k = torch.randn(2, 6, 2, 16, dtype=torch.bfloat16)
+    for mask in (KeyPadding(valid, causal=True), KeyPadding(valid, causal=True, window=2)):
+        assert backend.why_not(validate_call(q, k, k, mask)) == [KEY_PADDING_CAUSAL_REASON]
+        with pytest.raises(ValueError, match="cannot keep key positions"):
+            backend.forward(validate_call(q, k, k, mask))
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_key_padding_causal_decode_runs_on_the_keys_its_one_query_sees(on_fake, window):
+    calls = on_fake("fa2")
+    valid = torch.tensor([[1, 1, 0, 1, 1, 0, 1], [0, 0, 0, 0, 0, 0, 0], [1, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    q = torch.randn(3, 1, 4, 16, dtype=torch.bfloat16)
+    k = torch.randn(3, 7, 2, 16, dtype=torch.bfloat16)
+    mask = KeyPadding(valid, causal=True, window=window)
+    out, lse = attnlib.attention(q, k, k, mask, backend="flash", return_lse=True)
+    span = valid if window is None else valid[:, 7 - window:]
+    assert calls[-1]["cu_k"].diff().tolist() == span.sum(1).tolist() and calls[-1]["max_k"] == span.shape[1]
+    ref, ref_lse = attnlib.attention(q, k, k, mask, backend="math", return_lse=True)
+    assert torch.allclose(out.float(), ref.float(), atol=2e-2)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+    assert torch.count_nonzero(out[1]) == 0
+
+
+@pytest.mark.parametrize("q_range,k_range,window", [((0, 4), (0, 8), 5), ((4, 8), (2, 8), 5), ((0, 2), (4, 8), None),
+                                                    ((7, 8), (0, 6), None)])
+def test_a_restricted_causal_plan_runs_and_matches_math_on_its_materialized_mask(on_fake, q_range, k_range, window):
+    on_fake("fa2")
+    plan = plan_for(Causal(window=window), 8, 8).restrict(q_range, k_range)
+    q = torch.randn(2, 8, 2, 16, dtype=torch.bfloat16)[:, slice(*q_range)]
+    k = torch.randn(2, 8, 2, 16, dtype=torch.bfloat16)[:, slice(*k_range)]
+    call = validate_call(q, k, k, Causal(window=window), None, True).replace(plan=plan)
+    assert get_backend("flash").why_not(call) == []
+    out, lse = get_backend("flash").forward(call)
+    ref, ref_lse = attnlib.attention(q, k, k, DenseMask(plan.materialize()), backend="math", return_lse=True)
+    assert torch.allclose(out.float(), ref.float(), atol=2e-2)
+    assert torch.allclose(lse, ref_lse, atol=2e-2) or torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
 
 
 def test_block_diagonal_passes_the_masks_cached_cu_seqlens_and_python_int_max_lengths(on_fake):
@@ -459,18 +537,53 @@ def _fa_visible(sq, sk, causal, window):
     return keep
 
 
+@st.composite
+def _ranges(draw, sq, sk):
+    """None (the whole call) or a (q_range, k_range) restriction."""
+    if not draw(st.booleans()):
+        return None
+    q0 = draw(st.integers(0, sq - 1))
+    k0 = draw(st.integers(0, sk - 1))
+    return (q0, draw(st.integers(q0 + 1, sq))), (k0, draw(st.integers(k0 + 1, sk)))
+
+
 @given(sq=st.integers(1, 12), sk=st.integers(1, 12), window=st.one_of(st.none(), st.integers(1, 14)),
-       top_left=st.booleans())
-def test_flash_causal_plan_reproduces_every_causal_mask_it_accepts(sq, sk, window, top_left):
+       top_left=st.booleans(), data=st.data())
+def test_flash_lowering_reproduces_every_causal_plan_it_accepts(sq, sk, window, top_left, data):
     mask = Causal(align="top_left" if top_left else "bottom_right", window=window)
-    plan = flash_causal_plan(mask, sq, sk)
-    if plan.reason:
-        assert top_left and sq > sk
+    plan = plan_for(mask, sq, sk)
+    cut = data.draw(_ranges(sq, sk))
+    if cut is not None:
+        plan = plan.restrict(*cut)
+    sq, sk = plan.seqlen_q, plan.seqlen_k
+    low = lower(plan, mask)
+    block = plan.single
+    if isinstance(low, Refused):
+        assert block.offset > block.k_len - block.q_len and not block.full
+        assert (cut is not None) or (top_left and sq > sk)
         return
-    stop = sk if plan.key_stop is None else plan.key_stop
+    stop = sk if low.key_stop is None else low.key_stop
     got = torch.zeros(sq, sk, dtype=torch.bool)
-    got[:, :stop] = _fa_visible(sq, stop, plan.causal, plan.window_size)
-    assert torch.equal(got, mask.materialize(sq, sk))
+    if stop:
+        got[:, :stop] = _fa_visible(sq, stop, low.causal, low.window_size)
+    assert torch.equal(got, plan.materialize())
+
+
+@given(st.lists(st.lists(st.booleans(), min_size=6, max_size=6), min_size=1, max_size=3), st.integers(1, 8),
+       st.one_of(st.none(), st.integers(1, 7)), st.booleans())
+def test_key_padding_lowering_reproduces_the_plan_or_refuses_with_the_sentence(rows, sq, window, causal):
+    valid = torch.tensor(rows, dtype=torch.bool)
+    mask = KeyPadding(valid, causal=causal, window=window if causal else None)
+    plan = plan_for(mask, sq, 6)
+    low = lower(plan, mask)
+    if isinstance(low, Refused):
+        assert causal and low.reason == KEY_PADDING_CAUSAL_REASON
+        spans = {plan.single.key_span(i) for i in range(sq)}
+        assert len(spans) > 1                      # refused only when the rows see different key positions
+        return
+    got = torch.zeros(valid.shape[0], 1, sq, 6, dtype=torch.bool)
+    got[..., low.key_start:low.key_stop] = valid[:, None, None, low.key_start:low.key_stop]
+    assert torch.equal(got, plan.materialize().expand_as(got))
 
 
 @given(st.lists(st.lists(st.booleans(), min_size=5, max_size=5), min_size=1, max_size=4), st.integers(1, 4))
@@ -482,4 +595,3 @@ def test_key_padding_lowering_round_trips_any_pattern(rows, sq):
     k = torch.randn(*valid.shape, 1, 2)
     back = pad_keys(unpad_keys(k, low.key_index), low.key_index, *valid.shape)
     assert torch.equal(back, k * valid[..., None, None])
-    assert torch.equal(low.empty_rows, ~valid.any(1))

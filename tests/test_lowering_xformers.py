@@ -9,7 +9,9 @@ seqstart on the query's device; BMGHK has no backward; a row whose scores are al
 row per block), the flash operator's varlen LSE is packed ``[1, H, Tq]``. The only liberty: CPU tensors.
 """
 import dataclasses
+import gc
 import sys
+import weakref
 import types
 from dataclasses import dataclass
 
@@ -19,11 +21,18 @@ import torch
 import attnlib
 from attnlib import BlockDiagonal, Causal, DenseMask, KeyPadding
 from attnlib.backends import xformers as xf_backend
-from attnlib.backends.lowering import (additive_bias, bias_alignment, kept_query_index, round_up, xformers_bias_spec,
-                                       xformers_varlen_lse)
+from attnlib.backends.xformers import (BiasKind, additive_bias, bias_alignment, kept_query_index, round_up,
+                                       xformers_bias_spec, xformers_varlen_lse)
 from attnlib.conformance import CASES, run_case
 from attnlib.inputs import validate_call
+from attnlib.plan import plan_for
 from attnlib.registry import get_backend
+
+K = BiasKind
+
+
+def spec_of(mask, sq, sk):
+    return xformers_bias_spec(plan_for(mask, sq, sk))
 
 # ---------------------------------------------------------------------------------------------
 # pure lowering: which attn_bias, how the call is cut
@@ -31,47 +40,79 @@ from attnlib.registry import get_backend
 
 
 @pytest.mark.parametrize("mask,sq,sk,kind,q_start,key_stop", [
-    (None, 5, 9, "none", 0, None),
-    (Causal(), 9, 9, "LowerTriangularMask", 0, None),
-    (Causal(), 6, 29, "LowerTriangularFromBottomRightMask", 0, None),
-    (Causal(), 12, 7, "LowerTriangularMask", 5, None),                 # 5 leading rows see nothing
-    (Causal(window=7), 5, 30, "LowerTriangularFromBottomRightLocalAttentionMask", 0, None),
-    (Causal(align="top_left"), 6, 29, "LowerTriangularMask", 0, 6),    # later keys are never visible
-    (Causal(align="top_left"), 12, 7, "LowerTriangularMask", 0, None),  # xformers' own causal is top-left
-    (Causal(align="top_left", window=3), 12, 7, "tensor", 0, None),
-    (DenseMask(torch.ones(2, 2, dtype=torch.bool)), 2, 2, "tensor", 0, None),
-    (KeyPadding(torch.ones(1, 4, dtype=torch.bool)), 3, 4, "tensor", 0, None),
-    (Causal(), 4, 0, "empty", 0, None),
+    (None, 5, 9, K.NONE, 0, None),
+    (Causal(), 9, 9, K.LOWER_TRIANGULAR, 0, None),
+    (Causal(), 6, 29, K.LOWER_TRIANGULAR_BOTTOM_RIGHT, 0, None),
+    (Causal(), 12, 7, K.LOWER_TRIANGULAR, 5, None),                 # 5 leading rows see nothing
+    (Causal(), 1, 9, K.NONE, 0, None),                              # decode: the one query sees every key
+    (Causal(window=7), 5, 30, K.LOWER_TRIANGULAR_BOTTOM_RIGHT_LOCAL, 0, None),
+    (Causal(align="top_left"), 6, 29, K.LOWER_TRIANGULAR, 0, 6),    # later keys are never visible
+    (Causal(align="top_left"), 12, 7, K.LOWER_TRIANGULAR, 0, None),  # xformers' own causal is top-left
+    (Causal(align="top_left", window=3), 12, 7, K.TENSOR, 0, None),
+    (DenseMask(torch.ones(2, 2, dtype=torch.bool)), 2, 2, K.TENSOR, 0, None),
+    (KeyPadding(torch.ones(1, 4, dtype=torch.bool)), 3, 4, K.TENSOR, 0, None),
+    (KeyPadding(torch.ones(1, 4, dtype=torch.bool), causal=True), 3, 4, K.TENSOR, 0, None),
+    (Causal(), 4, 0, K.EMPTY, 0, None),
 ])
 def test_bias_type_per_mask(mask, sq, sk, kind, q_start, key_stop):
-    spec = xformers_bias_spec(mask, sq, sk)
+    spec = spec_of(mask, sq, sk)
     assert (spec.kind, spec.q_start, spec.key_stop) == (kind, q_start, key_stop)
 
 
 def test_causal_window_bias_carries_the_same_window_count():
-    assert xformers_bias_spec(Causal(window=7), 5, 30).window == 7
+    assert spec_of(Causal(window=7), 5, 30).window == 7
+
+
+def test_each_bias_kind_builds_its_exact_class_and_knows_if_it_is_varlen():
+    ab = make_fake_xformers().ops.fmha.attn_bias
+    for kind in BiasKind:
+        if kind in (K.TENSOR, K.EMPTY):
+            with pytest.raises(ValueError):
+                kind.build(ab, None, torch.device("cpu"))
+            continue
+        spec = xf_backend.XformersBiasSpec(kind, q_seqlens=(2, 3), kv_seqlens=(4, 3), window=2)
+        obj = kind.build(ab, spec, torch.device("cpu"))
+        assert obj is None if kind is K.NONE else type(obj) is getattr(ab, kind.value)
+        assert kind.varlen == kind.name.startswith("BLOCK_DIAGONAL")
 
 
 def test_block_diagonal_bias_types_and_queries_that_see_no_key_are_dropped():
-    assert xformers_bias_spec(BlockDiagonal([7, 1, 19]), 27, 27).kind == "BlockDiagonalMask"
-    spec = xformers_bias_spec(BlockDiagonal([3, 1, 5], [10, 1, 20], causal=True), 9, 31)
-    assert (spec.kind, spec.kept_queries) == ("BlockDiagonalCausalFromBottomRightMask", None)
-    win = xformers_bias_spec(BlockDiagonal([11, 16], causal=True, window=4), 27, 27)
-    assert (win.kind, win.window) == ("BlockDiagonalCausalLocalAttentionFromBottomRightMask", 4)
+    assert spec_of(BlockDiagonal([7, 1, 19]), 27, 27).kind is K.BLOCK_DIAGONAL
+    spec = spec_of(BlockDiagonal([3, 1, 5], [10, 1, 20], causal=True), 9, 31)
+    assert (spec.kind, spec.kept_queries) == (K.BLOCK_DIAGONAL_CAUSAL_BOTTOM_RIGHT, None)
+    win = spec_of(BlockDiagonal([11, 16], causal=True, window=4), 27, 27)
+    assert (win.kind, win.window) == (K.BLOCK_DIAGONAL_CAUSAL_LOCAL_BOTTOM_RIGHT, 4)
     # block 0 has 5 queries but 2 keys: its first 3 rows see nothing; block 2 has no keys at all
-    short = xformers_bias_spec(BlockDiagonal([5, 2, 3], [2, 4, 0], causal=True), 10, 6)
+    short = spec_of(BlockDiagonal([5, 2, 3], [2, 4, 0], causal=True), 10, 6)
     assert short.q_seqlens == (2, 2, 0) and short.kv_seqlens == (2, 4, 0)
     assert short.kept_queries == ((3, 4),)
     assert kept_query_index(short.kept_queries, "cpu").tolist() == [3, 4, 5, 6]
-    nokeys = xformers_bias_spec(BlockDiagonal([2, 3], [0, 4]), 5, 4)
+    nokeys = spec_of(BlockDiagonal([2, 3], [0, 4]), 5, 4)
     assert nokeys.q_seqlens == (0, 3) and nokeys.kept_queries == ((2, 3),)
-    assert xformers_bias_spec(BlockDiagonal([2], [0]), 2, 0).kind == "empty"
+    assert spec_of(BlockDiagonal([2], [0]), 2, 0).kind is K.EMPTY
+
+
+def test_restricted_plans_drop_rows_cut_keys_and_give_unseen_keys_blocks_of_no_query():
+    whole = plan_for(Causal(), 8, 8)
+    spec = xformers_bias_spec(whole.restrict((0, 4), (0, 8)))     # offset 0 < 4: the first 4 keys
+    assert (spec.kind, spec.key_stop) == (K.LOWER_TRIANGULAR, 4)
+    spec = xformers_bias_spec(whole.restrict((0, 8), (2, 6)))     # rows 0, 1 see nothing; 2.. top-left
+    assert (spec.kind, spec.q_start, spec.key_stop) == (K.LOWER_TRIANGULAR, 2, None)
+    assert xformers_bias_spec(whole.restrict((4, 8), (0, 6))).kind is K.TENSOR   # diagonal 4 > 6 - 4
+    # rows 0, 1 of block 0 see keys 0..1 (key 2 is cut: a block of no query), block 1's keys: no query
+    spec = xformers_bias_spec(plan_for(BlockDiagonal([3, 3], causal=True), 6, 6).restrict((0, 2), (0, 6)))
+    assert (spec.kind, spec.q_seqlens, spec.kv_seqlens) == (K.BLOCK_DIAGONAL_CAUSAL_BOTTOM_RIGHT, (2, 0, 0), (2, 1, 3))
+    spec = xformers_bias_spec(plan_for(BlockDiagonal([2, 2], [3, 3]), 4, 6).restrict((2, 4), (0, 6)))
+    assert (spec.kind, spec.q_seqlens, spec.kv_seqlens) == (K.BLOCK_DIAGONAL, (0, 2), (3, 3))
+    # block 1 keeps 3 rows over 2 keys with its diagonal at 0: no bottom-right form, a tensor bias
+    bd = plan_for(BlockDiagonal([3, 3], causal=True), 6, 6).restrict((1, 6), (1, 5))
+    assert xformers_bias_spec(bd).kind is K.TENSOR
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_key_padding_bias_is_aligned_broadcast_and_unmasks_rows_with_no_key(dtype):
     valid = torch.tensor([[1, 1, 0, 1, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
-    bias, empty = additive_bias(KeyPadding(valid), 2, 4, 3, 5, dtype, "cpu")
+    bias, empty = additive_bias(plan_for(KeyPadding(valid), 3, 5), 2, 4, dtype, "cpu")
     assert bias.shape == (2, 4, 3, 5) and bias.dtype == dtype
     align = bias_alignment(dtype)
     assert align == (8 if dtype == torch.bfloat16 else 4)
@@ -86,12 +127,26 @@ def test_key_padding_bias_is_aligned_broadcast_and_unmasks_rows_with_no_key(dtyp
 def test_dense_bias_keeps_additive_values_and_reports_rows_with_no_key():
     m = torch.randn(1, 2, 3, 6)
     m[0, 1, 2] = float("-inf")
-    bias, empty = additive_bias(DenseMask(m), 2, 2, 3, 6, torch.float16, "cpu")
+    bias, empty = additive_bias(plan_for(DenseMask(m), 3, 6), 2, 2, torch.float16, "cpu")
     assert bias.shape == (2, 2, 3, 6) and bias.stride(0) == 0
     assert all(s % 8 == 0 for s in bias.stride()[:-1])
     assert torch.allclose(bias[1, 0].float(), m[0, 0].half().float())
     assert empty.shape == (1, 2, 3) and empty.nonzero().tolist() == [[0, 1, 2]]
     assert torch.count_nonzero(bias[0, 1, 2]) == 0
+
+
+@pytest.mark.parametrize("sq,sk,window", [(4, 9, None), (9, 4, None), (6, 6, 2), (1, 9, 3)])
+def test_key_padding_causal_bias_is_the_materialized_plan_with_empty_rows_unmasked(sq, sk, window):
+    valid = torch.rand(3, sk, generator=torch.Generator().manual_seed(sq * sk)) > 0.3
+    valid[1] = False
+    valid[2, : sk // 2] = False                                       # left padding
+    plan = plan_for(KeyPadding(valid, causal=True, window=window), sq, sk)
+    bias, empty = additive_bias(plan, 3, 2, torch.bfloat16, "cpu")
+    want = plan.materialize().expand(3, 2, sq, sk)
+    assert bias.shape == (3, 2, sq, sk) and bias.stride(1) == 0 and all(s % 8 == 0 for s in bias.stride()[:-1])
+    assert torch.equal(empty.expand(3, 2, sq), ~want.any(-1))
+    assert torch.equal(torch.isfinite(bias), want | empty.expand(3, 2, sq)[..., None])
+    assert torch.count_nonzero(bias[torch.isfinite(bias)]) == 0
 
 
 def test_varlen_lse_reads_packed_and_padded_layouts_alike():
@@ -445,6 +500,64 @@ def test_xformers_own_not_supported_reasons_appear_in_why_not(fake_xformers):
     why = get_backend("xformers").why_not(validate_call(q, q, q, Causal()))
     assert len(why) == 1 and "cutlassF-pt" in why[0] and "query.shape[-1] % 8 != 0" in why[0]
     assert get_backend("xformers").why_not(validate_call(q.float(), q.float(), q.float())) == []
+    kp = KeyPadding(torch.ones(1, 4, dtype=torch.bool), causal=True)          # a tensor bias: its stand-in too
+    why = get_backend("xformers").why_not(validate_call(q, q, q, kp))
+    assert len(why) == 1 and "query.shape[-1] % 8 != 0" in why[0]
+
+
+def test_why_not_builds_no_bias_tensor_copies_nothing_and_keeps_no_call_state(fake_xformers, monkeypatch):
+    fake_xformers()
+    backend = get_backend("xformers")
+
+    def forbidden(*a, **k):
+        raise AssertionError("why_not must not build tensors")
+
+    monkeypatch.setattr(xf_backend, "additive_bias", forbidden)
+    monkeypatch.setattr(xf_backend, "kept_query_index", forbidden)
+    for name in ("index_select", "repeat_interleave", "masked_fill", "masked_fill_", "contiguous", "clone"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    valid = torch.tensor([[1, 1, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    calls = []
+    q = torch.randn(2, 4, 4, 16, dtype=torch.bfloat16)
+    k = torch.randn(2, 6, 2, 16, dtype=torch.bfloat16)
+    calls.append(validate_call(q, k, k, KeyPadding(valid, causal=True)))                        # tensor bias
+    calls.append(validate_call(q.requires_grad_(), k, k, DenseMask(torch.ones(4, 6, dtype=torch.bool))))
+    pq, pk = torch.randn(10, 4, 16, dtype=torch.bfloat16), torch.randn(6, 2, 16, dtype=torch.bfloat16)
+    calls.append(validate_call(pq, pk, pk, BlockDiagonal([5, 2, 3], [2, 4, 0], causal=True)))  # rows dropped
+    for call in calls:
+        assert backend.why_not(call) == []
+    monkeypatch.undo()
+    assert not vars(backend)                                  # no per-call (or per-thread) state on the backend
+    ref = weakref.ref(calls[0])
+    del calls, call
+    gc.collect()
+    assert ref() is None                                      # nothing keeps the call alive
+
+
+def test_a_restricted_plan_runs_and_matches_math_on_its_materialized_mask(fake_xformers):
+    calls = fake_xformers()
+    cases = [(Causal(), 8, 8, (4, 8), (0, 6)), (Causal(), 8, 8, (0, 8), (2, 6)),
+             (Causal(window=3), 8, 8, (0, 4), (0, 8)),
+             (BlockDiagonal([3, 3], [4, 4], causal=True), 6, 8, (1, 6), (1, 7)),
+             (BlockDiagonal([3, 3], [4, 4], causal=True), 6, 8, (3, 6), (0, 8))]
+    for mask, sq, sk, qr, kr in cases:
+        plan = plan_for(mask, sq, sk).restrict(qr, kr)
+        packed = isinstance(mask, BlockDiagonal)
+        shape_q, shape_k = ((sq, 4, 16), (sk, 2, 16)) if packed else ((2, sq, 4, 16), (2, sk, 2, 16))
+        q = torch.randn(*shape_q, dtype=torch.bfloat16).narrow(int(not packed), qr[0], qr[1] - qr[0])
+        k = torch.randn(*shape_k, dtype=torch.bfloat16).narrow(int(not packed), kr[0], kr[1] - kr[0])
+        call = validate_call(q, k, k, None, None, True).replace(plan=plan)
+        assert get_backend("xformers").why_not(call) == []
+        calls.clear()
+        out, lse = get_backend("xformers").forward(call)
+        dense = plan.materialize()
+        ref, ref_lse = (attnlib.attention(q[None], k[None], k[None], DenseMask(dense), backend="math", return_lse=True)
+                        if packed else attnlib.attention(q, k, k, DenseMask(dense), backend="math", return_lse=True))
+        if packed:
+            ref, ref_lse = ref[0], ref_lse[0]
+        assert torch.allclose(out.float(), ref.float(), atol=2e-2), (mask, qr, kr)
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), (mask, qr, kr)
+        assert torch.allclose(lse[~torch.isneginf(lse)], ref_lse[~torch.isneginf(ref_lse)], atol=2e-2)
 
 
 from hypothesis import given, strategies as st  # noqa: E402
@@ -452,44 +565,114 @@ from hypothesis import given, strategies as st  # noqa: E402
 
 def _xformers_visible(kind, sq, sk, window):
     """Visibility of xformers' dense causal biases, as their ``materialize`` documents it."""
-    if kind == "none":
+    if kind is K.NONE:
         return torch.ones(sq, sk, dtype=torch.bool)
-    if kind == "LowerTriangularMask":
+    if kind is K.LOWER_TRIANGULAR:
         return _causal_grid(sq, sk, 0)
-    if kind == "LowerTriangularFromBottomRightMask":
+    if kind is K.LOWER_TRIANGULAR_BOTTOM_RIGHT:
         return _causal_grid(sq, sk, sk - sq)
-    assert kind == "LowerTriangularFromBottomRightLocalAttentionMask"
+    assert kind is K.LOWER_TRIANGULAR_BOTTOM_RIGHT_LOCAL
     return _causal_grid(sq, sk, sk - sq, window)
 
 
-@given(sq=st.integers(1, 12), sk=st.integers(1, 12), window=st.one_of(st.none(), st.integers(1, 14)),
-       top_left=st.booleans())
-def test_causal_bias_spec_reproduces_every_causal_mask(sq, sk, window, top_left):
-    mask = Causal(align="top_left" if top_left else "bottom_right", window=window)
-    spec = xformers_bias_spec(mask, sq, sk)
-    want = mask.materialize(sq, sk)
-    if spec.kind == "tensor":
-        bias, empty = additive_bias(mask, 1, 1, sq, sk, torch.float32, "cpu")
-        assert torch.equal(torch.isfinite(bias[0, 0]) & ~empty.view(sq, 1), want)
-        return
-    stop = sk if spec.key_stop is None else spec.key_stop
+def _block_visible(kind, lq, lk, window):
+    if kind is K.BLOCK_DIAGONAL:
+        return torch.ones(lq, lk, dtype=torch.bool)
+    return _causal_grid(lq, lk, lk - lq, window if kind is K.BLOCK_DIAGONAL_CAUSAL_LOCAL_BOTTOM_RIGHT else None)
+
+
+def _spec_visible(spec, plan):
+    """What the kernel sees under ``spec`` (xformers' documented bias semantics), as a bool [Sq, Sk];
+    a tensor spec: the finite entries of the additive bias, less the rows reported empty."""
+    sq, sk = plan.seqlen_q, plan.seqlen_k
     got = torch.zeros(sq, sk, dtype=torch.bool)
-    got[spec.q_start:, :stop] = _xformers_visible(spec.kind, sq - spec.q_start, stop, spec.window)
-    assert torch.equal(got, want)
-    assert got[spec.q_start:].any(1).all()         # every row sent to the kernel sees a key: no NaN
+    if spec.kind is K.EMPTY:
+        return got
+    if spec.kind is K.TENSOR:
+        bias, empty = additive_bias(plan, 1, 1, torch.float32, "cpu")
+        rows = torch.zeros(sq, dtype=torch.bool) if empty is None else empty.expand(1, 1, sq)[0, 0]
+        return torch.isfinite(bias[0, 0]) & ~rows[:, None]
+    if spec.kind.varlen:
+        assert all(k >= q for q, k in zip(spec.q_seqlens, spec.kv_seqlens)) or spec.kind is K.BLOCK_DIAGONAL
+        grid = torch.zeros(sum(spec.q_seqlens), sum(spec.kv_seqlens), dtype=torch.bool)
+        q0 = k0 = 0
+        for lq, lk in zip(spec.q_seqlens, spec.kv_seqlens):
+            grid[q0:q0 + lq, k0:k0 + lk] = _block_visible(spec.kind, lq, lk, spec.window)
+            q0, k0 = q0 + lq, k0 + lk
+        assert k0 == sk
+        rows = kept_query_index(spec.kept_queries, "cpu") if spec.kept_queries else torch.arange(sq)
+        got[rows] = grid
+        assert grid.any(1).all()                   # every row sent to the kernel sees a key: no NaN
+        return got
+    stop = sk if spec.key_stop is None else spec.key_stop
+    q1 = sq if spec.q_stop is None else spec.q_stop
+    got[spec.q_start:q1, :stop] = _xformers_visible(spec.kind, q1 - spec.q_start, stop, spec.window)
+    assert got[spec.q_start:q1].any(1).all()       # every row sent to the kernel sees a key: no NaN
+    return got
+
+
+@st.composite
+def _ranges(draw, sq, sk):
+    """None (the whole call) or a (q_range, k_range) restriction."""
+    if not draw(st.booleans()) or sq == 0 or sk == 0:
+        return None
+    q0 = draw(st.integers(0, sq - 1))
+    k0 = draw(st.integers(0, sk - 1))
+    return (q0, draw(st.integers(q0 + 1, sq))), (k0, draw(st.integers(k0 + 1, sk)))
+
+
+@given(sq=st.integers(1, 12), sk=st.integers(1, 12), window=st.one_of(st.none(), st.integers(1, 14)),
+       top_left=st.booleans(), data=st.data())
+def test_causal_bias_spec_reproduces_every_causal_plan(sq, sk, window, top_left, data):
+    mask = Causal(align="top_left" if top_left else "bottom_right", window=window)
+    plan = plan_for(mask, sq, sk)
+    cut = data.draw(_ranges(sq, sk))
+    if cut is not None:
+        plan = plan.restrict(*cut)
+    spec = xformers_bias_spec(plan)
+    assert torch.equal(_spec_visible(spec, plan), plan.materialize())
+    if cut is None and spec.kind is K.TENSOR:
+        assert top_left and window is not None and sq > sk
 
 
 @given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1, max_size=4), st.booleans(),
-       st.one_of(st.none(), st.integers(1, 4)))
-def test_block_diagonal_spec_keeps_exactly_the_rows_that_see_a_key(blocks, causal, window):
+       st.one_of(st.none(), st.integers(1, 4)), st.data())
+def test_block_diagonal_spec_reproduces_the_plan_and_keeps_exactly_the_rows_that_see_a_key(blocks, causal, window,
+                                                                                          data):
     window = window if causal else None
     mask = BlockDiagonal([b[0] for b in blocks], [b[1] for b in blocks], causal=causal, window=window)
-    spec = xformers_bias_spec(mask, mask.total_q, mask.total_k)
-    sees = mask.materialize().any(1)
-    if spec.kind == "empty":
-        assert not sees.any()
+    plan = plan_for(mask, mask.total_q, mask.total_k)
+    cut = data.draw(_ranges(mask.total_q, mask.total_k))
+    if cut is not None:
+        plan = plan.restrict(*cut)
+    spec = xformers_bias_spec(plan)
+    assert torch.equal(_spec_visible(spec, plan), plan.materialize())
+    if cut is None:
+        assert spec.kind is not K.TENSOR           # a BlockDiagonal's own plan always has its bias class
+        sees = plan.materialize().any(1)
+        if spec.kind is K.EMPTY:
+            assert not sees.any()
+            return
+        kept = torch.zeros(mask.total_q, dtype=torch.bool)
+        kept[kept_query_index(spec.kept_queries, "cpu") if spec.kept_queries else slice(None)] = True
+        assert torch.equal(kept, sees)
+
+
+@given(st.lists(st.lists(st.booleans(), min_size=6, max_size=6), min_size=1, max_size=3), st.integers(1, 8),
+       st.one_of(st.none(), st.integers(1, 7)), st.booleans(), st.data())
+def test_key_padding_bias_is_the_materialized_plan(rows, sq, window, causal, data):
+    valid = torch.tensor(rows, dtype=torch.bool)
+    plan = plan_for(KeyPadding(valid, causal=causal, window=window if causal else None), sq, 6)
+    cut = data.draw(_ranges(sq, 6))
+    if cut is not None:
+        plan = plan.restrict(*cut)
+    spec = xformers_bias_spec(plan)
+    want = plan.materialize().expand(valid.shape[0], 1, plan.seqlen_q, plan.seqlen_k)
+    if spec.kind is K.EMPTY:
+        assert not want.any()
         return
-    kept = torch.zeros(mask.total_q, dtype=torch.bool)
-    kept[kept_query_index(spec.kept_queries, "cpu") if spec.kept_queries else slice(None)] = True
-    assert torch.equal(kept, sees)
-    assert all(k >= q for q, k in zip(spec.q_seqlens, spec.kv_seqlens)) or not causal
+    assert spec.kind is K.TENSOR
+    bias, empty = additive_bias(plan, valid.shape[0], 1, torch.float32, "cpu")
+    rows_empty = empty.expand(valid.shape[0], 1, plan.seqlen_q)
+    assert torch.equal(rows_empty, ~want.any(-1))
+    assert torch.equal(torch.isfinite(bias) & ~rows_empty[..., None], want)

@@ -10,18 +10,28 @@ Implementations, detected lazily (importing this module never fails), first foun
 
 ``$ATTNLIB_FLASH_IMPL`` (``fa3``, ``fa2``, ``fa4``, ``torch``) pins one; ``implementation`` names the one in use.
 
-Lowering (pure helpers in :mod:`attnlib.backends.lowering`):
+The module reads top to bottom: implementation detection, the backend (capabilities, ``why_not``),
+the lowering from the call's plan (:mod:`attnlib.plan`; pure Python and tensor helpers, unit-tested on
+the CPU), then the calls. Lowering (:func:`lower`, one typed result per call):
 
-- ``Causal``: flash-attn's causal is bottom-right (>= 2.1), window ``W`` is ``window_size=(W-1, 0)``.
-  Top-left with ``Sk > Sq`` runs on the first ``Sq`` keys (the rest are never visible, and then the two
-  alignments agree); top-left with ``Sq > Sk`` is reported in ``why_not``.
+- one causal block (``Causal``): flash-attn's causal is bottom-right (>= 2.1), window ``W`` is
+  ``window_size=(W-1, 0)``. A diagonal offset ``o`` runs natively when ``o == Sk - Sq``; when
+  ``o < Sk - Sq`` (top-left with ``Sk > Sq``, restricted plans) on the first ``Sq + o`` keys (later keys
+  are never visible, and the diagonal is then bottom-right; ``Sq + o <= 0``: no row sees a key). A
+  diagonal right of the bottom-right one (top-left with ``Sq > Sk``) is reported in ``why_not``, unless
+  every query sees every key (then no causal at all).
 - ``BlockDiagonal``: ``flash_attn_varlen_func`` with the mask's cached device ``cu_seqlens`` and
   Python-int max lengths (no device sync); causal / window per block, bottom-right.
 - ``KeyPadding``: varlen over *keys* only: the valid keys of every batch row are gathered with an index
   (any pattern: left, right, holes), queries stay ``[B*Sq]`` (never dropped), output reshaped back.
+  ``KeyPadding(causal=True)`` is served only when every query sees the same span of key positions
+  (one-query decode, or a diagonal past every key): gathering the valid keys moves them, and bottom-right
+  causal over the gathered keys equals the mask only for left padding, which cannot be known without
+  reading the tensor; otherwise ``why_not`` says so.
 - ``DenseMask``: not expressible (``why_not``).
 - Head dims are zero-padded to one multiple of 8 when needed (``Dv != D`` or ``D % 8``).
-- Rows with no visible key: flash-attn writes output 0 and LSE ``+inf``; LSE is mapped to ``-inf``.
+- Rows with no visible key: flash-attn writes output 0 and LSE ``+inf``; LSE is mapped to ``-inf``;
+  the KeyPadding path zeroes the rows the plan reports empty (``Plan.empty_rows_on``, on the device).
 """
 from __future__ import annotations
 
@@ -30,19 +40,19 @@ import importlib
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from .. import settings
 from ..inputs import AttentionCall
-from ..masks import BlockDiagonal, Causal, KeyPadding
+from ..masks import BlockDiagonal
+from ..plan import Block, Plan, plan_for
 from .base import ALL_MASK_FEATURES, Backend, Capabilities
 from .common import repeat_kv
-from .lowering import (flash_causal_plan, flash_window_size, lower_key_padding, pad_head_dims, uniform_cu_seqlens,
-                       unpad_keys, varlen_lse_to_dense)
 
-ENV_IMPL = "ATTNLIB_FLASH_IMPL"
+ENV_IMPL = settings.FLASH_IMPL
 _NEG_INF = float("-inf")
 #: minimum CUDA compute capability per implementation (flash-attn 2: Ampere; 3/4: Hopper)
 _MIN_CAPABILITY = {"fa2": (8, 0), "fa3": (8, 0), "fa4": (9, 0), "torch": (8, 0)}
@@ -136,15 +146,17 @@ def _dist_version(name: str) -> Optional[str]:
         return None
 
 
-_FINDERS = {"fa3": _try_fa3, "fa2": _try_fa2, "fa4": _try_fa4}
+#: the library finders, tried in ``settings.FLASH_IMPLS`` order ("torch", PyTorch's own kernels, comes last)
+_FINDERS = {kind: {"fa3": _try_fa3, "fa2": _try_fa2, "fa4": _try_fa4}[kind]
+            for kind in settings.FLASH_IMPLS if kind != "torch"}
 
 
 @functools.lru_cache(maxsize=1)
 def _detect() -> tuple[Optional[_Impl], str]:
     """``(implementation or None, reason when None)``. Cached; tests call ``_detect.cache_clear()``."""
     pinned = os.environ.get(ENV_IMPL, "").strip().lower()
-    if pinned and pinned not in (*_FINDERS, "torch"):
-        return None, f"${ENV_IMPL}={pinned!r} is not one of fa3, fa2, fa4, torch"
+    if pinned and pinned not in settings.FLASH_IMPLS:
+        return None, f"${ENV_IMPL}={pinned!r} is not one of {', '.join(settings.FLASH_IMPLS)}"
     errors = []
     for kind, find in _FINDERS.items():
         if pinned and pinned != kind:
@@ -179,8 +191,6 @@ class FlashBackend(Backend):
         dtypes=frozenset({torch.float16, torch.bfloat16}),
         max_head_dim=256,
         masks=ALL_MASK_FEATURES - {"dense"},
-        notes=("bottom-right causal native; top-left only when Sk >= Sq", "KeyPadding via varlen over keys",
-               "head dims zero-padded to a multiple of 8"),
     )
 
     @property
@@ -205,15 +215,15 @@ class FlashBackend(Backend):
             if cap < need:
                 out.append(f"{impl.kind} needs a GPU of compute capability >= {need[0]}.{need[1]}, this one is "
                            f"{cap[0]}.{cap[1]}")
-        mask = call.mask
-        if isinstance(mask, Causal):
-            plan = flash_causal_plan(mask, call.seqlen_q, call.seqlen_k)
-            if plan.reason:
-                out.append(plan.reason)
+        low = lower(call.plan, call.mask)
+        if isinstance(low, Refused):
+            if call.plan.dense is None:      # DenseMask: already refused by the capability table
+                out.append(low.reason)
+            return out
         if impl.kind == "torch":
-            out += _torch_reasons(impl, call)
+            out += _torch_reasons(impl, call, low)
         elif impl.kind == "fa4" and call.return_lse:
-            params = impl.params_varlen if isinstance(mask, (BlockDiagonal, KeyPadding)) else impl.params_dense
+            params = impl.params_dense if isinstance(low, FlashDense) else impl.params_varlen
             if "return_lse" not in params:
                 out.append(f"{impl.label} has no return_lse: it returns the LSE only when gradients are needed")
         return out
@@ -222,19 +232,22 @@ class FlashBackend(Backend):
         impl, reason = _detect()
         if impl is None:
             raise RuntimeError(reason)
+        low = lower(call.plan, call.mask)
+        if isinstance(low, Refused):
+            raise ValueError(low.reason)
         d_v = call.head_dim_v
         q, k, v = pad_head_dims(call.q, call.k, call.v)
-        mask = call.mask
-        if isinstance(mask, BlockDiagonal):
+        if isinstance(low, FlashVarlen):
+            mask = low.mask
             out, lse = _varlen(impl, q, k, v, mask.cu_seqlens_q_on(q.device), mask.cu_seqlens_k_on(q.device),
                                mask.max_seqlen_q, mask.max_seqlen_k, call.scale, mask.causal,
                                flash_window_size(mask.window), call.return_lse)
-        elif isinstance(mask, KeyPadding):
-            out, lse = _key_padding(impl, q, k, v, mask, call.scale, call.return_lse)
+        elif isinstance(low, FlashKeyPadding):
+            out, lse = _key_padding(impl, q, k, v, call.plan, low, call.scale, call.return_lse)
         else:
             if call.packed:
                 q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-            out, lse = _dense(impl, q, k, v, mask, call.scale, call.return_lse)
+            out, lse = _dense(impl, q, k, v, low, call.scale, call.return_lse)
             if call.packed:
                 out, lse = out[0], (lse[0] if lse is not None else None)
         if out.shape[-1] != d_v:
@@ -242,6 +255,185 @@ class FlashBackend(Backend):
         if lse is not None:
             lse = _fix_lse(lse)
         return out, lse
+
+
+# ---------------------------------------------------------------------------------------------
+# lowering, from the plan (pure Python on the plan's ints, plus tensor helpers; no kernel call)
+#
+# flash-attn ``window_size=(left, right)``: ``i + off - left <= j <= i + off + right`` (``off = Sk - Sq``,
+# ``-1`` = unlimited); ``causal=True`` forces ``right = 0``. attnlib ``window=W`` is ``(W - 1, 0)``.
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FlashDense:
+    """A dense call on flash-attn's bottom-right kernel: ``k[:, :key_stop]`` (None: every key) with
+    ``causal`` / ``window_size``. Keys from ``key_stop`` on are never visible; ``key_stop=0``: no row
+    sees a key (output 0, no kernel call)."""
+
+    causal: bool = False
+    window_size: tuple = (-1, -1)
+    key_stop: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class FlashKeyPadding:
+    """KeyPadding: every query sees key positions ``[key_start, key_stop)`` by structure; varlen over the
+    valid keys of that span of each batch row (queries are never dropped)."""
+
+    key_start: int
+    key_stop: int
+
+
+@dataclass(frozen=True)
+class FlashVarlen:
+    """BlockDiagonal: varlen with the mask's own cached ``cu_seqlens`` and Python-int max lengths."""
+
+    mask: BlockDiagonal
+
+
+@dataclass(frozen=True)
+class Refused:
+    """The plan has no exact flash-attn form; ``reason`` is the sentence ``why_not`` reports."""
+
+    reason: str
+
+
+FlashLowering = Union[FlashDense, FlashKeyPadding, FlashVarlen, Refused]
+
+KEY_PADDING_CAUSAL_REASON = ("KeyPadding(causal=True): flash's varlen-over-keys lowering cannot keep key positions "
+                             "(queries see different spans of keys); use triton, sdpa, flex or xformers")
+
+
+def flash_window_size(window: Optional[int]) -> tuple[int, int]:
+    """attnlib ``window=W`` (the W newest keys, diagonal included) -> flash-attn ``(W - 1, 0)``."""
+    return (-1, -1) if window is None else (window - 1, 0)
+
+
+def lower(plan: Plan, mask=None) -> FlashLowering:
+    """How the call whose plan is ``plan`` (and mask ``mask``) runs on flash-attn. Pure Python, cheap:
+    ``why_not`` and ``forward`` both call it."""
+    if plan.dense is not None:
+        return Refused("DenseMask: flash-attn takes no mask tensor; use sdpa, xformers or flex")
+    if plan.packed:
+        if isinstance(mask, BlockDiagonal) and (plan.seqlen_q, plan.seqlen_k) == (mask.total_q, mask.total_k) \
+                and plan.blocks == plan_for(mask, mask.total_q, mask.total_k).blocks:
+            return FlashVarlen(mask)
+        return Refused("a packed plan that is not its BlockDiagonal's own blocks (a restricted plan): flash's "
+                       "varlen lowering passes the mask's cu_seqlens; use sdpa, xformers or flex")
+    block = plan.single
+    if block is None or (block.q_start, block.q_len, block.k_start, block.k_len) != \
+            (0, plan.seqlen_q, 0, plan.seqlen_k):
+        return Refused(f"a dense plan whose block does not cover the call ({plan.describe()})")
+    if plan.key_valid is not None:
+        return lower_key_padding_block(block)
+    return lower_block(block)
+
+
+def lower_block(block: Block) -> Union[FlashDense, Refused]:
+    """The single block of a dense plan (no tensors) on flash-attn's bottom-right causal / window."""
+    if not block.causal or block.full:
+        return FlashDense()
+    window = flash_window_size(block.window)
+    offset, native = block.offset, block.k_len - block.q_len
+    if offset == native:
+        return FlashDense(True, window)
+    if offset < native:
+        # the last row's diagonal is key q_len - 1 + offset: later keys are never visible. On the first
+        # q_len + offset keys the diagonal is bottom-right (q_len + offset <= 0: no row sees a key).
+        return FlashDense(True, window, key_stop=max(block.q_len + offset, 0))
+    if offset == 0:
+        what = (f"Causal(align='top_left') with more queries ({block.q_len}) than keys ({block.k_len})")
+        use = "sdpa, xformers, triton or flex"
+    else:
+        what = f"a causal block with diagonal offset {offset} ({block.q_len} queries x {block.k_len} keys)"
+        use = "sdpa, xformers or flex"
+    return Refused(f"{what} cannot be expressed with flash-attn's bottom-right causal/window_size (its diagonal "
+                   f"is at offset {native}); use {use}")
+
+
+def lower_key_padding_block(block: Block) -> Union[FlashKeyPadding, Refused]:
+    """KeyPadding's block: served when every query sees the same span of key positions (always without
+    causal; with causal: one-query decode, or a diagonal past every key), then varlen over that span."""
+    start, stop = block.visible_rows()
+    if start == stop:
+        return FlashKeyPadding(0, 0)                        # no row sees a key by structure
+    first = block.key_span(0)
+    if (start, stop) == (0, block.q_len) and block.key_span(block.q_len - 1) == first:
+        return FlashKeyPadding(first[0], first[1] + 1)      # spans grow with the row: equal ends, equal all
+    return Refused(KEY_PADDING_CAUSAL_REASON)
+
+
+@dataclass(frozen=True)
+class KeyPaddingVarlen:
+    """Varlen arguments for a dense call with ``KeyPadding``: batch row ``b`` is one sequence.
+
+    ``key_index`` (int64 ``[Tk]``) gathers the valid keys of ``k.reshape(B * Sk, ...)`` in order (any
+    pattern: left, right, holes); queries are packed as ``q.reshape(B * Sq, ...)``, so
+    ``cu_seqlens_q = [0, Sq, 2 Sq, ...]``. ``max_seqlen_k`` is ``Sk``, an upper bound known without a
+    device sync. Rows with no valid key come from the plan (``Plan.empty_rows_on``).
+    """
+
+    key_index: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+def uniform_cu_seqlens(batch: int, seqlen: int, device) -> torch.Tensor:
+    """int32 ``[0, S, 2S, ..., B*S]`` on ``device`` (cached; no sync)."""
+    return _uniform_cu(batch, seqlen, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=256)
+def _uniform_cu(batch: int, seqlen: int, device: str) -> torch.Tensor:
+    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)[: batch + 1]
+
+
+def lower_key_padding(valid: torch.Tensor, seqlen_q: int) -> KeyPaddingVarlen:
+    """``valid`` bool ``[B, Sk]`` -> varlen arguments. One device sync (the number of valid keys)."""
+    if valid.dtype != torch.bool or valid.dim() != 2:
+        raise TypeError(f"valid must be a bool [B, Sk] tensor, got {valid.dtype} {tuple(valid.shape)}")
+    batch, seqlen_k = valid.shape
+    key_index = valid.reshape(-1).nonzero().squeeze(1)
+    counts = valid.sum(dim=1, dtype=torch.int32)
+    cu_k = torch.zeros(batch + 1, dtype=torch.int32, device=valid.device)
+    cu_k[1:] = torch.cumsum(counts, 0, dtype=torch.int32)
+    return KeyPaddingVarlen(key_index, uniform_cu_seqlens(batch, seqlen_q, valid.device), cu_k, seqlen_q, seqlen_k)
+
+
+def unpad_keys(x: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
+    """``x [B, Sk, H, D]`` -> the valid keys packed ``[Tk, H, D]`` (a gather; differentiable)."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).index_select(0, key_index)
+
+
+def pad_keys(packed: torch.Tensor, key_index: torch.Tensor, batch: int, seqlen_k: int) -> torch.Tensor:
+    """Inverse of :func:`unpad_keys`: ``[Tk, H, D]`` -> ``[B, Sk, H, D]`` with zeros at invalid keys."""
+    out = packed.new_zeros(batch * seqlen_k, *packed.shape[1:])
+    out = out.index_copy(0, key_index, packed)
+    return out.view(batch, seqlen_k, *packed.shape[1:])
+
+
+def varlen_lse_to_dense(lse: torch.Tensor, batch: int, seqlen_q: int) -> torch.Tensor:
+    """Varlen LSE ``[H, B * Sq]`` of equal-length sequences -> dense ``[B, H, Sq]`` (a view)."""
+    return lse.view(lse.shape[0], batch, seqlen_q).permute(1, 0, 2)
+
+
+def pad_head_dims(q, k, v, multiple: int = 8):
+    """Zero-pad head dims to one common size, a multiple of ``multiple`` (flash kernels need both).
+
+    Zero columns in q/k change no score; zero columns in v add zero output columns (sliced off by the
+    caller, who keeps the original ``Dv``). Returns ``(q, k, v)`` unchanged when nothing is needed.
+    """
+    d, dv = q.shape[-1], v.shape[-1]
+    target = -(-max(d, dv) // multiple) * multiple
+    if d == dv == target:
+        return q, k, v
+    pad = torch.nn.functional.pad
+    if d != target:
+        q, k = pad(q, (0, target - d)), pad(k, (0, target - d))
+    if dv != target:
+        v = pad(v, (0, target - dv))
+    return q, k, v
 
 
 def _fix_lse(lse: torch.Tensor) -> torch.Tensor:
@@ -253,12 +445,9 @@ def _fix_lse(lse: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # dense calls (BSHD)
 # ---------------------------------------------------------------------------------------------
-def _dense(impl: _Impl, q, k, v, mask, scale: float, return_lse: bool):
-    """BSHD in, ``(out, lse [B, H, Sq] | None)`` out, for mask None or Causal."""
+def _dense(impl: _Impl, q, k, v, plan: FlashDense, scale: float, return_lse: bool):
+    """BSHD in, ``(out, lse [B, H, Sq] | None)`` out, for one block without tensors (None or Causal)."""
     b, sq, hq = q.shape[:3]
-    plan = flash_causal_plan(mask, sq, k.shape[1])
-    if plan.reason:
-        raise ValueError(plan.reason)
     if plan.key_stop is not None:
         k, v = k[:, : plan.key_stop], v[:, : plan.key_stop]
     sk = k.shape[1]
@@ -273,17 +462,22 @@ def _dense(impl: _Impl, q, k, v, mask, scale: float, return_lse: bool):
     return _split_result(res, return_lse)
 
 
-def _key_padding(impl: _Impl, q, k, v, mask: KeyPadding, scale: float, return_lse: bool):
-    """Varlen over the valid keys of each batch row; every query row is kept."""
+def _key_padding(impl: _Impl, q, k, v, plan: Plan, span: FlashKeyPadding, scale: float, return_lse: bool):
+    """Varlen over the valid keys of each batch row (inside the span every query sees); every query row
+    is kept, and the rows the plan reports empty return 0 / -inf."""
     b, sq, hq = q.shape[:3]
-    low = lower_key_padding(mask.valid, sq)
+    if span.key_stop <= span.key_start:
+        out = q.new_zeros(b, sq, hq, v.shape[-1])
+        return out, (torch.full((b, hq, sq), _NEG_INF, device=q.device) if return_lse else None)
+    k, v = k[:, span.key_start:span.key_stop], v[:, span.key_start:span.key_stop]
+    low = lower_key_padding(plan.key_valid[:, span.key_start:span.key_stop].to(q.device), sq)
     qp = q.reshape(b * sq, *q.shape[2:])
     kp, vp = unpad_keys(k, low.key_index), unpad_keys(v, low.key_index)
     out, lse = _varlen(impl, qp, kp, vp, low.cu_seqlens_q, low.cu_seqlens_k, low.max_seqlen_q, low.max_seqlen_k,
                        scale, False, (-1, -1), return_lse)
     out = out.view(b, sq, hq, out.shape[-1])
-    empty = low.empty_rows[:, None, None]                 # broadcasts over [B, Sq, H] and [B, H, Sq]
-    out = out.masked_fill(empty.unsqueeze(-1), 0.0)
+    empty = plan.empty_rows_on(q.device)                  # [B, 1, Sq or 1]: the [B, H, Sq] layout
+    out = out.masked_fill(empty.transpose(1, 2).unsqueeze(-1), 0.0)
     if lse is not None:
         lse = varlen_lse_to_dense(lse, b, sq).masked_fill(empty, _NEG_INF)
     return out, lse
@@ -345,25 +539,21 @@ def _torch_sdpa_flash(q, k, v, scale: float, causal: bool):
     return out.transpose(1, 2)
 
 
-def _sdpa_can(plan, sq: int, sk: int, return_lse: bool) -> bool:
+def _sdpa_can(plan: FlashDense, sq: int, sk: int, return_lse: bool) -> bool:
     """SDPA's flash path: no LSE, and ``is_causal`` only where top-left == bottom-right (``Sq == Sk``)."""
     if return_lse or plan.window_size != (-1, -1):
         return False
     return not plan.causal or sq == sk
 
 
-def _torch_reasons(impl: _Impl, call: AttentionCall) -> list[str]:
-    mask = call.mask
-    if isinstance(mask, (BlockDiagonal, KeyPadding)):
-        needs_varlen = True
-    elif mask is not None and not isinstance(mask, Causal):
-        return []                                   # DenseMask: already refused by the capability table
+def _torch_reasons(impl: _Impl, call: AttentionCall, low: FlashLowering) -> list[str]:
+    if isinstance(low, FlashDense):
+        sk = low.key_stop if low.key_stop is not None else call.seqlen_k
+        needs_varlen = not _sdpa_can(low, call.seqlen_q, sk, call.return_lse)
+        windowed = low.window_size != (-1, -1)
     else:
-        plan = flash_causal_plan(mask, call.seqlen_q, call.seqlen_k)
-        if plan.reason:
-            return []
-        sk = plan.key_stop if plan.key_stop is not None else call.seqlen_k
-        needs_varlen = not _sdpa_can(plan, call.seqlen_q, sk, call.return_lse)
+        needs_varlen = True
+        windowed = isinstance(low, FlashVarlen) and low.mask.window is not None
     if not needs_varlen:
         return []
     params = impl.params_varlen
@@ -372,7 +562,7 @@ def _torch_reasons(impl: _Impl, call: AttentionCall) -> list[str]:
                 "flash-attn is not installed: torch's built-in flash kernel serves only full or square-causal dense "
                 "calls without LSE"]
     out = []
-    if getattr(mask, "window", None) is not None and "window_size" not in params:
+    if windowed and "window_size" not in params:
         out.append(f"torch {torch.__version__} varlen_attn has no window_size: sliding windows need flash-attn or "
                    "a newer torch")
     if call.return_lse and "return_aux" not in params:
@@ -380,7 +570,7 @@ def _torch_reasons(impl: _Impl, call: AttentionCall) -> list[str]:
     return out
 
 
-def _torch_dense(impl: _Impl, q, k, v, plan, scale: float, return_lse: bool):
+def _torch_dense(impl: _Impl, q, k, v, plan: FlashDense, scale: float, return_lse: bool):
     b, sq, hq = q.shape[:3]
     sk = k.shape[1]
     if _sdpa_can(plan, sq, sk, return_lse):

@@ -2,23 +2,33 @@
 
 Detected lazily: importing this module never imports xformers.
 
-Lowering (pure helpers in :mod:`attnlib.backends.lowering`; xformers checks bias types by *exact* type,
-so each is built from its own class):
+The module reads top to bottom: detection, the backend (capabilities, ``why_not``), the lowering from
+the call's plan (:mod:`attnlib.plan`: a typed :class:`XformersBiasSpec` in pure Python, then the
+tensors), then the call. xformers checks bias types by *exact* type, so each :class:`BiasKind` builds
+its own class from xformers' ``attn_bias`` module:
 
 ========================================  ===================================================
-``None``                                  no bias
-``Causal()`` (bottom-right)               ``LowerTriangularMask`` when ``Sq == Sk``, else
-                                          ``LowerTriangularFromBottomRightMask``; rows before the
-                                          diagonal (``Sq > Sk``) are not sent to the kernel
-``Causal(window=W)``                      ``LowerTriangularFromBottomRightLocalAttentionMask(W)``
-``Causal(align="top_left")``              first ``Sq`` keys when ``Sk > Sq`` (then bottom-right ==
-                                          top-left); ``LowerTriangularMask`` when ``Sq > Sk``
+plan                                      attn_bias
+========================================  ===================================================
+no mask, or every query sees every key    no bias
+one causal block, diagonal bottom-right   ``LowerTriangularMask`` when the kept rows and the keys
+                                          are as many, else ``LowerTriangularFromBottomRightMask``;
+                                          ``...FromBottomRightLocalAttentionMask(W)`` with a window.
+                                          Rows that see no key (``Block.visible_rows``: before the
+                                          diagonal when ``Sq > Sk``) are not sent to the kernel
+diagonal left of bottom-right             the keys no query sees are cut off (top-left with
+(top-left with ``Sk > Sq``, restricted)   ``Sk > Sq``: the first ``Sq`` keys), then as above
+diagonal 0 right of bottom-right          ``LowerTriangularMask`` (xformers' own causal is
+(top-left with ``Sq > Sk``)               top-left)
 ``BlockDiagonal``                         ``BlockDiagonalMask`` / ``...CausalFromBottomRightMask`` /
-                                          ``...CausalLocalAttentionFromBottomRightMask``; query rows
-                                          that see no key (a causal block with fewer keys than
-                                          queries, which xformers rejects) are dropped and re-added as 0
-``KeyPadding`` / ``DenseMask``            a materialized additive bias, last dim padded to xformers'
-                                          16-byte alignment, broadcast axes expanded (stride 0)
+                                          ``...CausalLocalAttentionFromBottomRightMask``, per block
+                                          as above: query rows that see no key (a causal block with
+                                          fewer keys than queries, which xformers rejects) are
+                                          dropped and re-added as 0; keys no query sees form blocks
+                                          of 0 queries
+``KeyPadding`` (with ``causal``/window),  a materialized additive bias from ``Plan.materialize``,
+``DenseMask``, any other plan             last dim padded to xformers' 16-byte alignment, broadcast
+                                          axes expanded (stride 0)
 ========================================  ===================================================
 
 GQA: the 5-D BMGHK layout with expanded (stride-0) K/V views; when gradients are needed K/V are
@@ -29,10 +39,9 @@ autograd. Rows with no visible key return 0 and LSE ``-inf``. ``why_not`` carrie
 """
 from __future__ import annotations
 
+import enum
 import functools
 import importlib
-import threading
-import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -40,13 +49,10 @@ import torch
 import torch.nn.functional as F
 
 from ..inputs import AttentionCall
+from ..plan import Block, Plan
 from .base import Backend, Capabilities
-from .lowering import (XformersBiasSpec, additive_bias, kept_query_index, xformers_bias_spec, xformers_dense_lse,
-                       xformers_varlen_lse)
 
 _NEG_INF = float("-inf")
-_VARLEN_KINDS = ("BlockDiagonalMask", "BlockDiagonalCausalFromBottomRightMask",
-                 "BlockDiagonalCausalLocalAttentionFromBottomRightMask")
 
 
 def _cuda_available() -> bool:
@@ -78,30 +84,12 @@ def _detect() -> tuple[Optional[_Xformers], str]:
     return _Xformers(str(getattr(xf, "__version__", "?")), ops, fmha, bias), ""
 
 
-@dataclass
-class _Lowered:
-    """One call in xformers' terms: kernel tensors, attn_bias, and how to map results back."""
-
-    spec: XformersBiasSpec
-    q: Any = None
-    k: Any = None
-    v: Any = None
-    bias: Any = None
-    empty: Optional[torch.Tensor] = None     # "tensor" bias: rows with no key, [b?, h?, sq] (LSE layout)
-    bmghk: bool = False
-
-
 class XformersBackend(Backend):
     name = "xformers"
     capabilities = Capabilities(
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
-        notes=("KeyPadding/DenseMask as a materialized additive bias",
-               "GQA via BMGHK (forward); repeated K/V with grad"),
     )
-
-    def __init__(self):
-        self._last = threading.local()
 
     @property
     def implementation(self) -> str:  # type: ignore[override]
@@ -118,59 +106,343 @@ class XformersBackend(Backend):
         return None
 
     def extra_reasons(self, call: AttentionCall) -> list[str]:
+        """xformers' own dispatch on stand-ins: the typed spec (pure Python from the plan), views of the
+        call's tensors, and stride-0 stand-ins where forward would copy (no bias tensor, no state kept)."""
         xf, _ = _detect()
-        low = self._lowered(call, xf)
-        if low.spec.kind == "empty":
+        spec = xformers_bias_spec(call.plan)
+        if spec.kind is BiasKind.EMPTY:
             return []
-        reasons = _xformers_reasons(xf, low, call)
-        if reasons:   # no forward follows: do not keep this call's tensors (and bias) alive
-            self._last.entry = None
-        return reasons
+        return _xformers_reasons(xf, _lower(xf, call, spec, stand_ins=True), call)
 
     def forward(self, call: AttentionCall):
         xf, reason = _detect()
         if xf is None:
             raise RuntimeError(reason)
-        low = self._lowered(call, xf)
-        self._last.entry = None
-        return _run(xf, low, call)
-
-    def _lowered(self, call: AttentionCall, xf: _Xformers) -> _Lowered:
-        """Lower once per call: ``why_not`` and ``forward`` of the same call share the work."""
-        entry = getattr(self._last, "entry", None)
-        if entry is not None and entry[0]() is call:
-            return entry[1]
-        low = _lower(xf, call)
-        self._last.entry = (weakref.ref(call), low)
-        return low
+        spec = xformers_bias_spec(call.plan)
+        if spec.kind is BiasKind.EMPTY:
+            return _no_key(call)
+        return _run(xf, _lower(xf, call, spec), call)
 
 
 # ---------------------------------------------------------------------------------------------
-# lowering to xformers tensors + attn_bias
+# lowering, from the plan: which attn_bias (pure Python), then the tensors
+#
+# xformers ``...FromBottomRight...LocalAttention...(W)``: ``i + off - W < j <= i + off`` (the same W as
+# attnlib). ``BlockDiagonalCausalFromBottomRightMask`` rejects blocks with fewer keys than queries:
+# the rows that see no key are dropped before the call instead.
 # ---------------------------------------------------------------------------------------------
-def _lower(xf: _Xformers, call: AttentionCall) -> _Lowered:
-    mask = call.mask
-    spec = xformers_bias_spec(mask, call.seqlen_q, call.seqlen_k)
-    if spec.kind == "empty":
-        return _Lowered(spec)
+class BiasKind(enum.Enum):
+    """Which ``attn_bias`` serves a plan. Structured members carry the name of their exact class in
+    ``xformers.ops.fmha.attn_bias`` and :meth:`build` it; ``NONE``: no bias; ``TENSOR``: a materialized
+    additive bias (:func:`additive_bias`); ``EMPTY``: no query sees any key (output 0, LSE -inf, no
+    kernel call)."""
+
+    NONE = "none"
+    TENSOR = "tensor"
+    EMPTY = "empty"
+    LOWER_TRIANGULAR = "LowerTriangularMask"
+    LOWER_TRIANGULAR_BOTTOM_RIGHT = "LowerTriangularFromBottomRightMask"
+    LOWER_TRIANGULAR_BOTTOM_RIGHT_LOCAL = "LowerTriangularFromBottomRightLocalAttentionMask"
+    BLOCK_DIAGONAL = "BlockDiagonalMask"
+    BLOCK_DIAGONAL_CAUSAL_BOTTOM_RIGHT = "BlockDiagonalCausalFromBottomRightMask"
+    BLOCK_DIAGONAL_CAUSAL_LOCAL_BOTTOM_RIGHT = "BlockDiagonalCausalLocalAttentionFromBottomRightMask"
+
+    @property
+    def varlen(self) -> bool:
+        """A block-diagonal bias: batch 1, per-block seqlens, the varlen LSE layout."""
+        return self in _BLOCK_DIAGONAL_KINDS
+
+    def build(self, attn_bias, spec: "XformersBiasSpec", device: torch.device):
+        """The bias object from xformers' ``attn_bias`` module, of exactly this kind's class (None: no bias)."""
+        if self is BiasKind.NONE:
+            return None
+        if self in (BiasKind.TENSOR, BiasKind.EMPTY):
+            raise ValueError(f"{self} has no attn_bias class (see additive_bias)")
+        cls = getattr(attn_bias, self.value)
+        if self in (BiasKind.LOWER_TRIANGULAR, BiasKind.LOWER_TRIANGULAR_BOTTOM_RIGHT):
+            obj = cls()
+        elif self is BiasKind.LOWER_TRIANGULAR_BOTTOM_RIGHT_LOCAL:
+            obj = cls(spec.window)
+        else:
+            obj = _from_seqlens(attn_bias.BlockDiagonalMask, list(spec.q_seqlens), list(spec.kv_seqlens), device)
+            if self is BiasKind.BLOCK_DIAGONAL_CAUSAL_BOTTOM_RIGHT:
+                obj = obj.make_causal_from_bottomright()
+            elif self is BiasKind.BLOCK_DIAGONAL_CAUSAL_LOCAL_BOTTOM_RIGHT:
+                obj = obj.make_local_attention_from_bottomright(spec.window)
+        if type(obj) is not cls:
+            raise RuntimeError(f"xformers built {type(obj).__name__} where {self.value} was needed")
+        return obj
+
+
+_BLOCK_DIAGONAL_KINDS = frozenset({BiasKind.BLOCK_DIAGONAL, BiasKind.BLOCK_DIAGONAL_CAUSAL_BOTTOM_RIGHT,
+                                   BiasKind.BLOCK_DIAGONAL_CAUSAL_LOCAL_BOTTOM_RIGHT})
+
+
+@dataclass(frozen=True)
+class XformersBiasSpec:
+    """Which xformers ``attn_bias`` serves a plan, and how the call is cut around it.
+
+    ``q_seqlens``/``kv_seqlens``/``window``: constructor arguments. Dense calls run on
+    ``q[:, q_start:q_stop]`` (None: to the end) and ``k[:, :key_stop]``; packed calls on the query rows
+    listed by ``kept_queries`` (``(start, count)`` runs; None = all). The rows left out see no key.
+    """
+
+    kind: BiasKind
+    q_seqlens: Optional[tuple] = None
+    kv_seqlens: Optional[tuple] = None
+    window: Optional[int] = None
+    q_start: int = 0
+    q_stop: Optional[int] = None
+    key_stop: Optional[int] = None
+    kept_queries: Optional[tuple] = None
+
+
+_EMPTY = XformersBiasSpec(BiasKind.EMPTY)
+_TENSOR = XformersBiasSpec(BiasKind.TENSOR)
+
+
+def xformers_bias_spec(plan: Plan) -> XformersBiasSpec:
+    """The attn_bias for a call's plan. Pure Python on the plan's ints (cached for structured plans);
+    plans holding a tensor (KeyPadding, DenseMask) get a materialized bias."""
+    if plan.structured:
+        return _structured_spec(plan)
+    return _EMPTY if _no_visible_row(plan) else _TENSOR
+
+
+def _no_visible_row(plan: Plan) -> bool:
+    return all(a == z for a, z in (b.visible_rows() for b in plan.blocks))
+
+
+@functools.lru_cache(maxsize=1024)
+def _structured_spec(plan: Plan) -> XformersBiasSpec:
+    if _no_visible_row(plan):
+        return _EMPTY
+    if plan.packed:
+        return _block_diagonal_spec(plan)
+    block = plan.single
+    if block is None or (block.q_start, block.q_len, block.k_start, block.k_len) != \
+            (0, plan.seqlen_q, 0, plan.seqlen_k):
+        return _TENSOR
+    return _dense_spec(block)
+
+
+def _dense_spec(block: Block) -> XformersBiasSpec:
+    """One block covering the call: the kept rows are ``Block.visible_rows()``."""
+    start, stop = block.visible_rows()
+    rows = {"q_start": start, "q_stop": None if stop == block.q_len else stop}
+    if not block.causal:
+        return XformersBiasSpec(BiasKind.NONE, **rows)
+    kept = stop - start
+    offset = block.offset + start               # the kept rows' diagonal
+    keys = block.k_len
+    if Block(0, kept, 0, keys, True, offset, block.window).full:
+        return XformersBiasSpec(BiasKind.NONE, **rows)
+    key_stop = None
+    if offset < keys - kept:                    # later keys are never visible: cut them, now bottom-right
+        key_stop = keys = kept + offset
+    elif offset > keys - kept:
+        if offset == 0 and block.window is None:
+            return XformersBiasSpec(BiasKind.LOWER_TRIANGULAR, **rows)      # xformers' own causal is top-left
+        return _TENSOR
+    if block.window is not None:
+        return XformersBiasSpec(BiasKind.LOWER_TRIANGULAR_BOTTOM_RIGHT_LOCAL, window=block.window,
+                                key_stop=key_stop, **rows)
+    kind = BiasKind.LOWER_TRIANGULAR if kept == keys else BiasKind.LOWER_TRIANGULAR_BOTTOM_RIGHT
+    return XformersBiasSpec(kind, key_stop=key_stop, **rows)
+
+
+def _block_diagonal_spec(plan: Plan) -> XformersBiasSpec:
+    """Packed blocks, per block as :func:`_dense_spec`: the rows ``Block.visible_rows()`` keeps, the keys
+    no kept row sees as blocks of 0 queries. Blocks that do not fit one bias class: a tensor bias."""
+    first = plan.blocks[0]
+    causal, window = first.causal, first.window
+    q_lens, k_lens, runs = [], [], []
+    q_pos = k_pos = 0
+    for b in plan.blocks:
+        if b.causal != causal or b.window != window or b.q_start != q_pos or b.k_start < k_pos:
+            return _TENSOR
+        if b.k_start > k_pos:                   # keys of no block
+            q_lens.append(0)
+            k_lens.append(b.k_start - k_pos)
+        start, stop = b.visible_rows()
+        kept, keys = stop - start, b.k_len
+        if causal and kept:
+            offset = b.offset + start
+            if offset > keys - kept:
+                return _TENSOR
+            keys = kept + offset                # == b.k_len when the diagonal is bottom-right
+        if kept:
+            runs.append((b.q_start + start, kept))
+        q_lens.append(kept)
+        k_lens.append(keys)
+        if keys < b.k_len:
+            q_lens.append(0)
+            k_lens.append(b.k_len - keys)
+        q_pos, k_pos = b.q_start + b.q_len, b.k_start + b.k_len
+    if q_pos != plan.seqlen_q or k_pos > plan.seqlen_k:
+        return _TENSOR
+    if k_pos < plan.seqlen_k:
+        q_lens.append(0)
+        k_lens.append(plan.seqlen_k - k_pos)
+    if not causal:
+        kind = BiasKind.BLOCK_DIAGONAL
+    elif window is None:
+        kind = BiasKind.BLOCK_DIAGONAL_CAUSAL_BOTTOM_RIGHT
+    else:
+        kind = BiasKind.BLOCK_DIAGONAL_CAUSAL_LOCAL_BOTTOM_RIGHT
+    dropped = sum(q_lens) != plan.seqlen_q
+    return XformersBiasSpec(kind, q_seqlens=tuple(q_lens), kv_seqlens=tuple(k_lens), window=window,
+                            kept_queries=_merge_runs(runs) if dropped else None)
+
+
+def _merge_runs(runs):
+    out = []
+    for s, n in runs:
+        if out and out[-1][0] + out[-1][1] == s:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((s, n))
+    return tuple(out)
+
+
+def kept_query_index(kept_queries: tuple, device) -> torch.Tensor:
+    """int64 index of the kept packed query rows (cached per device)."""
+    return _kept_index(kept_queries, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=256)
+def _kept_index(kept_queries: tuple, device: str) -> torch.Tensor:
+    if not kept_queries:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat([torch.arange(s, s + n) for s, n in kept_queries]).to(device)
+
+
+def round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def bias_alignment(dtype: torch.dtype) -> int:
+    """xformers wants every bias stride but the last to be a multiple of 16 bytes (8 fp16/bf16 elements)."""
+    return 128 // torch.finfo(dtype).bits
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
+
+
+def _unexpand(t: torch.Tensor) -> torch.Tensor:
+    """Collapse the broadcast (stride-0) axes of ``t`` to size 1: the values without the repeats."""
+    for d in range(t.dim() - 1):
+        if t.shape[d] > 1 and t.stride(d) == 0:
+            t = t.narrow(d, 0, 1)
+    return t
+
+
+def additive_bias(plan: Plan, batch: int, heads: int, dtype: torch.dtype, device):
+    """Materialize ``plan`` (``Plan.materialize``) as an additive bias ``[B, H, Sq, Sk]`` laid out as
+    xformers requires; a DenseMask's additive values are kept.
+
+    Storage has its last dim padded to :func:`bias_alignment` and is sliced back to ``Sk``; broadcast
+    axes are ``expand``-ed (stride 0), never copied. Rows with no visible key are *unmasked* (bias 0)
+    so the kernel computes finite numbers, and reported as ``empty_rows`` (``Plan.empty_rows_on``: bool
+    ``[b?, h?, Sq?]``, broadcastable to ``[B, H, Sq]``; None when no row can be empty) for the caller to
+    zero.
+    """
+    sq, sk = plan.seqlen_q, plan.seqlen_k
+    visible = _unexpand(_as_4d(plan.materialize(device)))
+    values = None
+    if plan.dense is not None and not plan.dense.is_bool:
+        values = _unexpand(_as_4d(plan.dense.mask.to(device)))
+    empty = plan.empty_rows_on(device)
+    while empty is not None and empty.dim() < 3:
+        empty = empty.unsqueeze(0)
+    shapes = [visible.shape] + ([values.shape] if values is not None else []) + \
+        ([tuple(empty.shape) + (sk,)] if empty is not None else [])
+    shape = torch.broadcast_shapes(*shapes)
+    store = torch.zeros(*shape[:-1], round_up(sk, bias_alignment(dtype)), dtype=dtype, device=device)
+    body = store[..., :sk]
+    unmask = None if empty is None else empty.unsqueeze(-1)
+    if values is None:
+        body.masked_fill_(~visible if unmask is None else ~(visible | unmask), _NEG_INF)
+    else:
+        body.copy_((values if unmask is None else values.masked_fill(unmask, 0.0)).expand(body.shape))
+    return body.expand(batch, heads, sq, sk), empty
+
+
+def xformers_dense_lse(lse: torch.Tensor, heads: int, seqlen_q: int) -> torch.Tensor:
+    """xformers dense LSE ``[B, H, M]`` or ``[B, G, H/G, M]`` (M may be padded) -> ``[B, H, Sq]``."""
+    return lse.reshape(lse.shape[0], heads, lse.shape[-1])[..., :seqlen_q]
+
+
+def xformers_varlen_lse(lse: torch.Tensor, q_seqlens: tuple, heads: int) -> torch.Tensor:
+    """xformers varlen LSE -> ``[H, Tq]``.
+
+    Packed operators (flash) return ``[1, H, >=Tq]``; padded ones (cutlass) ``[N, H, >=max_q]``, one
+    row per block. With one block both read the same.
+    """
+    lse = lse.reshape(lse.shape[0], heads, lse.shape[-1])
+    total = sum(q_seqlens)
+    if lse.shape[0] == 1:
+        return lse[0, :, :total]
+    if lse.shape[0] != len(q_seqlens):
+        raise ValueError(f"xformers LSE of shape {tuple(lse.shape)} matches neither packed [1, H, {total}] nor "
+                         f"padded [{len(q_seqlens)}, H, max_q]")
+    block, pos = _padded_lse_index(tuple(q_seqlens), str(lse.device))
+    return lse[block, :, pos].transpose(0, 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _padded_lse_index(q_seqlens: tuple, device: str):
+    block = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(q_seqlens)])
+    pos = torch.cat([torch.arange(n) for n in q_seqlens])
+    return block.to(device), pos.to(device)
+
+
+@dataclass
+class _Lowered:
+    """One call in xformers' terms: kernel tensors, attn_bias, and how to map results back."""
+
+    spec: XformersBiasSpec
+    q: Any = None
+    k: Any = None
+    v: Any = None
+    bias: Any = None
+    empty: Optional[torch.Tensor] = None     # tensor bias: rows with no key, [b?, h?, sq] (LSE layout)
+    bmghk: bool = False
+
+
+def _stand_in(like: torch.Tensor, shape) -> torch.Tensor:
+    """A tensor of ``shape`` with ``like``'s dtype and device that costs no memory and no compute: one
+    row expanded (stride 0 on every axis but the last, which has stride 1)."""
+    return like.new_empty(shape[-1]).expand(*shape)
+
+
+def _lower(xf: _Xformers, call: AttentionCall, spec: XformersBiasSpec, *, stand_ins: bool = False) -> _Lowered:
+    """The kernel's tensors and attn_bias for ``call``. ``stand_ins`` (for ``why_not``): every tensor forward
+    would copy or build (kept-row gather, K/V repeat, the additive bias) is a :func:`_stand_in` of the same
+    shape, dtype and device, and a bias stand-in has the aligned layout (strides 0 but the last: what
+    xformers' ``not_supported_reasons`` read is the shape, dtype, device, last-dim stride and the other
+    strides' 16-byte alignment, all of which the stand-ins share with the real tensors)."""
     q, k, v = call.q, call.k, call.v
     if call.packed:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    if spec.q_start:
-        q = q[:, spec.q_start:]
+    if spec.q_start or spec.q_stop is not None:
+        q = q[:, spec.q_start:spec.q_stop]
     if spec.key_stop is not None:
         k, v = k[:, : spec.key_stop], v[:, : spec.key_stop]
     if spec.kept_queries is not None:
-        q = q.index_select(1, kept_query_index(spec.kept_queries, q.device))
+        if stand_ins:
+            q = _stand_in(q, (q.shape[0], sum(n for _, n in spec.kept_queries), *q.shape[2:]))
+        else:
+            q = q.index_select(1, kept_query_index(spec.kept_queries, q.device))
     b, sq, hq = q.shape[:3]
     sk = k.shape[1]
     empty = None
-    if spec.kind == "none":
-        bias = None
-    elif spec.kind == "tensor":
-        bias, empty = additive_bias(mask, b, hq, sq, sk, q.dtype, q.device)
-        while empty.dim() < 3:
-            empty = empty.unsqueeze(0)
+    if spec.kind is BiasKind.TENSOR:
+        if stand_ins:
+            bias = q.new_empty(round_up(sk, bias_alignment(q.dtype)))[:sk].expand(b, hq, sq, sk)
+        else:
+            bias, empty = additive_bias(call.plan, b, hq, q.dtype, q.device)
     else:
         bias = _bias_object(xf, spec, str(q.device))
     hkv = k.shape[2]
@@ -178,7 +450,10 @@ def _lower(xf: _Xformers, call: AttentionCall) -> _Lowered:
     if hq != hkv:
         ratio = hq // hkv
         if call.requires_grad:  # xformers' backward operators do not take BMGHK: repeat K/V (a copy)
-            k, v = k.repeat_interleave(ratio, dim=2), v.repeat_interleave(ratio, dim=2)
+            if stand_ins:
+                k, v = _stand_in(k, (b, sk, hq, k.shape[-1])), _stand_in(v, (b, sk, hq, v.shape[-1]))
+            else:
+                k, v = k.repeat_interleave(ratio, dim=2), v.repeat_interleave(ratio, dim=2)
         else:
             bmghk = True
             q = q.unflatten(2, (hkv, ratio))
@@ -192,25 +467,7 @@ def _lower(xf: _Xformers, call: AttentionCall) -> _Lowered:
 @functools.lru_cache(maxsize=512)
 def _bias_object(xf: _Xformers, spec: XformersBiasSpec, device: str):
     """The exact xformers attn_bias for ``spec`` (cached: block-diagonal seqstarts go to the device once)."""
-    ab = xf.bias
-    kind = spec.kind
-    if kind == "LowerTriangularMask":
-        obj = ab.LowerTriangularMask()
-    elif kind == "LowerTriangularFromBottomRightMask":
-        obj = ab.LowerTriangularFromBottomRightMask()
-    elif kind == "LowerTriangularFromBottomRightLocalAttentionMask":
-        obj = ab.LowerTriangularFromBottomRightLocalAttentionMask(spec.window)
-    elif kind in _VARLEN_KINDS:
-        obj = _from_seqlens(ab.BlockDiagonalMask, list(spec.q_seqlens), list(spec.kv_seqlens), torch.device(device))
-        if kind == "BlockDiagonalCausalFromBottomRightMask":
-            obj = obj.make_causal_from_bottomright()
-        elif kind == "BlockDiagonalCausalLocalAttentionFromBottomRightMask":
-            obj = obj.make_local_attention_from_bottomright(spec.window)
-    else:  # pragma: no cover - xformers_bias_spec names only the kinds above
-        raise ValueError(f"unknown xformers bias kind {kind!r}")
-    if type(obj).__name__ != kind:
-        raise RuntimeError(f"xformers built {type(obj).__name__} where {kind} was needed")
-    return obj
+    return spec.kind.build(xf.bias, spec, torch.device(device))
 
 
 def _from_seqlens(cls, q_seqlens, kv_seqlens, device: torch.device):
@@ -242,7 +499,7 @@ def _xformers_reasons(xf: _Xformers, low: _Lowered, call: AttentionCall) -> list
         return []
     if call.requires_grad:
         try:
-            varlen = low.spec.kind in _VARLEN_KINDS
+            varlen = low.spec.kind.varlen
             dispatch._dispatch_bw(inp, varlen_lse_packed=getattr(fw, "VARLEN_LSE_PACKED", None) if varlen else None)
         except NotImplementedError as e:
             return [f"xformers has no backward operator for this call: {_condense(e)}"]
@@ -282,16 +539,19 @@ class _MemEffWithLse(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+def _no_key(call: AttentionCall):
+    """No query sees any key: output 0, LSE -inf, no kernel call."""
+    out = call.q.new_zeros(*call.q.shape[:-1], call.head_dim_v)
+    lse = None
+    if call.return_lse:
+        shape = (call.heads_q, call.seqlen_q) if call.packed else (call.batch, call.heads_q, call.seqlen_q)
+        lse = torch.full(shape, _NEG_INF, device=call.device)
+    return out, lse
+
+
 def _run(xf: _Xformers, low: _Lowered, call: AttentionCall):
     spec = low.spec
-    hq, dv = call.heads_q, call.head_dim_v
-    if spec.kind == "empty":
-        out = call.q.new_zeros(*call.q.shape[:-1], dv)
-        lse = None
-        if call.return_lse:
-            shape = (hq, call.seqlen_q) if call.packed else (call.batch, hq, call.seqlen_q)
-            lse = torch.full(shape, _NEG_INF, device=call.device)
-        return out, lse
+    hq = call.heads_q
     if call.return_lse:
         out, lse = _MemEffWithLse.apply(low.q, low.k, low.v, low.bias, call.scale, xf.ops)
     else:
@@ -302,17 +562,18 @@ def _run(xf: _Xformers, low: _Lowered, call: AttentionCall):
     sq = out.shape[1]
     if lse is not None:
         lse = lse.float()
-        lse = xformers_varlen_lse(lse, spec.q_seqlens, hq) if spec.kind in _VARLEN_KINDS else \
+        lse = xformers_varlen_lse(lse, spec.q_seqlens, hq) if spec.kind.varlen else \
             xformers_dense_lse(lse, hq, sq)                     # [H, Tq'] or [B, H, Sq']
     if low.empty is not None:
         out = out.masked_fill(low.empty.transpose(1, 2).unsqueeze(-1), 0.0)
         if lse is not None:
             lse = lse.masked_fill(low.empty, _NEG_INF)
     # rows that were not sent to the kernel see no key: 0 / -inf
-    if spec.q_start:
-        out = F.pad(out, (0, 0, 0, 0, spec.q_start, 0))
+    if spec.q_start or spec.q_stop is not None:
+        tail = 0 if spec.q_stop is None else call.seqlen_q - spec.q_stop
+        out = F.pad(out, (0, 0, 0, 0, spec.q_start, tail))
         if lse is not None:
-            lse = F.pad(lse, (spec.q_start, 0), value=_NEG_INF)
+            lse = F.pad(lse, (spec.q_start, tail), value=_NEG_INF)
     if spec.kept_queries is not None:
         idx = kept_query_index(spec.kept_queries, out.device)
         out = out.new_zeros(1, call.seqlen_q, hq, out.shape[-1]).index_copy(1, idx, out)

@@ -275,7 +275,11 @@ class PlanCache:
         self._lock = threading.Lock()
 
     def get(self, mask: torch.Tensor, build):
-        key = (id(mask), mask._version, mask.data_ptr(), tuple(mask.shape), tuple(mask.stride()), mask.dtype,
+        try:
+            version = mask._version
+        except RuntimeError:   # inference-mode tensors have no version counter: identity and storage only
+            version = None
+        key = (id(mask), version, mask.data_ptr(), tuple(mask.shape), tuple(mask.stride()), mask.dtype,
                str(mask.device))
         with self._lock:
             entry = self._entries.get(key)

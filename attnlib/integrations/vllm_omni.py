@@ -19,23 +19,37 @@ metadata                                        attnlib mask
 none, ``causal=False`` / ``causal=True``        ``None`` / ``Causal()`` (**bottom-right**: with
                                                 ``Sq != Sk`` this differs from vLLM-Omni's SDPA
                                                 backend, which passes torch's top-left ``is_causal``)
-``attn_mask`` 2-D ``[B, Sk]``, True/1 = keep    ``KeyPadding`` (any pattern); with ``causal=True``
-                                                the rows are packed into causal ``BlockDiagonal``
-                                                blocks (see ``last_plan``)
+``attn_mask`` 2-D ``[B, Sk]``, True/1 = keep    ``KeyPadding`` (any pattern; none when nothing is
+                                                padded); with ``causal=True``
+                                                ``KeyPadding(valid, causal=True)``: the valid keys
+                                                and bottom-right causal over the key axis (no
+                                                device sync, no dense mask)
 ``attn_mask`` 4-D (bool or additive)            recovered structure, else ``DenseMask``
 ``joint_query/key/value`` + ``joint_strategy``  concatenated in front of (``"front"``) or behind
                                                 (``"rear"``) q/k/v; ``joint_attn_mask`` joins
                                                 ``attn_mask`` in the same order (missing = all keep);
-                                                the output covers the joint sequence in that order
+                                                the output covers the joint sequence in that order;
+                                                ``causal=True`` runs over the joined sequence
 ``cu_seqlens_q/k`` (+ ``max_seqlen_q/k``)       ``BlockDiagonal`` on the packed tokens (``[T, H, D]``
                                                 or ``[1, T, H, D]``), causal per block if ``causal``
 ==============================================  ==================================================
+
+The translated mask (``last_plan``) is built once per metadata, not once per layer: every layer of a
+model gets the same metadata object, and the plan is cached on the identity of its mask and
+``cu_seqlens`` tensors (held weakly) and their version counters, with the causal flag, the joint
+strategy and the q/k shapes (a small bounded cache shared by all layers). An in-place edit of a mask
+tensor re-plans. Inference-mode tensors carry no version counter: their plans are cached per metadata
+object (when it accepts weak references, as ``AttentionMetadata`` does), so refill such a tensor in
+place only together with a new metadata object.
 
 Sequence parallelism (Ulysses / ring) is out of scope: the layer is single-device; its parallelism
 keyword arguments are accepted and must leave parallelism off.
 """
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +57,7 @@ import torch
 from torch import nn
 
 from ..api import attention
+from ..inputs import default_scale
 from ..masks import BlockDiagonal, Causal, KeyPadding
 from ..registry import canonical_name
 from ._structure import MaskPlan, PackedPart, plan_from_dense
@@ -118,8 +133,7 @@ def plan_for(q: torch.Tensor, k: torch.Tensor, meta, causal: bool) -> MaskPlan:
         valid = _as_valid(attn_mask, "attn_mask")
         if not causal:
             return MaskPlan("none") if bool(valid.all()) else MaskPlan("key_padding", KeyPadding(valid))
-        full = Causal().materialize(Sq, Sk, valid.device)[None] & valid[:, None, :]
-        return plan_from_dense(full[:, None], B, Sq, Sk)
+        return MaskPlan("key_padding", KeyPadding(valid, causal=True))     # no host read, no dense mask
     if attn_mask.dim() == 4:
         mask = attn_mask
         if causal:
@@ -137,11 +151,11 @@ def plan_for(q: torch.Tensor, k: torch.Tensor, meta, causal: bool) -> MaskPlan:
 
 
 def _join(meta, query, key, value):
-    """Concatenate the joint tensors; return ``(q, k, v, meta_mask_or_None)``."""
+    """Concatenate the joint tensors (every call: they differ per layer); return ``(q, k, v, strategy)``,
+    ``strategy`` None without joint tensors."""
     jq, jk, jv = _get(meta, "joint_query"), _get(meta, "joint_key"), _get(meta, "joint_value")
-    attn_mask = _get(meta, "attn_mask")
     if jq is None and jk is None and jv is None:
-        return query, key, value, attn_mask
+        return query, key, value, None
     if jq is None or jk is None or jv is None:
         raise ValueError("joint_query, joint_key and joint_value must be given together (or none of them)")
     strategy = _get(meta, "joint_strategy") or "front"
@@ -153,23 +167,91 @@ def _join(meta, query, key, value):
     def cat(a, b):
         return torch.cat([b, a] if strategy == "front" else [a, b], dim=1)
 
-    q, k, v = cat(query, jq), cat(key, jk), cat(value, jv)
+    return cat(query, jq), cat(key, jk), cat(value, jv), strategy
+
+
+def _joined_mask(meta, strategy: str | None, key_len: int, k: torch.Tensor):
+    """The metadata's key mask over the joined keys ``k`` (``key_len`` of them are the layer's own)."""
+    attn_mask = _get(meta, "attn_mask")
+    if strategy is None:
+        return attn_mask
     joint_mask = _get(meta, "joint_attn_mask")
     if attn_mask is None and joint_mask is None:
-        return q, k, v, None
-    B = k.shape[0]
+        return None
+    B, joint_len = k.shape[0], k.shape[1] - key_len
     if attn_mask is not None and attn_mask.dim() == 2 and attn_mask.shape[1] == k.shape[1] and joint_mask is None:
-        return q, k, v, attn_mask  # already over the joint keys
+        return attn_mask  # already over the joint keys
     if (attn_mask is not None and attn_mask.dim() != 2) or (joint_mask is not None and joint_mask.dim() != 2):
         raise ValueError("with joint tensors, attn_mask and joint_attn_mask must be 2-D [B, S] key masks")
     if attn_mask is None:
-        attn_mask = torch.ones(B, key.shape[1], dtype=torch.bool, device=k.device)
+        attn_mask = torch.ones(B, key_len, dtype=torch.bool, device=k.device)
     if joint_mask is None:
-        joint_mask = torch.ones(B, jk.shape[1], dtype=torch.bool, device=k.device)
-    if attn_mask.shape[1] != key.shape[1] or joint_mask.shape[1] != jk.shape[1]:
+        joint_mask = torch.ones(B, joint_len, dtype=torch.bool, device=k.device)
+    if attn_mask.shape[1] != key_len or joint_mask.shape[1] != joint_len:
         raise ValueError(f"attn_mask covers {attn_mask.shape[1]} keys and joint_attn_mask {joint_mask.shape[1]}, but "
-                         f"key has {key.shape[1]} and joint_key {jk.shape[1]}")
-    return q, k, v, cat(_as_valid(attn_mask, "attn_mask"), _as_valid(joint_mask, "joint_attn_mask"))
+                         f"key has {key_len} and joint_key {joint_len}")
+    attn_mask, joint_mask = _as_valid(attn_mask, "attn_mask"), _as_valid(joint_mask, "joint_attn_mask")
+    return torch.cat([joint_mask, attn_mask] if strategy == "front" else [attn_mask, joint_mask], dim=1)
+
+
+#: the metadata fields a plan is built from
+_PLAN_FIELDS = ("attn_mask", "joint_attn_mask", "cu_seqlens_q", "cu_seqlens_k")
+
+
+class _MetadataPlans:
+    """The translated :class:`MaskPlan` per metadata, shared by every layer (bounded, least recently used
+    first out, thread-safe).
+
+    Keyed on what the plan is built from: the fields in ``_PLAN_FIELDS`` (tensors by identity, held
+    weakly and checked on a hit, with their version counter, storage, shape, strides, dtype and device;
+    lists by value) and the caller's static key (causal flag, joint strategy, q/k shapes). Inference
+    tensors have no version counter: their plans are also keyed on the metadata object, held weakly,
+    and not cached when it takes no weak reference.
+    """
+
+    def __init__(self, size: int = 8):
+        self._size = size
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, meta, static_key: tuple, build):
+        fingerprint, refs, versioned = [], [], True
+        for name in _PLAN_FIELDS:
+            value = _get(meta, name)
+            if value is None:
+                fingerprint.append(None)
+            elif isinstance(value, torch.Tensor):
+                inference = value.is_inference()
+                versioned &= not inference
+                fingerprint.append((id(value), -1 if inference else value._version, value.data_ptr(),
+                                    tuple(value.shape), tuple(value.stride()), value.dtype, str(value.device)))
+                refs.append(value)
+            elif isinstance(value, (list, tuple)) and all(isinstance(x, int) for x in value):
+                fingerprint.append(tuple(value))
+            else:
+                return build()
+        if not versioned:
+            try:
+                weakref.ref(meta)                       # the metadata object itself must be the same one
+            except TypeError:
+                return build()
+            refs.append(meta)
+            fingerprint.append(id(meta))
+        key = (static_key, tuple(fingerprint))
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None and all(r() is t for r, t in zip(entry[0], refs)):
+                self._entries.move_to_end(key)
+                return entry[1]
+        plan = build()
+        with self._lock:
+            self._entries[key] = (tuple(weakref.ref(t) for t in refs), plan)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+        return plan
+
+
+_PLANS = _MetadataPlans()
 
 
 class Attention(nn.Module):
@@ -191,18 +273,24 @@ class Attention(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_size = head_size
         self.causal = bool(causal)
-        self.softmax_scale = head_size ** -0.5 if softmax_scale is None else float(softmax_scale)
+        self.softmax_scale = default_scale(head_size) if softmax_scale is None else float(softmax_scale)
         self.backend = None if backend is None else canonical_name(backend)
         self.last_plan: MaskPlan | None = None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_metadata=None) -> torch.Tensor:
-        q, k, v, mask = _join(attn_metadata, query, key, value)
+        q, k, v, strategy = _join(attn_metadata, query, key, value)
         if q.shape[-2] != self.num_heads or k.shape[-2] != self.num_kv_heads:
             raise ValueError(f"expected {self.num_heads} query heads and {self.num_kv_heads} kv heads (layer config), "
                              f"got query {tuple(q.shape)} and key {tuple(k.shape)}")
-        meta = {"attn_mask": mask, "cu_seqlens_q": _get(attn_metadata, "cu_seqlens_q"),
-                "cu_seqlens_k": _get(attn_metadata, "cu_seqlens_k")}
-        plan = plan_for(q, k, meta, self.causal)
+
+        def build():
+            meta = {"attn_mask": _joined_mask(attn_metadata, strategy, key.shape[1], k),
+                    "cu_seqlens_q": _get(attn_metadata, "cu_seqlens_q"),
+                    "cu_seqlens_k": _get(attn_metadata, "cu_seqlens_k")}
+            return plan_for(q, k, meta, self.causal)
+
+        static = (self.causal, strategy, tuple(q.shape[:-1]), tuple(k.shape[:-1]), key.shape[1], str(q.device))
+        plan = _PLANS.get(attn_metadata, static, build)
         self.last_plan = plan
         if q.dim() == 3:  # packed THD with cu_seqlens
             return attention(q, k, v, plan.mask, scale=self.softmax_scale, backend=self.backend)
