@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .inputs import validate_call
+from .inputs import default_scale, validate_call
 from .masks import BlockDiagonal, Causal
 from .registry import canonical_name, select_backend
 
@@ -57,7 +57,7 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_size = head_size
         self.num_kv_heads = num_kv_heads
-        self.scale = head_size ** -0.5 if scale is None else float(scale)
+        self.scale = default_scale(head_size) if scale is None else float(scale)
         self.causal = bool(causal)
         self.backend = None if backend is None else canonical_name(backend)
 

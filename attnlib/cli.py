@@ -8,9 +8,9 @@ import time
 
 import torch
 
-from . import conformance
-from .backends.base import dtype_name
-from .registry import auto_order, get_backend, list_backends
+from . import conformance, settings
+from .backends.base import ALL_MASK_FEATURES, dtype_name
+from .registry import alias_map, auto_order, get_backend, list_backends
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
@@ -38,6 +38,7 @@ def cmd_info(args) -> int:
     print(f"device      {_device()}")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"auto order  {' > '.join(auto_order(dev))} ({dev})")
+    print(f"aliases     {len(alias_map())} other spellings of the backend names (attnlib info --aliases)")
     print()
     rows = list_backends()
     width = max(len(r["name"]) for r in rows)
@@ -51,23 +52,45 @@ def cmd_info(args) -> int:
     for d in KNOWN_DEFECTS:
         state = ("guard on" if d.guard_active() else "guard OFF") if d.applies() else "not applicable here"
         print(f"  {d.name} [{state}]: {d.library}; {d.affected}\n    symptom: {d.symptom}\n    handling: {d.handling}")
+    print("\nenvironment variables read (attnlib info --env: the table as markdown)")
+    plain = lambda text: text.replace("`", "")  # noqa: E731
+    width = max(len(v.name) for v in settings.ENV_VARS)
+    for var, (_, value) in zip(settings.ENV_VARS, settings.current_values()):
+        here = f"= {value!r}" if value is not None else "unset"
+        print(f"  {var.name:{width}s}  {here}  (default: {plain(var.default)}; values: {plain(var.values)})\n"
+              f"  {'':{width}s}  {plain(var.meaning)}")
     return 0
 
 
-def capability_matrix() -> str:
-    """The backend x capability table as markdown (docs/backends.md embeds it)."""
-    from .backends.base import ALL_MASK_FEATURES, dtype_name
-
+def capability_matrix(names=None) -> str:
+    """The backend x capability table as markdown (docs/backends.md embeds it); ``names``: the backends
+    (default: every registered one)."""
     feats = sorted(ALL_MASK_FEATURES)
-    head = ["backend", "devices", "dtypes", "max head dim", *feats, "packed THD", "GQA", "LSE", "autograd"]
+    head = ["backend", "devices", "dtypes", "max head dim", *feats, "packed THD", "GQA", "LSE", "Dv != D",
+            "autograd"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     yes = lambda b: "yes" if b else "—"  # noqa: E731
-    for r in list_backends():
-        c = get_backend(r["name"]).capabilities
-        cells = [r["name"], ", ".join(sorted(c.devices)), ", ".join(sorted(dtype_name(d) for d in c.dtypes)),
+    for name in names or [r["name"] for r in list_backends()]:
+        c = get_backend(name).capabilities
+        grad_on = sorted(d for d in c.devices if c.autograd_on(d))
+        grad = "yes" if len(grad_on) == len(c.devices) else (f"{', '.join(grad_on)} only" if grad_on else "—")
+        cells = [name, ", ".join(sorted(c.devices)), ", ".join(sorted(dtype_name(d) for d in c.dtypes)),
                  str(c.max_head_dim or "any"), *[yes(f in c.masks) for f in feats], yes(c.packed), yes(c.gqa),
-                 yes(c.lse), yes(c.autograd)]
+                 yes(c.lse), yes(c.head_dim_v_differs), grad]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def alias_table(mapping: dict[str, str] | None = None) -> str:
+    """The accepted spellings per backend as markdown (docs/backends.md embeds it); ``mapping``: alias ->
+    canonical name (default: every alias registered now)."""
+    mapping = alias_map() if mapping is None else mapping
+    by_backend: dict[str, list[str]] = {}
+    for alias, name in mapping.items():
+        by_backend.setdefault(name, []).append(alias)
+    lines = ["| canonical | also accepted |", "|---|---|"]
+    for name, spellings in by_backend.items():
+        lines.append(f"| `{name}` | " + ", ".join(f"`{a}`" for a in spellings) + " |")
     return "\n".join(lines)
 
 
@@ -115,6 +138,11 @@ def _check_plan(args):
         if wrong:
             raise UsageError(f"--case {', '.join(wrong)}: unknown; valid cases: {', '.join(c.name for c in cases)}")
         cases = [c for c in cases if c.name in args.case]
+    sections = conformance.check_sections()
+    unknown = [n for n in args.skip_section or () if n not in sections]
+    if unknown:
+        raise UsageError(f"--skip-section {', '.join(unknown)}: unknown; sections here: "
+                         f"{', '.join(sections) or 'none installed'}")
     return dev, names, unavailable, dtypes, cases
 
 
@@ -128,7 +156,7 @@ def _cell(args, name: str, case, dtype, dev) -> tuple[str, int, str]:
         return f"{'--full':>18s}", 0, ""
     worst_ratio, worst, skip, failures = 0.0, None, "", 0
     for gqa in conformance.gqa_ratios(name, dtype, dev):
-        grad = args.grad and backend.capabilities.autograd and dtype != torch.float16
+        grad = args.grad and backend.capabilities.autograd_on(dev) and dtype != torch.float16
         r = conformance.run_case(name, case, dtype, gqa, device=dev, grad=grad)
         if r.skipped:
             skip = r.skipped
@@ -212,8 +240,10 @@ def cmd_check(args) -> int:
             if not r["available"]:
                 print(f"not checked: {r['name']}: {r['reason']}")
     failures += _defects_section(names, dev)
-    if not args.no_models:
-        failures += _models_section(names, dev)
+    skip = set(args.skip_section or ()) | ({"models"} if args.no_models else set())
+    for section_name, section in conformance.check_sections().items():
+        if section_name not in skip:
+            failures += section(list(names), dev)
     if ran == 0:
         print("\nFAILED: no comparison ran (no backend could serve the cases and dtypes asked for)")
         return 1
@@ -223,29 +253,13 @@ def cmd_check(args) -> int:
     return 1 if failures else 0
 
 
-def _models_section(names, device) -> int:
-    try:
-        from models_ref.parity import model_parity_rows
-    except ImportError as e:
-        print(f"\nmodels: not checked ({e})")
-        return 0
-    print("\nmodels (reference blocks, float32: max |diff| / tolerance vs diffusers-transformers or math, float64)")
-    failures = 0
-    for row in model_parity_rows(list(names), device=device):
-        passed = row.get("passed")
-        failures += passed is False
-        diff = row.get("max_diff")
-        diff_s = "n/a" if diff is None else f"{diff:.1e}/{row.get('tol', 0):.1e}"
-        status = "n/a" if passed is None else ("ok" if passed else "FAIL")
-        print(f"  {row['model']:34s} {row['backend']:9s} {diff_s:>18s} {status:4s}  {row.get('note', '')}")
-    return failures
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="attnlib", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("info", help="versions, device and one row per backend (available / why not)")
     i.add_argument("--capabilities", action="store_true", help="print the capability matrix as markdown")
+    i.add_argument("--aliases", action="store_true", help="print the accepted backend spellings as markdown")
+    i.add_argument("--env", action="store_true", help="print the environment variables attnlib reads as markdown")
     c = sub.add_parser("check", help="conformance matrix of every available backend against float64 math")
     c.add_argument("--backend", action="append", help="check only this backend (repeatable)")
     c.add_argument("--dtype", action="append", choices=sorted(_DTYPES), help="dtypes (default fp32 bf16 fp16)")
@@ -253,7 +267,9 @@ def main(argv=None) -> int:
     c.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     c.add_argument("--grad", action="store_true", help="also compare gradients")
     c.add_argument("--full", action="store_true", help="every dtype on compiled/interpreted backends too (slow on cpu)")
-    c.add_argument("--no-models", action="store_true", help="skip the models section")
+    c.add_argument("--skip-section", action="append", metavar="NAME",
+                   help="leave out a section contributed by a package (repeatable; e.g. models)")
+    c.add_argument("--no-models", action="store_true", help="same as --skip-section models")
     c.add_argument("--fuzz", type=int, default=8, metavar="N",
                    help="also run N random cases (tile-edge lengths, head dims 8..128, every structured mask; "
                         "default 8, 0 for none)")
@@ -261,8 +277,10 @@ def main(argv=None) -> int:
     c.add_argument("-v", "--verbose", action="store_true", help="print why a backend skips a case")
     args = p.parse_args(argv)
     if args.cmd == "info":
-        if args.capabilities:
-            print(capability_matrix())
+        tables = [(args.capabilities, capability_matrix), (args.aliases, alias_table),
+                  (args.env, settings.markdown_table)]
+        if any(asked for asked, _ in tables):
+            print("\n\n".join(make() for asked, make in tables if asked))
             return 0
         return cmd_info(args)
     args.dtype = args.dtype or ["fp32", "bf16", "fp16"]

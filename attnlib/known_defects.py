@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .settings import FLEX_CPU_GUARD, INDUCTOR_COMPILE_THREADS
+
 
 #: the repository's scripts/ folder (reproductions live there; absent in an installed wheel)
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
@@ -37,15 +39,22 @@ class KnownDefect:
         script = SCRIPTS / self.reproduction
         if not script.exists():
             return False, f"{script} not found (reproductions ship with the repository, not the wheel)"
-        env = dict(os.environ, TORCHINDUCTOR_COMPILE_THREADS=os.environ.get("TORCHINDUCTOR_COMPILE_THREADS", "1"))
+        env = dict(os.environ)
+        env[INDUCTOR_COMPILE_THREADS] = os.environ.get(INDUCTOR_COMPILE_THREADS, "1")   # one worker unless set
         proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=timeout, env=env)
         return proc.returncode == 1, proc.stdout.strip()
 
 
 def _cpu_flex_exists() -> bool:
-    from .backends import flex
-    fa, reason = flex._flex_module()
-    return reason is None and flex._cpu_reason() is None
+    """Whether flex's CPU kernel runs here: flex serves a plain fp32 CPU call (asked through its public
+    ``why_not``: flex importable, a C++ compiler, a CPU torch's flex kernel supports)."""
+    import torch
+
+    from .backends.flex import FlexBackend
+    from .inputs import validate_call
+
+    x = torch.zeros(1, 1, 1, 8)
+    return not FlexBackend().why_not(validate_call(x, x, x))
 
 
 def _cpu_flex_guard() -> bool:
@@ -64,7 +73,7 @@ FLEX_CPU_DYNAMIC_SHAPES = KnownDefect(
             "the mask_mod's tensors with the wrong size: silently wrong outputs, NaN, or 'index out of bounds'",
     handling="flex on CPU compiles static shapes only, lengths padded to buckets (keys to 16/32/64, then "
              "multiples of 64) and head dims to >= 32; padded keys are hidden and padded rows sliced off "
-             "(ATTNLIB_FLEX_CPU_GUARD=0 turns this off)",
+             f"({FLEX_CPU_GUARD}=0 turns this off)",
     reproduction="repro_torch_flex_cpu_dynamic.py",
     applies=_cpu_flex_exists,
     guard_active=_cpu_flex_guard,

@@ -5,7 +5,8 @@ Selection, first match wins:
 1. ``backend=`` on the call or on ``Attention(...)``;
 2. ``with attnlib.use_backend(name):`` (a contextvar: thread- and task-safe);
 3. the environment variable ``DIFFUSION_ATTENTION_BACKEND``;
-4. ``auto``: the first backend of ``AUTO_ORDER[device]`` that can serve the call.
+4. ``auto``: the first backend of ``auto_order(device)`` (``AUTO_ORDER`` plus backends registered with
+   ``auto_before``) that can serve the call.
 
 A chosen backend that cannot serve a call falls back to ``auto`` with one warning per
 (backend, reason), or raises :class:`BackendUnavailableError` when ``ATTNLIB_FALLBACK=error``.
@@ -23,9 +24,7 @@ from typing import Iterable, Iterator
 from .backends.base import Backend, PlaceholderBackend
 from .errors import BackendUnavailableError
 from .inputs import AttentionCall, validate_call
-
-ENV_BACKEND = "DIFFUSION_ATTENTION_BACKEND"
-ENV_FALLBACK = "ATTNLIB_FALLBACK"
+from .settings import BACKEND as ENV_BACKEND, FALLBACK as ENV_FALLBACK, FALLBACK_POLICIES
 
 #: built-in backends: canonical name -> (module, class)
 BUILTIN_BACKENDS = {
@@ -37,7 +36,8 @@ BUILTIN_BACKENDS = {
     "triton": ("attnlib.backends.triton", "TritonBackend"),
 }
 
-#: other spellings (vLLM-Omni, diffusers, common shorthands), after lower-casing and '-' -> '_'
+#: other spellings (vLLM-Omni, diffusers, common shorthands), after lower-casing and '-' -> '_'; the one
+#: list (docs/backends.md embeds ``attnlib info --aliases``; the unknown-name error quotes from it)
 ALIASES = {
     # math
     "_native_math": "math", "native_math": "math", "torch_math": "math", "reference": "math",
@@ -93,7 +93,9 @@ def register_backend(backend: Backend, *, aliases: Iterable[str] = (), auto_befo
 
     ``aliases`` are extra spellings; ``auto_before`` names the backend it is tried before in auto
     selection (left out: it is only used when asked for by name). ``replace=True`` swaps a backend
-    registered under the same name.
+    registered under the same name and lets an alias of another backend move to this one; without it
+    a taken name or alias raises ``ValueError``. An alias that is a registered backend's name always
+    raises (the name would win, so the alias could never take effect).
     """
     if not isinstance(backend, Backend):
         raise TypeError(f"register_backend needs a Backend instance, got {type(backend).__name__}")
@@ -107,9 +109,19 @@ def register_backend(backend: Backend, *, aliases: Iterable[str] = (), auto_befo
             raise ValueError(f"a backend named {name!r} is already registered; pass replace=True to swap it")
         if auto_before is not None and canonical_name(auto_before) not in _registry:
             raise ValueError(f"auto_before={auto_before!r} is not a registered backend")
+        new_aliases = [_normalize(a) for a in ([aliases] if isinstance(aliases, str) else aliases)]
+        new_aliases = [a for a in new_aliases if a != name]          # the backend's own name needs no alias
+        for a in new_aliases:
+            if not a or a == "auto":
+                raise ValueError(f"alias {a!r} of backend {name!r} is reserved or empty")
+            if a in _registry:          # a canonical name always wins over an alias: it could never take effect
+                raise ValueError(f"alias {a!r} of backend {name!r} is the name of the registered backend {a!r}")
+            if _aliases.get(a, name) != name and not replace:
+                raise ValueError(f"alias {a!r} of backend {name!r} already means {_aliases[a]!r}; "
+                                 "pass replace=True to take it over")
         _registry[name] = backend
-        for a in aliases:
-            _aliases[_normalize(a)] = name
+        for a in new_aliases:
+            _aliases[a] = name
         if auto_before is not None:
             _extra_auto[name] = canonical_name(auto_before)
     return backend
@@ -138,9 +150,26 @@ def canonical_name(name: str) -> str:
     if n in _aliases:
         return _aliases[n]
     valid = ", ".join(["auto", *reg])
-    raise ValueError(f"unknown attention backend {name!r}; valid names: {valid} "
-                     f"(also vLLM-Omni/diffusers spellings such as TORCH_SDPA, FLASH_ATTN, native, _native_math, "
-                     f"flash_varlen, _flash_3)")
+    raise ValueError(f"unknown attention backend {name!r}; valid names: {valid} (also {len(_aliases)} aliases "
+                     f"such as {', '.join(_alias_examples())}; `attnlib info --aliases` lists them)")
+
+
+def _alias_examples(per_backend: int = 1) -> list[str]:
+    """The first ``per_backend`` aliases of each backend, in registration order."""
+    seen: dict[str, int] = {}
+    out = []
+    for alias, target in _aliases.items():
+        if seen.get(target, 0) < per_backend:
+            seen[target] = seen.get(target, 0) + 1
+            out.append(alias)
+    return out
+
+
+def alias_map() -> dict[str, str]:
+    """Every accepted alias (normalized: lower-case, ``_`` for ``-``) -> canonical backend name: the
+    built-in ``ALIASES`` plus those given to :func:`register_backend`."""
+    _backends()
+    return dict(_aliases)
 
 
 def get_backend(name: str) -> Backend:
@@ -176,17 +205,13 @@ def _requested(backend: str | None) -> tuple[str, str]:
     return "auto", "auto"
 
 
-#: values of ``$ATTNLIB_FALLBACK``: warn (default) falls back to auto with one warning, error raises
-FALLBACK_POLICIES = ("warn", "error")
-
-
 def fallback_policy() -> str:
     """``$ATTNLIB_FALLBACK`` (``warn`` when unset); an unknown value raises naming the valid ones."""
     raw = os.environ.get(ENV_FALLBACK, "")
-    value = raw.strip().lower() or "warn"
+    value = raw.strip().lower() or FALLBACK_POLICIES[0]
     if value not in FALLBACK_POLICIES:
         raise ValueError(f"${ENV_FALLBACK}={raw!r} is not a fallback policy; valid values: "
-                         f"{', '.join(FALLBACK_POLICIES)} (unset means warn)")
+                         f"{', '.join(FALLBACK_POLICIES)} (unset means {FALLBACK_POLICIES[0]})")
     return value
 
 
@@ -210,6 +235,8 @@ def _user_stacklevel() -> int:
 
 
 def auto_order(device_type: str) -> tuple[str, ...]:
+    """The auto-selection order on ``device_type``: ``AUTO_ORDER`` with each backend registered with
+    ``auto_before`` inserted before the one it names (``attnlib info`` prints it)."""
     order = list(AUTO_ORDER.get(device_type, DEFAULT_AUTO_ORDER))
     for name, before in _extra_auto.items():
         if before in order:

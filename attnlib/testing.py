@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .backends.math import reference_attention
+from .reference import reference_attention
 
 #: a backend may be this many times less accurate than the naive same-dtype implementation
 ERROR_RATIO = 2.0

@@ -11,7 +11,8 @@ backend, with a **reference**:
 A row passes when ``max_diff <= attnlib.testing.tolerance(naive, dtype, ref)``: the same policy as the
 conformance suite (at most ``ERROR_RATIO`` times the naive error, plus the dtype floor).
 
-``model_parity_rows(["math", "sdpa"])`` runs in a few seconds on a CPU.
+``model_parity_rows(["math", "sdpa"])`` runs in a few seconds on a CPU. ``check_section`` prints the rows
+for ``attnlib check``, which finds it through the ``attnlib.check_sections`` entry point (pyproject.toml).
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from typing import Callable
 import torch
 
 import attnlib
+from attnlib.settings import FALLBACK
 from attnlib.testing import max_abs_error, tolerance
 
-__all__ = ["model_parity_rows", "CASES", "ParityCase", "qwen_image_case", "bagel_case", "code_predictor_case",
+__all__ = ["model_parity_rows", "check_section", "CASES", "ParityCase", "qwen_image_case", "bagel_case", "code_predictor_case",
            "thinker_attention_case", "bagel_cfg_scene", "host_available", "reference", "no_fallback"]
 
 
@@ -153,17 +155,16 @@ def bagel_case() -> ParityCase:
 # ---------------------------------------------------------------------------------------------------
 # Qwen3-Omni: code predictor (full forward and step-by-step decode), thinker attention (padded batch)
 # ---------------------------------------------------------------------------------------------------
-def code_predictor_config():
-    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeTalkerCodePredictorConfig
-    cfg = Qwen3OmniMoeTalkerCodePredictorConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, vocab_size=40, num_code_groups=4)
-    cfg._attn_implementation = "eager"
-    return cfg
-
-
+#: the code predictor's config: our ``CodePredictor(**...)`` and transformers' config take the same keys
 CODE_PREDICTOR_KWARGS = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, head_dim=16, vocab_size=40, num_code_groups=4)
+
+
+def code_predictor_config():
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeTalkerCodePredictorConfig
+    cfg = Qwen3OmniMoeTalkerCodePredictorConfig(**CODE_PREDICTOR_KWARGS)
+    cfg._attn_implementation = "eager"
+    return cfg
 
 
 def code_predictor_case() -> ParityCase:
@@ -182,7 +183,7 @@ def code_predictor_case() -> ParityCase:
             host.to(device, dtype)
         ours = ours.eval().to(device, dtype)
         g = torch.Generator().manual_seed(5)
-        x = torch.randn(2, 5, 32, generator=g).to(device, dtype)
+        x = torch.randn(2, 5, CODE_PREDICTOR_KWARGS["hidden_size"], generator=g).to(device, dtype)
 
         def ours_fn():
             cache = KVCache()
@@ -193,24 +194,26 @@ def code_predictor_case() -> ParityCase:
     return ParityCase("qwen3_omni.code_predictor", "transformers", build)
 
 
-def thinker_text_config():
-    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeTextConfig
-    cfg = Qwen3OmniMoeTextConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                  "mrope_section": [3, 3, 2], "mrope_interleaved": True})
-    cfg._attn_implementation = "eager"
-    return cfg
-
-
+#: the thinker attention's config (our ``ThinkerAttention(**...)``); transformers' config is derived from it
 THINKER_KWARGS = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
                       mrope_section=(3, 3, 2))
+
+
+def thinker_text_config():
+    from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import Qwen3OmniMoeTextConfig
+    kw = dict(THINKER_KWARGS)
+    rope = {"rope_type": "default", "rope_theta": kw.pop("rope_theta"), "mrope_section": list(kw.pop("mrope_section")),
+            "mrope_interleaved": True}
+    cfg = Qwen3OmniMoeTextConfig(**kw, rope_parameters=rope)
+    cfg._attn_implementation = "eager"
+    return cfg
 
 
 def thinker_inputs(dtype, seed=6, device="cpu"):
     """A left-padded batch of two with multimodal ``position_ids [3, B, S]`` (an image grid in row 0)."""
     g = torch.Generator().manual_seed(seed)
     b, s = 2, 7
-    h = torch.randn(b, s, 32, generator=g).to(dtype)
+    h = torch.randn(b, s, THINKER_KWARGS["hidden_size"], generator=g).to(dtype)
     valid = torch.ones(b, s, dtype=torch.bool)
     valid[1, :3] = False                                   # left padding
     t = torch.arange(s)
@@ -274,15 +277,15 @@ def reference(case: ParityCase, dtype, device="cpu"):
 def no_fallback():
     """``ATTNLIB_FALLBACK=error`` inside: a backend that cannot serve a call raises instead of handing it
     to another backend, so a row is only ever measured on the backend it names."""
-    old = os.environ.get("ATTNLIB_FALLBACK")
-    os.environ["ATTNLIB_FALLBACK"] = "error"
+    old = os.environ.get(FALLBACK)
+    os.environ[FALLBACK] = "error"
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("ATTNLIB_FALLBACK", None)
+            os.environ.pop(FALLBACK, None)
         else:
-            os.environ["ATTNLIB_FALLBACK"] = old
+            os.environ[FALLBACK] = old
 
 
 def model_parity_rows(backends: list[str], dtype: torch.dtype = torch.float32, cases=None,
@@ -328,6 +331,21 @@ def model_parity_rows(backends: list[str], dtype: torch.dtype = torch.float32, c
                 rows.append(dict(base, backend=b, max_diff=None, tol=tol, passed=False,
                                  seconds=time.perf_counter() - t0, note=f"error: {type(e).__name__}: {e}"))
     return rows
+
+
+def check_section(backends: list[str], device: str) -> int:
+    """The ``models`` section of ``attnlib check`` (entry point ``attnlib.check_sections``): prints one row
+    per (block, backend) and returns the number of failing rows."""
+    print("\nmodels (reference blocks, float32: max |diff| / tolerance vs diffusers-transformers or math, float64)")
+    failures = 0
+    for row in model_parity_rows(list(backends), device=device):
+        passed = row.get("passed")
+        failures += passed is False
+        diff = row.get("max_diff")
+        diff_s = "n/a" if diff is None else f"{diff:.1e}/{row.get('tol', 0):.1e}"
+        status = "n/a" if passed is None else ("ok" if passed else "FAIL")
+        print(f"  {row['model']:34s} {row['backend']:9s} {diff_s:>18s} {status:4s}  {row.get('note', '')}")
+    return failures
 
 
 if __name__ == "__main__":  # python -m models_ref.parity [backend ...]

@@ -53,3 +53,15 @@ def _isolated_selection_state():
     yield
     registry._override.reset(token)
     registry.reset_warnings()
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch):
+    """The registry as it is, restored after the test: backends, aliases and auto order registered inside
+    the test do not outlive it."""
+    from attnlib import registry
+
+    registry._backends()
+    for attr in ("_registry", "_aliases", "_extra_auto"):
+        monkeypatch.setattr(registry, attr, dict(getattr(registry, attr)))
+    return registry

@@ -1,10 +1,12 @@
 """``attnlib check`` and ``attnlib info`` as a user runs them: exit codes and one-line errors."""
+import pathlib
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import attnlib.backends as attnlib_backends
 from attnlib import cli
 
 
@@ -16,6 +18,7 @@ def _check(*args):
     (["--backend", "bogus"], "--backend: unknown attention backend 'bogus'"),
     (["--case", "bogus"], "--case bogus: unknown; valid cases: full,"),
     (["--backend", "auto"], "--backend auto"),
+    (["--skip-section", "bogus"], "--skip-section bogus: unknown; sections here:"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(args, needle, capsys):
     assert _check(*args) == 2
@@ -61,3 +64,61 @@ def test_check_with_fuzz_cases_runs_them(capsys):
 def test_the_console_script_runs_info():
     proc = subprocess.run([sys.executable, "-m", "attnlib", "info"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "sdpa" in proc.stdout
+
+
+class _Refuses(attnlib_backends.Backend):
+    name = "fake_first"
+
+    def unavailable_reason(self):
+        return "a test backend that never serves"
+
+
+def test_info_shows_the_auto_order_in_effect(isolated_registry, capsys):
+    isolated_registry.register_backend(_Refuses(), aliases=["FAKE_1ST"], auto_before="sdpa")
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    assert f"auto order  {' > '.join(isolated_registry.auto_order(dev))} ({dev})" in out
+    if dev == "cpu":
+        assert "auto order  fake_first > sdpa > flex > math (cpu)" in out
+    assert cli.main(["info", "--aliases"]) == 0
+    assert "| `fake_first` | `fake_1st` |" in capsys.readouterr().out
+
+
+def test_check_runs_registered_sections_and_skips_them_on_request(monkeypatch, capsys):
+    from attnlib import conformance
+
+    calls = []
+
+    def section(backends, device):
+        calls.append((tuple(backends), device))
+        print("\nfake section ran")
+        return 0
+
+    monkeypatch.setattr(conformance, "_sections", {"fake": section, "models": lambda b, d: 1 / 0})
+    monkeypatch.setattr(conformance, "_entry_points_loaded", True)
+    assert cli.main(["check", "--no-models", "--fuzz", "0", "--backend", "math", "--dtype", "fp32",
+                     "--case", "full"]) == 0
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    assert "fake section ran" in capsys.readouterr().out and calls == [(("math",), dev)]     # --no-models skipped 1/0
+    assert _check("--backend", "math", "--dtype", "fp32", "--case", "full", "--skip-section", "fake") == 0
+    assert "fake section ran" not in capsys.readouterr().out
+
+
+def test_the_models_section_is_a_plugin_the_core_never_imports():
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep.value for ep in entry_points(group="attnlib.check_sections")}
+    assert eps.get("models") == "models_ref.parity:check_section", (
+        "entry point missing: run scripts/bootstrap.sh (pip install -e .) after changing pyproject.toml")
+    root = pathlib.Path(cli.__file__).resolve().parent
+    importers = [str(p.relative_to(root)) for p in root.rglob("*.py") if "models_ref" in
+                 "".join(line for line in p.read_text().splitlines(True) if "import" in line)]
+    assert not importers, f"attnlib must not import models_ref: {importers}"
+
+
+def test_check_prints_the_models_section_through_the_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "attnlib", "check", "--backend", "math", "--dtype", "fp32",
+                           "--case", "full", "--fuzz", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "\nmodels (reference blocks" in proc.stdout and "qwen_image" in proc.stdout

@@ -147,7 +147,7 @@ def test_bad_mask_shape_is_rejected_before_any_kernel():
 def _grad_backends():
     out = []
     for b in BACKENDS:
-        ok = attnlib.get_backend(b).capabilities.autograd and b not in SLOW_ON_CPU
+        ok = attnlib.get_backend(b).capabilities.autograd_on(DEVICE) and b not in SLOW_ON_CPU
         out.append(pytest.param(b, marks=[] if ok else pytest.mark.skip(reason=f"{b}: no CPU autograd / slow here")))
     return out
 

@@ -1,4 +1,5 @@
 """Backend selection: argument > use_backend > $DIFFUSION_ATTENTION_BACKEND > auto; names; fallback policy."""
+import re
 import threading
 import warnings
 
@@ -160,3 +161,43 @@ def test_warnings_do_not_leak_between_tests_part_1(qkv, fp64only):
 def test_warnings_do_not_leak_between_tests_part_2(qkv, fp64only):
     with pytest.warns(RuntimeWarning, match="fp64only"):          # warned again: the registry state was reset
         attnlib.attention(*qkv, backend="fp64only")
+
+
+class _Named(Backend):
+    def __init__(self, name):
+        self.name = name
+
+    def forward(self, call):
+        return attnlib.get_backend("math").forward(call)
+
+
+def test_alias_collisions_raise_unless_replace(isolated_registry):
+    with pytest.raises(ValueError, match="'torch_sdpa' of backend 'clash' already means 'sdpa'"):
+        attnlib.register_backend(_Named("clash"), aliases=["TORCH_SDPA"])
+    assert "clash" not in isolated_registry._registry           # nothing half-registered
+    with pytest.raises(ValueError, match="is the name of the registered backend 'math'"):
+        attnlib.register_backend(_Named("clash"), aliases=["math"])
+    with pytest.raises(ValueError, match="is the name of the registered backend 'math'"):
+        attnlib.register_backend(_Named("clash"), aliases=["math"], replace=True)   # the name would always win
+    with pytest.raises(ValueError, match="reserved"):
+        attnlib.register_backend(_Named("clash"), aliases=["auto"])
+    attnlib.register_backend(_Named("clash"), aliases=["CLASH", "my-clash"])       # its own name: harmless
+    assert canonical_name("my_clash") == "clash"
+    with pytest.raises(ValueError, match="'my_clash' of backend 'other' already means 'clash'"):
+        attnlib.register_backend(_Named("other"), aliases=["my_clash"])
+    attnlib.register_backend(_Named("other"), aliases=["my_clash"], replace=True)
+    assert canonical_name("my_clash") == "other"
+    attnlib.register_backend(_Named("clash"), aliases=["my_clash"], replace=True)   # moves it back
+    assert canonical_name("my_clash") == "clash"
+
+
+def test_the_unknown_name_error_quotes_aliases_from_ALIASES():
+    from attnlib.registry import ALIASES, BUILTIN_BACKENDS
+
+    with pytest.raises(ValueError) as e:
+        canonical_name("sage")
+    msg = str(e.value)
+    quoted = re.search(r"aliases such as (.*?);", msg).group(1).split(", ")
+    assert quoted and all(a in attnlib.registry.alias_map() for a in quoted)
+    assert {ALIASES[a] for a in quoted if a in ALIASES} == set(BUILTIN_BACKENDS)   # one per built-in backend
+    assert "attnlib info --aliases" in msg

@@ -1,7 +1,12 @@
 """Attention backends: one module each (math, sdpa, flex, flash, xformers, triton).
 
 No backend module imports another; ``attnlib.registry`` knows all of them.
-"""
-from .base import Backend, Capabilities
 
-__all__ = ["Backend", "Capabilities"]
+This package is also the extension API for third-party backends (docs/backends.md, "Writing a
+backend"): subclass :class:`Backend`, declare :class:`Capabilities`, implement ``forward(call)`` on the
+validated :class:`AttentionCall`, and pass an instance to ``attnlib.register_backend``.
+"""
+from ..inputs import AttentionCall
+from .base import ALL_MASK_FEATURES, Backend, Capabilities, dtype_name
+
+__all__ = ["Backend", "Capabilities", "AttentionCall", "dtype_name", "ALL_MASK_FEATURES"]

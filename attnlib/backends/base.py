@@ -5,7 +5,7 @@ A backend module reads top to bottom: ``Capabilities``, ``unavailable_reason`` (
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -24,19 +24,26 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend can serve. ``why_not`` turns a mismatch into a sentence per field."""
+    """What a backend can serve: every field is a claim ``tests/test_capabilities_truthful.py`` checks
+    by running it. ``reasons`` turns each mismatch with a call into one sentence; limits the fields
+    cannot express belong in ``Backend.extra_reasons``."""
 
     devices: frozenset = frozenset({"cpu", "cuda"})
     dtypes: frozenset = frozenset({torch.float16, torch.bfloat16, torch.float32})
-    max_head_dim: int | None = None
-    head_dim_multiple: int = 1
+    max_head_dim: int | None = None      # for D and Dv; None: any
     masks: frozenset = ALL_MASK_FEATURES
-    packed: bool = True          # THD inputs (with BlockDiagonal)
-    gqa: bool = True
-    lse: bool = True
-    autograd: bool = True
-    head_dim_v_differs: bool = True  # Dv != D
-    notes: tuple = field(default=())
+    packed: bool = True                  # THD inputs (with BlockDiagonal)
+    gqa: bool = True                     # Hq != Hkv
+    lse: bool = True                     # return_lse=True
+    #: backward: True (on every device of ``devices``), False (nowhere) or the device types that have it
+    autograd: bool | frozenset = True
+    head_dim_v_differs: bool = True      # Dv != D
+
+    def autograd_on(self, device_type: str) -> bool:
+        """Whether calls whose inputs require grad are served on ``device_type``."""
+        if isinstance(self.autograd, bool):
+            return self.autograd and device_type in self.devices
+        return device_type in self.autograd and device_type in self.devices
 
     def reasons(self, call: AttentionCall) -> list[str]:
         out = []
@@ -49,8 +56,6 @@ class Capabilities:
         for d, what in ((call.head_dim, "head_dim"), (call.head_dim_v, "head_dim_v")):
             if self.max_head_dim is not None and d > self.max_head_dim:
                 out.append(f"{what}={d} (supported: <= {self.max_head_dim})")
-            elif d % self.head_dim_multiple:
-                out.append(f"{what}={d} (must be a multiple of {self.head_dim_multiple})")
         missing = call.features - self.masks
         if missing:
             out.append(f"mask {type(call.mask).__name__} needs {', '.join(sorted(missing))} "
@@ -61,8 +66,10 @@ class Capabilities:
             out.append(f"GQA/MQA (Hq={call.heads_q}, Hkv={call.heads_kv}) is not supported")
         if call.return_lse and not self.lse:
             out.append("return_lse=True is not supported")
-        if call.requires_grad and not self.autograd:
-            out.append("autograd (inputs require grad) is not supported")
+        if call.requires_grad and dev in self.devices and not self.autograd_on(dev):
+            where = sorted(self.autograd & self.devices) if not isinstance(self.autograd, bool) else []
+            out.append(f"autograd (inputs require grad) on device={dev} (supported: {', '.join(where)})" if where
+                       else "autograd (inputs require grad) is not supported")
         if call.head_dim_v != call.head_dim and not self.head_dim_v_differs:
             out.append(f"head_dim_v={call.head_dim_v} != head_dim={call.head_dim} is not supported")
         return out

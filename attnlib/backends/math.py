@@ -1,20 +1,17 @@
 """``math``: the reference. Any mask, any dtype, differentiable, never fast.
 
-Scores are computed in float64 for float64 inputs and float32 otherwise, with the mask materialized;
-rows with no visible key give output 0 and LSE -inf (no NaN in values or gradients).
+The formula is :func:`attnlib.reference.reference_attention` (scores in float64 for float64 inputs and
+float32 otherwise, the mask materialized; rows with no visible key give output 0 and LSE -inf).
 """
 from __future__ import annotations
 
 import torch
 
 from ..inputs import AttentionCall
-from ..masks import DenseMask
+from ..reference import reference_attention
 from .base import Backend, Capabilities
-from .common import repeat_kv
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["MathBackend", "reference_attention"]      # reference_attention: re-exported from attnlib.reference
 
 
 class MathBackend(Backend):
@@ -26,39 +23,3 @@ class MathBackend(Backend):
     def forward(self, call: AttentionCall):
         out, lse = reference_attention(call.q, call.k, call.v, call.mask, call.scale, packed=call.packed)
         return out.to(call.dtype), (lse if call.return_lse else None)
-
-
-def reference_attention(q, k, v, mask, scale: float, *, packed: bool, compute_dtype: torch.dtype | None = None):
-    """Plain attention over a materialized mask. Returns ``(out, lse)`` in ``compute_dtype``.
-
-    Dense: q ``[B,Sq,Hq,D]`` -> out ``[B,Sq,Hq,Dv]``, lse ``[B,Hq,Sq]``; packed: q ``[Tq,Hq,D]`` ->
-    out ``[Tq,Hq,Dv]``, lse ``[Hq,Tq]``. ``compute_dtype`` defaults to float64 for float64 inputs and
-    float32 otherwise; passing the input dtype gives the "naive same-dtype" implementation.
-    """
-    cd = compute_dtype or _compute_dtype(q.dtype)
-    if packed:
-        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    hq, hkv = q.shape[2], k.shape[2]
-    qh = q.transpose(1, 2).to(cd)                       # [B, Hq, Sq, D]
-    kh = repeat_kv(k.transpose(1, 2).to(cd), hq // hkv, head_dim=1)
-    vh = repeat_kv(v.transpose(1, 2).to(cd), hq // hkv, head_dim=1)
-    sq, sk = qh.shape[2], kh.shape[2]
-    scores = torch.matmul(qh, kh.transpose(-1, -2)) * scale
-    if mask is not None:
-        if isinstance(mask, DenseMask) and not mask.is_bool:
-            bias = mask.mask.to(device=scores.device, dtype=cd)
-            scores = scores + bias
-        else:
-            visible = mask.materialize(sq, sk, device=scores.device)
-            scores = scores.masked_fill(~visible, float("-inf"))
-    # softmax with an explicit, detached row max: exact, and safe for rows with no visible key
-    row_max = scores.detach().amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    e = torch.exp(scores - row_max)
-    denom = e.sum(dim=-1, keepdim=True)
-    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
-    out = torch.matmul(p, vh).transpose(1, 2)           # [B, Sq, Hq, Dv]
-    lse = (torch.log(denom) + row_max).squeeze(-1)      # log(0) = -inf for empty rows
-    if packed:
-        out, lse = out[0], lse[0]
-    return out, lse.float() if cd != torch.float64 else lse

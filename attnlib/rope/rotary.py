@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from ..settings import ROTARY_KERNEL
+
 __all__ = ["apply_rotary", "apply_rotary_qk", "apply_rotary_torch", "RotaryEmbedding", "rotary_inv_freq"]
 
 _UNSET: Any = object()
@@ -51,7 +53,7 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def _kernel_for(x: torch.Tensor, cos: torch.Tensor, *others: torch.Tensor):
     """The kernel module when it can take this call: CUDA, a kernel dtype, a float32 or x-dtype table."""
-    if not x.is_cuda or os.environ.get("ATTNLIB_ROTARY_KERNEL", "1") == "0":
+    if not x.is_cuda or os.environ.get(ROTARY_KERNEL, "1") == "0":
         return None
     if any(not t.is_cuda or t.dtype != x.dtype for t in others) or x.dtype not in _KERNEL_DTYPES:
         return None
