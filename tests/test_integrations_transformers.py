@@ -1,4 +1,5 @@
 """attn_implementation="attnlib" in transformers gives eager's numbers on tiny random models."""
+import contextlib
 import copy
 import warnings
 
@@ -60,6 +61,13 @@ class PlanRecorder:
         return [p.mask for p in self.plans]
 
 
+def assert_causal_key_padding(rec, am, layers):
+    assert len(rec.plans) == layers
+    for plan in rec.plans:
+        assert plan.path == "direct" and plan.kind == "key_padding"
+        assert plan.mask.causal and plan.mask.window is None and torch.equal(plan.mask.valid, am.bool())
+
+
 def assert_matches_eager(model, model64, keep=None, **inputs):
     """attnlib fp32 vs eager fp64 reference, budget from eager fp32's own error (attnlib.testing)."""
     inputs64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
@@ -72,26 +80,25 @@ def assert_matches_eager(model, model64, keep=None, **inputs):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_left_padded_batch_matches_eager_with_packed_causal_blocks(backend, llama, monkeypatch):
+def test_left_padded_batch_matches_eager_with_causal_key_padding(backend, llama, monkeypatch):
     rec = PlanRecorder(monkeypatch)
     ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(1))
     am = torch.tensor([[0, 0, 0] + [1] * 6, [1] * 9, [0] + [1] * 8])
     with attnlib.use_backend(backend):
         assert_matches_eager(*llama, keep=am.bool(), input_ids=ids, attention_mask=am)
-    # one causal block per prompt, padding dropped: no dense mask
-    assert rec.masks() == [BlockDiagonal([6, 9, 8], causal=True)] * 2
+    # the 2-D padding mask itself, causal over the keys: no dense mask, nothing read on the host
+    assert_causal_key_padding(rec, am, layers=2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_right_padded_batch_matches_eager_without_a_dense_mask(backend, llama, monkeypatch):
-    """Right padding (training batches): prompts run causal, the padded queries (which see the whole
-    prompt) run as one full block per prompt -- two packed calls, no DenseMask."""
+    """Right padding (training batches): causal KeyPadding, no DenseMask."""
     rec = PlanRecorder(monkeypatch)
     ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(10))
     am = torch.tensor([[1] * 6 + [0] * 2, [1] * 8])
     with attnlib.use_backend(backend):
         assert_matches_eager(*llama, keep=am.bool(), input_ids=ids, attention_mask=am)
-    assert rec.masks()[0] == (BlockDiagonal([6, 8], causal=True), BlockDiagonal([2], [6]))
+    assert_causal_key_padding(rec, am, layers=2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -148,8 +155,9 @@ def test_generation_without_padding_decodes_with_no_mask_and_prefills_causal(lla
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_static_cache_generation_matches_eager(llama, padded, monkeypatch):
-    """Unpadded: the prefill has no mask and keys past the prompt are empty cache slots (cropped, as
-    sdpa's top-left is_causal ignores them). Padded: prefill packs the prompts, decode is KeyPadding."""
+    """The prefill fills an empty static cache: keys past the prompt are empty slots (cropped), the
+    prompt runs Causal() or causal KeyPadding. Decode: one query against the slots, its position known
+    only on the device: KeyPadding over the written slots."""
     model, _ = llama
     rec = PlanRecorder(monkeypatch)
     ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(5))
@@ -163,7 +171,11 @@ def test_static_cache_generation_matches_eager(llama, padded, monkeypatch):
         got = model.generate(**kw)
     assert torch.equal(got, want)
     prefill = rec.masks()[0]
-    assert prefill == (BlockDiagonal([3, 5], causal=True) if padded else Causal())
+    if padded:
+        assert isinstance(prefill, KeyPadding) and prefill.causal and torch.equal(prefill.valid, am.bool())
+    else:
+        assert prefill == Causal()
+    assert all(p.path == "direct" for p in rec.plans)
     # decode: one query over the static cache slots, the unwritten ones hidden (none left: no mask)
     assert {p.kind for p in rec.plans[2:]} <= {"key_padding", "none"} and rec.plans[2].kind == "key_padding"
 
@@ -201,6 +213,7 @@ def test_padded_bidirectional_encoder_runs_key_padding(monkeypatch):
     assert_close_to_reference(got, hidden(copy.deepcopy(model).double(), "eager"), hidden(model, "eager"),
                               torch.float32, what="encoder states")
     assert all(isinstance(m, KeyPadding) and torch.equal(m.valid, am.bool()) for m in rec.masks())
+    assert {p.path for p in rec.plans} == {"direct"}
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +243,8 @@ def test_qwen2_5_vl_left_padded_images_match_eager(backend, qwen25_vl, monkeypat
     rec = PlanRecorder(monkeypatch)
     with attnlib.use_backend(backend):
         assert_matches_eager(model, copy.deepcopy(model).double(), keep=inputs["attention_mask"].bool(), **inputs)
-    assert BlockDiagonal([14, 16], causal=True) in rec.masks()  # the text decoder (mRoPE positions)
+    text = [m for m in rec.masks() if isinstance(m, KeyPadding)]  # the text decoder (mRoPE positions)
+    assert text and all(m.causal and torch.equal(m.valid, inputs["attention_mask"].bool()) for m in text)
 
 
 def test_qwen2_5_vl_greedy_generation_matches_eager(qwen25_vl):
@@ -366,3 +380,383 @@ def test_a_fallback_inside_a_transformers_model_warns_at_the_users_line(llama):
     if not hits:
         pytest.skip("flash can serve this call here: no fallback to point at")
     assert all(x.filename == __file__ for x in hits), [x.filename for x in hits]
+
+
+# ---------------------------------------------------------------------------------------------
+# the mask builder: attnlib masks straight from transformers' mask arguments
+# ---------------------------------------------------------------------------------------------
+from transformers import masking_utils as mu  # noqa: E402
+
+
+def _truth(kw):
+    """transformers' own dense mask for these arguments (what "sdpa" attends with)."""
+    return mu.sdpa_mask(**dict(kw, allow_is_causal_skip=False, allow_is_bidirectional_skip=False))
+
+
+def _as_dense(obj, B, Sq, Sk):
+    """bool [B, 1, Sq, Sk] of what the attention function runs for a TransformersMask."""
+    plan, crop = obj.resolve(B, Sq, Sk)
+    n = Sk if crop is None else crop
+    m = plan.mask
+    if plan.kind == "none":
+        got = torch.ones(B, 1, Sq, n, dtype=torch.bool)
+    elif plan.kind == "packed":
+        full = torch.zeros(B * Sq, B * n, dtype=torch.bool)   # flat rows b*Sq+i, flat keys b*Sk+j
+        for part in plan.parts:
+            pm = part.mask.materialize()
+            rows = torch.arange(B * Sq) if part.q_index is None else part.q_index
+            cols = torch.arange(B * n) if part.kv_index is None else part.kv_index
+            for r in range(pm.shape[0]):
+                full[rows[r], cols[pm[r]]] = True
+        got = torch.stack([full[b * Sq:(b + 1) * Sq, b * n:(b + 1) * n] for b in range(B)])[:, None]
+        off_rows = full.clone()
+        for b in range(B):
+            off_rows[b * Sq:(b + 1) * Sq, b * n:(b + 1) * n] = False
+        assert not off_rows.any(), "a packed sequence sees another row"
+    else:
+        got = m.materialize(Sq, n).expand(B, 1, Sq, n) if not isinstance(m, attnlib.DenseMask) else m.mask
+    return torch.nn.functional.pad(got.expand(B, 1, Sq, n), (0, Sk - n), value=False)
+
+
+def _kw(B, Sq, Sk, q_offset=0, kv_offset=0, fn=None, pad=None, local_size=None):
+    return dict(batch_size=B, q_length=Sq, kv_length=Sk, q_offset=q_offset, kv_offset=kv_offset,
+                mask_function=fn or mu.causal_mask_function, attention_mask=pad, local_size=local_size,
+                allow_is_causal_skip=True, dtype=torch.float32, config=None, use_vmap=False, device="cpu")
+
+
+PADS = {  # 2-D padding masks over the absolute positions 0..9
+    "none": None,
+    "left": torch.tensor([[0, 0, 0] + [1] * 7, [1] * 10]),
+    "right": torch.tensor([[1] * 6 + [0] * 4, [1] * 10]),
+    "holes": torch.tensor([[1, 0, 1, 1, 0, 0, 1, 1, 0, 1], [0, 1, 1, 1, 1, 0, 1, 1, 1, 1]]),
+}
+
+# (Sq, q_offset, kv_offset, Sk): where the queries and keys sit on the absolute positions
+GEOMETRIES = {
+    "prefill": (6, 0, 0, 6),
+    "decode": (1, 7, 0, 8),
+    "chunk": (3, 5, 0, 8),
+    "sliding_cache_decode": (1, 8, 6, 3),        # a full DynamicSlidingWindowLayer (W=3) holds 2 old keys
+    "sliding_cache_chunk": (2, 7, 5, 4),
+    "fresh_static_prefill": (5, 0, 0, 9),         # keys 5..8 are empty static-cache slots
+    "static_decode": (1, torch.tensor(6), 0, 9),  # a filled StaticLayer: the offset is a device tensor
+    "static_chunk": (3, torch.tensor(4), 0, 9),
+}
+
+
+@pytest.mark.parametrize("window", [None, 1, 2, 3, 5])
+@pytest.mark.parametrize("pad", PADS)
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_built_masks_equal_transformers_dense_masks(geometry, pad, window):
+    """Every causal / sliding-window geometry and padding pattern: the attnlib mask attends exactly
+    where transformers' sdpa_mask does (transformers' sliding_window W = the W newest keys, the
+    query's own included: attnlib's window=W), built without the dense path."""
+    Sq, q_off, kv_off, Sk = GEOMETRIES[geometry]
+    fn = mu.causal_mask_function if window is None else mu.sliding_window_causal_mask_function(window)
+    p = PADS[pad]
+    kw = _kw(2, Sq, Sk, q_off, kv_off, fn, None if p is None else p.bool()[:, :int(q_off) + Sq], local_size=window)
+    obj = hf.build_mask(**kw)
+    assert isinstance(obj, hf.TransformersMask) and obj.path == "direct", obj
+    assert torch.equal(_as_dense(obj, 2, Sq, Sk), _truth(kw)), obj
+
+
+def test_sliding_window_convention_is_the_w_newest_keys_including_the_query():
+    dense = _truth(_kw(1, 5, 5, fn=mu.sliding_window_causal_mask_function(3)))[0, 0]
+    assert dense.sum(-1).tolist() == [1, 2, 3, 3, 3] and dense[4, 2:].all() and not dense[4, :2].any()
+    obj = hf.build_mask(**_kw(1, 5, 5, fn=mu.sliding_window_causal_mask_function(3), local_size=3))
+    assert obj.mask == Causal(window=3)
+
+
+@pytest.mark.parametrize("pad", PADS)
+def test_bidirectional_masks_are_key_padding(pad):
+    p = PADS[pad]
+    kw = _kw(2, 4, 10, fn=mu.bidirectional_mask_function, pad=None if p is None else p.bool())
+    kw["allow_is_bidirectional_skip"] = True
+    obj = hf.build_mask(**kw)
+    assert obj.path == "direct" and (obj.mask is None if p is None else isinstance(obj.mask, KeyPadding))
+    assert torch.equal(_as_dense(obj, 2, 4, 10), _truth(kw))
+
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_packed_position_ids_become_one_block_diagonal_read_once(window, monkeypatch):
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]])
+    seg = mu.find_packed_sequence_indices(pos)
+    base = mu.causal_mask_function if window is None else mu.sliding_window_causal_mask_function(window)
+    fn = mu.and_masks(mu.remap_positions_for_packed_sequence(base, pos), mu.packed_sequence_mask_function(seg))
+    kw = _kw(2, 6, 6, fn=fn, local_size=window)
+    obj = hf.build_mask(**kw)
+    assert torch.equal(_as_dense(obj, 2, 6, 6), _truth(kw))
+    assert obj.mask == BlockDiagonal([3, 2, 1, 4, 2], causal=True, window=window) and obj.path == "lengths"
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t) or [])
+    assert obj.resolve(2, 6, 6)[0] is obj.resolve(2, 6, 6)[0] and not reads  # built once, reused by every layer
+
+
+def test_unrecognised_mask_functions_take_the_exact_dense_path():
+    custom = mu.and_masks(mu.causal_mask_function, lambda b, h, q, kv: kv != 1)   # e.g. an image-token overlay
+    chunked = mu.chunked_causal_mask_function(2, torch.zeros(2, dtype=torch.long))
+    bidir_window = mu.sliding_window_bidirectional_mask_function(2)
+    for fn in (custom, chunked, bidir_window):
+        kw = _kw(2, 5, 5, fn=fn, pad=PADS["left"].bool()[:, :5])
+        obj = hf.build_mask(**kw)
+        assert obj.path == "dense" and "mask_function" in obj._why
+        assert torch.equal(_as_dense(obj, 2, 5, 5), _truth(kw))
+        assert obj.plan().path == "dense"
+
+
+def test_a_model_that_asks_for_a_materialized_mask_gets_the_tensor():
+    """allow_is_causal_skip=False from the model (it adds ALiBi or concatenates the mask): transformers'
+    own tensor, which the attention function then analyses."""
+    kw = dict(_kw(2, 5, 5, pad=PADS["left"].bool()[:, :5]), allow_is_causal_skip=False)
+    got = hf.build_mask(**kw)
+    assert isinstance(got, torch.Tensor) and torch.equal(got, _truth(kw))
+    # ... but a compileable cache's decode step (transformers clears the flag itself) stays structured
+    kw = dict(_kw(2, 1, 9, torch.tensor(6), pad=PADS["left"].bool()[:, :7]), allow_is_causal_skip=False)
+    assert isinstance(hf.build_mask(**kw), hf.TransformersMask)
+
+
+def test_a_prepared_mask_passed_back_in_is_reused():
+    obj = hf.build_mask(**_kw(2, 1, 9, torch.tensor(6), pad=PADS["left"].bool()[:, :7]))
+    assert hf.build_mask(**_kw(2, 1, 9, torch.tensor(6), pad=obj)) is obj
+    assert obj.ndim == 4 and obj.shape == (2, 1, 1, 9)
+
+
+# ---------------------------------------------------------------------------------------------
+# models: padding patterns, generation, sliding windows, packing -- and nothing read on the host
+# ---------------------------------------------------------------------------------------------
+AMS = {
+    "left": torch.tensor([[0, 0, 0] + [1] * 6, [1] * 9, [0] + [1] * 8]),
+    "right": torch.tensor([[1] * 6 + [0] * 3, [1] * 9, [1] * 8 + [0]]),
+    "holes": torch.tensor([[1, 1, 0, 0, 1, 1, 1, 1, 1], [1] * 9, [0, 1, 0, 1, 1, 1, 0, 1, 1]]),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_batch_with_holes_matches_eager_with_causal_key_padding(backend, llama, monkeypatch):
+    rec = PlanRecorder(monkeypatch)
+    am = AMS["holes"]
+    ids = torch.randint(0, 97, am.shape, generator=torch.Generator().manual_seed(13))
+    with attnlib.use_backend(backend):
+        assert_matches_eager(*llama, keep=am.bool(), input_ids=ids, attention_mask=am)
+    assert_causal_key_padding(rec, am, layers=2)
+
+
+def generate(model, impl, **kw):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model.generate(**kw, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+
+
+def assert_generation_matches(model, model64, rec, **kw):
+    """Greedy tokens equal eager's and sdpa's; every step's logits within the policy, the reference
+    being sdpa in float64 (eager's float64 generation turns rows with leading padding into NaN)."""
+    want = generate(model, "eager", **kw)
+    got = generate(model, "attnlib", **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert torch.equal(got.sequences, generate(model, "sdpa", **kw).sequences)
+    ref = generate(model64, "sdpa", **kw)
+    assert torch.equal(ref.sequences, want.sequences)
+    for step, (g, r, n) in enumerate(zip(got.logits, ref.logits, want.logits)):
+        assert_close_to_reference(g, r, n, torch.float32, what=f"logits of step {step}")
+    assert rec.plans and all(p.path == "direct" for p in rec.plans), [p.describe() for p in rec.plans]
+
+
+@pytest.mark.parametrize("pattern", AMS)
+def test_padded_generation_prefill_and_decode_match_eager_and_sdpa(pattern, llama, monkeypatch):
+    model, model64 = llama
+    rec = PlanRecorder(monkeypatch)
+    am = AMS[pattern]
+    ids = torch.randint(0, 97, am.shape, generator=torch.Generator().manual_seed(14))
+    assert_generation_matches(model, model64, rec, input_ids=ids, attention_mask=am, max_new_tokens=4)
+    prefill, decode = rec.plans[:2], rec.plans[2:]
+    assert all(p.mask.causal and torch.equal(p.mask.valid, am.bool()) for p in prefill)
+    # decode: one query, KeyPadding over the prompt's validity and the generated keys
+    assert len(decode) == 2 * 3 and all(isinstance(p.mask, KeyPadding) and not p.mask.causal for p in decode)
+    assert all(torch.equal(p.mask.valid[:, :9], am.bool()) and p.mask.valid[:, 9:].all() for p in decode)
+
+
+def tiny_qwen2_sliding(window=3):
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1, use_sliding_window=True,
+                                   sliding_window=window, max_window_layers=0,
+                                   layer_types=["sliding_attention", "full_attention"])
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_mistral(window=4):
+    torch.manual_seed(0)
+    cfg = transformers.MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                                     max_position_embeddings=128)
+    return transformers.MistralForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("pattern", ["none", "left", "holes"])
+@pytest.mark.parametrize("make", [tiny_qwen2_sliding, tiny_mistral], ids=["qwen2_hybrid", "mistral"])
+def test_sliding_window_generation_matches_eager_and_sdpa(make, pattern, monkeypatch):
+    """Windows shorter than the prompt; decode past the window, where the sliding cache keeps only the
+    newest keys (a key offset in the mask arguments)."""
+    model = make()
+    rec = PlanRecorder(monkeypatch)
+    am = AMS.get(pattern, torch.ones(3, 9, dtype=torch.long))
+    ids = torch.randint(0, 97, am.shape, generator=torch.Generator().manual_seed(15))
+    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=4)
+    assert_generation_matches(model, copy.deepcopy(model).double(), rec, **kw)
+    window = model.config.sliding_window
+    windowed = [p.mask for p in rec.plans if getattr(p.mask, "window", None) == window]
+    assert len(windowed) == (1 if make is tiny_qwen2_sliding else 2)   # the prefill's sliding layers
+    # decode in the sliding layers: the newest `window` keys of the cache, as validity
+    sliding_decode = [p.mask for i, p in enumerate(rec.plans[2:]) if make is tiny_mistral or i % 2 == 0]
+    assert all(m is None or m.valid.shape[1] <= window for m in sliding_decode)
+
+
+@pytest.mark.parametrize("make", [tiny_qwen2_sliding, tiny_llama], ids=["qwen2_sliding", "llama"])
+def test_packed_position_ids_in_two_rows_match_eager(make, monkeypatch):
+    model = make()
+    rec = PlanRecorder(monkeypatch)
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(16))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5]])
+    assert_matches_eager(model, copy.deepcopy(model).double(), input_ids=ids, position_ids=pos, use_cache=False)
+    masks = {p.mask for p in rec.plans}
+    window = getattr(model.config, "sliding_window", None)
+    want = {BlockDiagonal([5, 3, 2, 6], causal=True)} | ({BlockDiagonal([5, 3, 2, 6], causal=True, window=window)}
+                                                        if window else set())
+    assert masks == want and {p.path for p in rec.plans} == {"lengths"}
+
+
+class HostReadError(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Inside, reading a tensor's value into Python raises (on an accelerator: a device sync)."""
+    def boom(name):
+        def read(self, *args, **kwargs):
+            raise HostReadError(f"Tensor.{name} called on the hot path")
+        return read
+
+    with pytest.MonkeyPatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
+            m.setattr(torch.Tensor, name, boom(name))
+        yield
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", AMS)
+def test_padded_prefill_and_decode_read_no_tensor_on_the_host(backend, pattern, llama):
+    """The mask builder, the adapter and attnlib's backends on the CPU: no tensor read into Python
+    (the packed path, which reads the sequence lengths once per forward, is not covered)."""
+    model, _ = llama
+    model.set_attn_implementation("attnlib")
+    am = AMS[pattern]
+    ids = torch.randint(0, 97, am.shape, generator=torch.Generator().manual_seed(17))
+    am_next = torch.cat([am, torch.ones(3, 1, dtype=am.dtype)], 1)
+    with torch.no_grad(), attnlib.use_backend(backend):
+        cache = transformers.DynamicCache(config=model.config)
+        with no_host_reads():
+            model(input_ids=ids, attention_mask=am, cache=cache)              # prefill
+            model(input_ids=ids[:, :1], attention_mask=am_next, cache=cache)  # one decode step
+        assert hf.last_plan().path == "direct"
+    # the check bites: transformers' dense mask analysed on the host trips it
+    dense = mu.sdpa_mask(**_kw(3, 9, 9, pad=am.bool()))
+    with no_host_reads(), pytest.raises(HostReadError):
+        hf.translate(torch.zeros(3, 4, 9, 8), torch.zeros(3, 2, 9, 8), dense, causal=True)
+
+
+def test_the_attention_function_receives_attnlib_masks_not_tensors(llama, monkeypatch):
+    model, _ = llama
+    got = []
+    real = hf.translate
+
+    def spy(query, key, attention_mask, **kw):
+        got.append(attention_mask)
+        return real(query, key, attention_mask, **kw)
+
+    monkeypatch.setattr(hf, "translate", spy)
+    model.set_attn_implementation("attnlib")
+    ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(18))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=AMS["left"])
+        model(input_ids=ids)
+    assert len(got) == 4 and all(isinstance(m, hf.TransformersMask) for m in got)
+    assert got[0] is got[1] and got[2] is got[3]            # one object per forward, shared by the layers
+    assert isinstance(got[0].mask, KeyPadding) and got[0].mask.causal and got[2].mask == Causal()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_chunks_into_a_filled_static_cache_run_an_exact_device_built_mask(padded, llama, monkeypatch):
+    """The second chunk's position is a device tensor (the static cache's length): the mask is built on
+    the device as a DenseMask -- exact, no host read -- and the logits equal eager's."""
+    model, model64 = llama
+    am = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8]) if padded else torch.ones(2, 8, dtype=torch.long)
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(19))
+
+    def chunked(m, impl):
+        m.set_attn_implementation(impl)
+        cache = transformers.StaticCache(config=m.config, max_cache_len=12)
+        with torch.no_grad():
+            m(input_ids=ids[:, :5], attention_mask=am[:, :5], cache=cache)
+            return m(input_ids=ids[:, 5:], attention_mask=am, cache=cache).logits
+
+    rec = PlanRecorder(monkeypatch)
+    got = chunked(model, "attnlib")
+    assert_close_to_reference(got, chunked(model64, "eager"), chunked(model, "eager"), torch.float32,
+                              what="second chunk's logits")
+    second = rec.plans[2:]
+    assert len(second) == 2 and all(p.path == "direct" and p.kind == "dense" for p in second)
+
+
+def test_cu_seq_lens_refine_an_unpadded_mask_and_are_read_once(monkeypatch):
+    q, k, v = _qkv()
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    obj = hf.build_mask(**_kw(1, 6, 6))
+    assert obj.plain and obj.mask == Causal()
+    first = hf.translate(q, k, obj, causal=True, cu_seqlens=(cu, cu))[0]
+    assert first.mask == BlockDiagonal([2, 4], causal=True) and first.path == "lengths"
+    reads = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: reads.append(t) or [])
+    assert hf.translate(q, k, obj, causal=True, cu_seqlens=(cu, cu))[0] is first and not reads
+
+
+def test_static_cache_generation_with_sliding_layers_matches_eager(monkeypatch):
+    """A hybrid static cache: full layers decode with a device-built KeyPadding; the sliding layers'
+    decode step cannot be told apart from a model asking for a tensor, so it takes the exact dense path."""
+    model = tiny_qwen2_sliding()
+    rec = PlanRecorder(monkeypatch)
+    am = AMS["left"]
+    ids = torch.randint(0, 97, am.shape, generator=torch.Generator().manual_seed(20))
+    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=3, do_sample=False, pad_token_id=0,
+              cache_implementation="static")
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        want = model.generate(**kw)
+        model.set_attn_implementation("attnlib")
+        got = model.generate(**kw)
+    assert torch.equal(got, want)
+    sliding, full = rec.plans[0::2], rec.plans[1::2]
+    assert sliding[0].mask.window == 3 and full[0].mask.causal and all(p.path == "direct" for p in full)
+    assert all(p.path == "dense" and "materialized" in p.why for p in sliding[1:])
+
+
+@pytest.mark.parametrize("pattern", ["left", "none"])
+@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2_sliding], ids=["llama", "qwen2_sliding"])
+def test_the_forward_compiles_as_one_graph(make, pattern):
+    """Nothing in the mask builder or the adapter breaks a torch.compile graph (backend pinned: the
+    use_backend() context variable is read outside the graph); compiled logits equal eager-mode ones.
+    While compiling, masks whose closures dynamo cannot read (sliding windows, and the packed-sequence
+    mask transformers always builds there without a padding mask) run as device-built DenseMasks."""
+    hf.register("attnlib_sdpa", backend="sdpa")
+    model = make()
+    model.set_attn_implementation("attnlib_sdpa")
+    am = AMS[pattern] if pattern != "none" else None
+    ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(21))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        got = compiled(input_ids=ids, attention_mask=am, use_cache=False).logits
+        want = model(input_ids=ids, attention_mask=am, use_cache=False).logits
+    torch._dynamo.reset()
+    keep = slice(None) if am is None else am.bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
