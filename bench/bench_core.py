@@ -1,4 +1,4 @@
-"""attnlib's sdpa backend against raw SDPA and hand-written loops (issue 2 targets, as ratios).
+"""attnlib's sdpa backend against raw SDPA and hand-written loops (targets as ratios).
 
 Targets: varlen <= 1.1x the per-sequence loop, CFG <= 1.1x separate calls, decode <= 1.1x raw SDPA,
 small-call overhead <= 5 %.

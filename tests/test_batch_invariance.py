@@ -1,4 +1,4 @@
-"""Batch invariance of the Triton attention kernels (issue 4 item 4), checked BITWISE.
+"""Batch invariance of the Triton attention kernels, checked BITWISE.
 
 With ``deterministic=True`` one sequence's output (and LSE, and gradients) must carry the same bits
 whether it runs alone, right-padded in a dense batch with ``key_valid``, packed with other sequences

@@ -1,4 +1,4 @@
-"""Every error in DESIGN.md's list is a ValueError/TypeError naming the argument, raised before any kernel."""
+"""Every documented input error is a ValueError/TypeError naming the argument, raised before any kernel."""
 import pytest
 import torch
 
