@@ -46,14 +46,35 @@ def _check_window(window, name: str = "window") -> None:
 
 
 class Mask:
-    """Base class of attnlib masks. Subclasses are immutable and hashable."""
+    """Base class of attnlib masks. Subclasses are immutable and hashable.
 
-    #: capability names a backend must list to serve this mask (see ``mask_features``)
-    def features(self) -> frozenset[str]:  # pragma: no cover - overridden
-        raise NotImplementedError
+    ``features()`` names the capabilities a backend must list to serve the mask: the mask's own kind
+    plus ``causal`` / ``top_left`` / ``window`` from its fields.
+    """
 
-    def materialize(self, seqlen_q: int, seqlen_k: int, device=None) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+    _kind: str = ""
+
+    def features(self) -> frozenset[str]:
+        f = {self._kind} if self._kind else set()
+        if getattr(self, "causal", False):
+            f.add("causal")
+        if getattr(self, "align", None) == "top_left":
+            f.add("top_left")
+        if getattr(self, "window", None) is not None:
+            f.add("window")
+        return frozenset(f)
+
+    def materialize(self, seqlen_q: int, seqlen_k: int, device=None) -> torch.Tensor:
+        """bool, True = may attend (see each mask for the shape); built from the mask's plan."""
+        return _materialize(self, seqlen_q, seqlen_k, device)
+
+
+def _check_causal_window(causal, window, owner: str) -> None:
+    if not isinstance(causal, bool):
+        raise TypeError(f"{owner}(causal=...) must be a bool, got {causal!r}")
+    _check_window(window)
+    if window is not None and not causal:
+        raise ValueError(f"{owner}(window=...) needs causal=True (a window is counted back from the causal diagonal)")
 
 
 @dataclass(frozen=True)
@@ -70,6 +91,7 @@ class Causal(Mask):
 
     align: str = "bottom_right"
     window: int | None = None
+    causal = True           # a class attribute, not a field
 
     def __post_init__(self):
         if self.align not in _ALIGNMENTS:
@@ -84,17 +106,6 @@ class Causal(Mask):
         """Diagonal offset: query i's newest visible key is ``i + offset``."""
         return 0 if self.top_left else seqlen_k - seqlen_q
 
-    def features(self) -> frozenset[str]:
-        f = {"causal"}
-        if self.top_left:
-            f.add("top_left")
-        if self.window is not None:
-            f.add("window")
-        return frozenset(f)
-
-    def materialize(self, seqlen_q: int, seqlen_k: int, device=None) -> torch.Tensor:
-        """bool ``[Sq, Sk]``."""
-        return _materialize(self, seqlen_q, seqlen_k, device)
 
 
 def _as_int_tuple(values, name: str) -> tuple[int, ...]:
@@ -124,6 +135,7 @@ class BlockDiagonal(Mask):
     copy per device) and ``max_seqlen_q/k`` as Python ints, so no backend syncs the device per layer.
     """
 
+    _kind = "block_diagonal"
     __slots__ = ("q_seqlens", "kv_seqlens", "causal", "window", "max_seqlen_q", "max_seqlen_k",
                  "total_q", "total_k", "_cu_q", "_cu_k", "_device_cache", "_hash")
 
@@ -137,11 +149,7 @@ class BlockDiagonal(Mask):
             raise ValueError(f"kv_seqlens has {len(kv)} blocks but q_seqlens has {len(q)}: give one key length per query block")
         if any(x < 0 for x in q) or any(x < 0 for x in kv):
             raise ValueError(f"sequence lengths must be >= 0, got q_seqlens={q}, kv_seqlens={kv}")
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {causal!r}")
-        _check_window(window)
-        if window is not None and not causal:
-            raise ValueError("window needs causal=True (a window is counted back from the causal diagonal)")
+        _check_causal_window(causal, window, "BlockDiagonal")
         set_ = object.__setattr__
         set_(self, "q_seqlens", q)
         set_(self, "kv_seqlens", kv)
@@ -230,14 +238,6 @@ class BlockDiagonal(Mask):
     def block_offset(self, b: int) -> int:
         """Bottom-right diagonal offset of block b (``Sk_b - Sq_b``)."""
         return self.kv_seqlens[b] - self.q_seqlens[b]
-
-    def features(self) -> frozenset[str]:
-        f = {"block_diagonal"}
-        if self.causal:
-            f.add("causal")
-        if self.window is not None:
-            f.add("window")
-        return frozenset(f)
 
     # -- tensors --------------------------------------------------------------------------------
     def split(self, x: torch.Tensor, *, kv: bool = False) -> list[torch.Tensor]:
@@ -335,6 +335,7 @@ class KeyPadding(Mask):
     valid: torch.Tensor
     causal: bool = False
     window: int | None = None
+    _kind = "key_padding"
 
     def __post_init__(self):
         if not isinstance(self.valid, torch.Tensor):
@@ -344,24 +345,7 @@ class KeyPadding(Mask):
                             "use valid.bool() or attention_mask == 1")
         if self.valid.dim() != 2:
             raise ValueError(f"KeyPadding(valid) must be [B, Sk], got shape {tuple(self.valid.shape)}")
-        if not isinstance(self.causal, bool):
-            raise TypeError(f"KeyPadding(causal=...) must be a bool, got {self.causal!r}")
-        _check_window(self.window)
-        if self.window is not None and not self.causal:
-            raise ValueError("KeyPadding(window=...) needs causal=True (a window is counted back from the causal "
-                             "diagonal)")
-
-    def features(self) -> frozenset[str]:
-        f = {"key_padding"}
-        if self.causal:
-            f.add("causal")
-        if self.window is not None:
-            f.add("window")
-        return frozenset(f)
-
-    def materialize(self, seqlen_q: int, seqlen_k: int, device=None) -> torch.Tensor:
-        """bool ``[B, 1, Sq, Sk]``."""
-        return _materialize(self, seqlen_q, seqlen_k, device)
+        _check_causal_window(self.causal, self.window, "KeyPadding")
 
     @property
     def seqlens(self) -> torch.Tensor:
@@ -381,6 +365,7 @@ class DenseMask(Mask):
     """
 
     mask: torch.Tensor
+    _kind = "dense"
 
     def __post_init__(self):
         if not isinstance(self.mask, torch.Tensor):
@@ -394,12 +379,6 @@ class DenseMask(Mask):
     def is_bool(self) -> bool:
         return self.mask.dtype == torch.bool
 
-    def features(self) -> frozenset[str]:
-        return frozenset({"dense"})
-
-    def materialize(self, seqlen_q: int, seqlen_k: int, device=None) -> torch.Tensor:
-        """bool, broadcastable to ``[B, Hq, Sq, Sk]`` (a float mask's ``-inf`` entries are False)."""
-        return _materialize(self, seqlen_q, seqlen_k, device)
 
     def __repr__(self):
         return f"DenseMask(mask=<{self.mask.dtype} {list(self.mask.shape)}>)"

@@ -17,7 +17,8 @@ those documented in :mod:`attnlib_kernels._attn_fwd`.
 import triton
 import triton.language as tl
 
-from attnlib_kernels._attn_fwd import _diagonal, _dot, _key_range, _load, _seq_offset, _sequence, _visible
+from attnlib_kernels._attn_fwd import (_diagonal, _dot, _head_base, _key_range, _load, _query_program, _sequence,
+                                      _visible)
 
 
 @triton.jit(do_not_specialize=["seqlen_q"])
@@ -141,22 +142,16 @@ def _attn_bwd_dkdv_kernel(
     hk = tl.program_id(1)
     b = tl.program_id(2)
     q_start, k_start, Lq, Lk = _sequence(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN)
-    q_off = _seq_offset(q_start, b, stride_qs, stride_qb, IS_VARLEN)
-    do_off = _seq_offset(q_start, b, stride_ds, stride_db, IS_VARLEN)
-    k_off = _seq_offset(k_start, b, stride_ks, stride_kb, IS_VARLEN)
-    v_off = _seq_offset(k_start, b, stride_vs, stride_vb, IS_VARLEN)
-    gk_off = _seq_offset(k_start, b, stride_gks, stride_gkb, IS_VARLEN)
-    gv_off = _seq_offset(k_start, b, stride_gvs, stride_gvb, IS_VARLEN)
-    l_off = _seq_offset(q_start, b, 1, stride_lb, IS_VARLEN)
     k0 = pid_k * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     k_ok = offs_k < Lk
-    k = tl.load(K + k_off + hk.to(tl.int64) * stride_kh + offs_k[:, None] * stride_ks + offs_d[None, :],
-                mask=k_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + v_off + hk.to(tl.int64) * stride_vh + offs_k[:, None] * stride_vs + offs_dv[None, :],
-                mask=k_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k = tl.load(_head_base(K, k_start, b, hk, stride_ks, stride_kb, stride_kh, IS_VARLEN)
+                + offs_k[:, None] * stride_ks + offs_d[None, :], mask=k_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(_head_base(V, k_start, b, hk, stride_vs, stride_vb, stride_vh, IS_VARLEN)
+                + offs_k[:, None] * stride_vs + offs_dv[None, :], mask=k_ok[:, None] & (offs_dv[None, :] < DV),
+                other=0.0)
     kv = tl.zeros([BLOCK_K], dtype=tl.int8)
     if HAS_KEY_VALID:
         kv = tl.load(KeyValid + b.to(tl.int64) * stride_mb + offs_k, mask=k_ok, other=0)
@@ -189,9 +184,9 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_K, BLOCK_DV], dtype=tl.float32)
     for g in range(GROUP):
         h = hk * GROUP + g
-        q_base = Q + q_off + h.to(tl.int64) * stride_qh
-        do_base = DOut + do_off + h.to(tl.int64) * stride_dh
-        l_base = l_off + h.to(tl.int64) * stride_lh
+        q_base = _head_base(Q, q_start, b, h, stride_qs, stride_qb, stride_qh, IS_VARLEN)
+        do_base = _head_base(DOut, q_start, b, h, stride_ds, stride_db, stride_dh, IS_VARLEN)
+        l_base = _head_base(0, q_start, b, h, 1, stride_lb, stride_lh, IS_VARLEN)
         dk, dv = _dkdv_query_tiles(dk, dv, k, v, q_base, do_base, Lse, Delta, l_base,
                                    offs_k, offs_d, offs_dv, lo, a, Lq, Lk, off, window, qk_scale, kv,
                                    stride_qs, stride_ds, D, DV, BLOCK_Q, BLOCK_K,
@@ -205,9 +200,11 @@ def _attn_bwd_dkdv_kernel(
                                    stride_qs, stride_ds, D, DV, BLOCK_Q, BLOCK_K,
                                    True, CAUSAL, HAS_WINDOW, HAS_KEY_VALID, IEEE)
     dk = dk * sm_scale
-    tl.store(DK + gk_off + hk.to(tl.int64) * stride_gkh + offs_k[:, None] * stride_gks + offs_d[None, :],
+    tl.store(_head_base(DK, k_start, b, hk, stride_gks, stride_gkb, stride_gkh, IS_VARLEN)
+             + offs_k[:, None] * stride_gks + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=k_ok[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_ + gv_off + hk.to(tl.int64) * stride_gvh + offs_k[:, None] * stride_gvs + offs_dv[None, :],
+    tl.store(_head_base(DV_, k_start, b, hk, stride_gvs, stride_gvb, stride_gvh, IS_VARLEN)
+             + offs_k[:, None] * stride_gvs + offs_dv[None, :],
              dv.to(DV_.dtype.element_ty), mask=k_ok[:, None] & (offs_dv[None, :] < DV))
 
 
@@ -269,32 +266,22 @@ def _attn_bwd_dq_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     IEEE: tl.constexpr,
 ):
-    # grid: (cdiv(max Sq, BLOCK_Q), Hq, B or N)
-    pid_q = tl.program_id(0)
-    if CAUSAL:
-        pid_q = tl.num_programs(0) - 1 - pid_q
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    hk = h // GROUP
+    pid_q, h, hk, b = _query_program(GROUP, CAUSAL)
     q_start, k_start, Lq, Lk = _sequence(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN)
-    q_off = _seq_offset(q_start, b, stride_qs, stride_qb, IS_VARLEN)
-    do_off = _seq_offset(q_start, b, stride_ds, stride_db, IS_VARLEN)
-    gq_off = _seq_offset(q_start, b, stride_gqs, stride_gqb, IS_VARLEN)
-    k_off = _seq_offset(k_start, b, stride_ks, stride_kb, IS_VARLEN)
-    v_off = _seq_offset(k_start, b, stride_vs, stride_vb, IS_VARLEN)
-    l_off = _seq_offset(q_start, b, 1, stride_lb, IS_VARLEN)
     q0 = pid_q * BLOCK_Q
     offs_q = q0 + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_q < Lq
-    q = tl.load(Q + q_off + h.to(tl.int64) * stride_qh + offs_q[:, None] * stride_qs + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DOut + do_off + h.to(tl.int64) * stride_dh + offs_q[:, None] * stride_ds + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    lse, delta = _load_row_stats(Lse, Delta, l_off + h.to(tl.int64) * stride_lh + offs_q, row_ok)
-    k_base = K + k_off + hk.to(tl.int64) * stride_kh
-    v_base = V + v_off + hk.to(tl.int64) * stride_vh
+    q = tl.load(_head_base(Q, q_start, b, h, stride_qs, stride_qb, stride_qh, IS_VARLEN)
+                + offs_q[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(_head_base(DOut, q_start, b, h, stride_ds, stride_db, stride_dh, IS_VARLEN)
+                 + offs_q[:, None] * stride_ds + offs_dv[None, :], mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+                 other=0.0)
+    lse, delta = _load_row_stats(Lse, Delta, _head_base(0, q_start, b, h, 1, stride_lb, stride_lh, IS_VARLEN) + offs_q,
+                                 row_ok)
+    k_base = _head_base(K, k_start, b, hk, stride_ks, stride_kb, stride_kh, IS_VARLEN)
+    v_base = _head_base(V, k_start, b, hk, stride_vs, stride_vb, stride_vh, IS_VARLEN)
     kv_base = KeyValid + b.to(tl.int64) * stride_mb
 
     # ---- key range: the forward kernel's rule ----
@@ -315,5 +302,6 @@ def _attn_bwd_dq_kernel(
                        D, DV, BLOCK_Q, BLOCK_K, BLOCK_D, BLOCK_DV,
                        True, CAUSAL, HAS_WINDOW, HAS_KEY_VALID, IEEE)
     dq = dq * sm_scale
-    tl.store(DQ + gq_off + h.to(tl.int64) * stride_gqh + offs_q[:, None] * stride_gqs + offs_d[None, :],
+    tl.store(_head_base(DQ, q_start, b, h, stride_gqs, stride_gqb, stride_gqh, IS_VARLEN)
+             + offs_q[:, None] * stride_gqs + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))

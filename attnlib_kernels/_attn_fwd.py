@@ -112,6 +112,24 @@ def _seq_offset(start, b, stride_s, stride_b, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _query_program(GROUP: tl.constexpr, CAUSAL: tl.constexpr):
+    """``(query tile, query head, kv head, batch row / block)`` of a program on the grid
+    ``(cdiv(max Sq, BLOCK_Q), Hq, B or N)``; causal grids run the heaviest query tiles (most keys)
+    first, for better tail balance."""
+    pid_q = tl.program_id(0)
+    if CAUSAL:
+        pid_q = tl.num_programs(0) - 1 - pid_q
+    h = tl.program_id(1)
+    return pid_q, h, h // GROUP, tl.program_id(2)
+
+
+@triton.jit
+def _head_base(T, start, b, h, stride_s, stride_b, stride_h, IS_VARLEN: tl.constexpr):
+    """``T`` advanced to the first row of sequence ``b`` (packed row ``start``) and to head ``h``."""
+    return T + _seq_offset(start, b, stride_s, stride_b, IS_VARLEN) + h.to(tl.int64) * stride_h
+
+
+@triton.jit
 def _key_range(q0, Lq, Lk, window,
                CAUSAL: tl.constexpr, TOP_LEFT: tl.constexpr, HAS_WINDOW: tl.constexpr,
                HAS_KEY_VALID: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -228,28 +246,14 @@ def _attn_fwd_kernel(
     BLOCK_DV: tl.constexpr,    # next_pow2(DV)
     IEEE: tl.constexpr,
 ):
-    # grid: (cdiv(max Sq, BLOCK_Q), Hq, B or N)
-    pid_q = tl.program_id(0)
-    if CAUSAL:
-        # heaviest query tiles (most keys) first: better tail balance
-        pid_q = tl.num_programs(0) - 1 - pid_q
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    hk = h // GROUP
-
+    pid_q, h, hk, b = _query_program(GROUP, CAUSAL)
     q_start, k_start, Lq, Lk = _sequence(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN)
-    q_off = _seq_offset(q_start, b, stride_qs, stride_qb, IS_VARLEN)
-    k_off = _seq_offset(k_start, b, stride_ks, stride_kb, IS_VARLEN)
-    v_off = _seq_offset(k_start, b, stride_vs, stride_vb, IS_VARLEN)
-    o_off = _seq_offset(q_start, b, stride_os, stride_ob, IS_VARLEN)
-    l_off = _seq_offset(q_start, b, 1, stride_lb, IS_VARLEN)
     q0 = pid_q * BLOCK_Q
-
-    q_base = Q + q_off + h.to(tl.int64) * stride_qh
-    k_base = K + k_off + hk.to(tl.int64) * stride_kh
-    v_base = V + v_off + hk.to(tl.int64) * stride_vh
-    o_base = Out + o_off + h.to(tl.int64) * stride_oh
-    l_base = Lse + l_off + h.to(tl.int64) * stride_lh
+    q_base = _head_base(Q, q_start, b, h, stride_qs, stride_qb, stride_qh, IS_VARLEN)
+    k_base = _head_base(K, k_start, b, hk, stride_ks, stride_kb, stride_kh, IS_VARLEN)
+    v_base = _head_base(V, k_start, b, hk, stride_vs, stride_vb, stride_vh, IS_VARLEN)
+    o_base = _head_base(Out, q_start, b, h, stride_os, stride_ob, stride_oh, IS_VARLEN)
+    l_base = _head_base(Lse, q_start, b, h, 1, stride_lb, stride_lh, IS_VARLEN)
     kv_base = KeyValid + b.to(tl.int64) * stride_mb
 
     offs_q = q0 + tl.arange(0, BLOCK_Q)

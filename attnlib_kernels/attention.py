@@ -96,39 +96,31 @@ def kernel_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dtype,
     if _interpreted(device):
         # interpreter: tiny tiles keep the numpy emulation fast and exercise multi-tile paths
         return KernelConfig(16, 16, 1, 1)
+    if kind not in _CONFIGS:
+        raise ValueError(f"unknown kernel kind {kind!r}")
     d = max(head_dim, head_dim_v)
     wide = dtype == torch.float32  # fp32 tiles take twice the shared memory / registers
-    if kind == "bwd_pre":
-        return KernelConfig(64 if d <= 128 else 32, 16, 4, 1)
-    # (block_q, block_k, warps, stages) per head-dim bucket, checked with the sm_90 compile check of
-    # bench/bench_triton_attention.py (--compile-check) for shared memory and register spills
-    if kind == "fwd":
-        if wide:
-            cfg = KernelConfig(32, 32, 4, 1) if d <= 64 else KernelConfig(16, 16, 4, 1)
-        elif d <= 128:
-            cfg = KernelConfig(128, 64, 8, 3)
-        else:
-            cfg = KernelConfig(64, 32, 8, 2)
-        if not deterministic and max_seqlen_q is not None and max_seqlen_q <= 64 and cfg.block_q > 64:
-            cfg = KernelConfig(64, cfg.block_k, cfg.num_warps, cfg.num_stages)
-        return cfg
-    if kind == "bwd_dkdv":  # block_k: key rows per program, block_q: query rows per step
-        if wide:
-            return KernelConfig(16, 32, 4, 1) if d <= 128 else KernelConfig(16, 16, 4, 1)
-        if d <= 64:
-            return KernelConfig(32, 128, 8, 2)
-        if d <= 128:
-            return KernelConfig(32, 64, 8, 1)
-        return KernelConfig(32, 32, 8, 1)
-    if kind == "bwd_dq":  # block_q: query rows per program, block_k: key rows per step
-        if wide:
-            return KernelConfig(32, 16, 4, 1) if d <= 64 else KernelConfig(16, 16, 4, 1)
-        if d <= 64:
-            return KernelConfig(128, 64, 8, 2)
-        if d <= 128:
-            return KernelConfig(64, 32, 8, 2)
-        return KernelConfig(32, 32, 8, 1)
-    raise ValueError(f"unknown kernel kind {kind!r}")
+    table = _CONFIGS[kind][1 if wide else 0]
+    cfg = next(c for limit, c in table if d <= limit)
+    if kind == "fwd" and not deterministic and max_seqlen_q is not None and max_seqlen_q <= 64 and cfg.block_q > 64:
+        cfg = KernelConfig(64, cfg.block_k, cfg.num_warps, cfg.num_stages)
+    return cfg
+
+
+_K = KernelConfig
+#: (block_q, block_k, warps, stages) per kind, per (fp16/bf16, fp32), per head-dim bucket ``(max d, config)``;
+#: checked with the sm_90 compile check of bench/bench_triton_attention.py (--compile-check) for shared
+#: memory and register spills. fwd / bwd_dq: block_q query rows per program, block_k key rows per step;
+#: bwd_dkdv: block_k key rows per program, block_q query rows per step.
+_CONFIGS = {
+    "fwd": (((128, _K(128, 64, 8, 3)), (MAX_HEAD_DIM, _K(64, 32, 8, 2))),
+            ((64, _K(32, 32, 4, 1)), (MAX_HEAD_DIM, _K(16, 16, 4, 1)))),
+    "bwd_dkdv": (((64, _K(32, 128, 8, 2)), (128, _K(32, 64, 8, 1)), (MAX_HEAD_DIM, _K(32, 32, 8, 1))),
+                 ((128, _K(16, 32, 4, 1)), (MAX_HEAD_DIM, _K(16, 16, 4, 1)))),
+    "bwd_dq": (((64, _K(128, 64, 8, 2)), (128, _K(64, 32, 8, 2)), (MAX_HEAD_DIM, _K(32, 32, 8, 1))),
+               ((64, _K(32, 16, 4, 1)), (MAX_HEAD_DIM, _K(16, 16, 4, 1)))),
+    "bwd_pre": (((128, _K(64, 16, 4, 1)), (MAX_HEAD_DIM, _K(32, 16, 4, 1))),) * 2,
+}
 
 
 # Configs that failed to launch for lack of shared memory are replaced by smaller ones once, then
