@@ -21,10 +21,11 @@ check the two against each other.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field, replace
 
 import torch
+
+from .caching import host_lru
 
 __all__ = ["Block", "Plan", "plan_for"]
 
@@ -338,7 +339,7 @@ def plan_for(mask, seqlen_q: int, seqlen_k: int) -> Plan:
                     f"got {type(mask).__name__}")
 
 
-@functools.lru_cache(maxsize=1024)
+@host_lru(1024)
 def _structured_plan(mask, sq: int, sk: int) -> Plan:
     from .masks import BlockDiagonal
 
@@ -357,7 +358,7 @@ def _structured_plan(mask, sq: int, sk: int) -> Plan:
     return Plan(sq, sk, (Block(0, sq, 0, sk, True, mask.offset(sq, sk), mask.window),))
 
 
-@functools.lru_cache(maxsize=1024)
+@host_lru(1024)
 def block_plan(block: Block) -> Plan:
     """The dense plan of one block on its own (``q_len`` x ``k_len``, at the origin): how backends that
     run blocks one batched call at a time (:meth:`Plan.runs`) lower each of them."""

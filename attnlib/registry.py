@@ -21,6 +21,8 @@ import threading
 import warnings
 from typing import Iterable, Iterator
 
+import torch
+
 from .backends.base import Backend, PlaceholderBackend
 from .errors import BackendUnavailableError
 from .inputs import AttentionCall, validate_call
@@ -69,6 +71,10 @@ _aliases: dict[str, str] = {}
 _extra_auto: dict[str, str] = {}          # third-party name -> name it is tried before
 _lock = threading.Lock()
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnlib_backend", default=None)
+#: ``use_backend``'s current choice, mirrored where compiled code can read it: torch.compile cannot read a
+#: ContextVar, so inside a compiled region selection reads this (process-wide) value instead, and the
+#: compiled graph is guarded on it (entering ``use_backend`` with another name recompiles)
+_compiled_override: list = [None]
 _warned: set = set()          # (backend, reasons) already warned about; reset_warnings() clears it
 
 
@@ -85,6 +91,31 @@ def _load_builtins() -> None:
             backend = PlaceholderBackend(name, f"backend module failed to import: {e}")
         _registry[name] = backend
     _aliases.update(ALIASES)
+
+
+_probed: list = [False]
+
+
+def _run_probes() -> None:
+    """Run every backend's environment probes (imports, device queries) once, outside any compiled region:
+    they are cached as plain values that compiled code reads without tracing them."""
+    for backend in list(_backends().values()):
+        try:
+            backend.unavailable_reason()
+        except Exception:  # noqa: BLE001 - a probe that fails is reported by the call that needs it
+            pass
+    _probed[0] = True
+
+
+def _ensure_probed() -> None:
+    if _probed[0]:
+        return
+    if torch.compiler.is_compiling():      # the first call ever is being traced: probe at trace time
+        from torch._dynamo.comptime import comptime
+
+        comptime(lambda ctx: _run_probes())
+    else:
+        _run_probes()
 
 
 def register_backend(backend: Backend, *, aliases: Iterable[str] = (), auto_before: str | None = None,
@@ -183,17 +214,20 @@ def get_backend(name: str) -> Backend:
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
     """Select a backend inside a ``with`` block (thread- and task-local); ``None`` clears the override."""
-    token = _override.set(None if name is None else canonical_name(name))
+    value = None if name is None else canonical_name(name)
+    token = _override.set(value)
+    previous, _compiled_override[0] = _compiled_override[0], value
     try:
         yield
     finally:
         _override.reset(token)
+        _compiled_override[0] = previous
 
 
 def _requested(backend: str | None) -> tuple[str, str]:
     if backend is not None:
         return canonical_name(backend), "the backend= argument"
-    ctx = _override.get()
+    ctx = _compiled_override[0] if torch.compiler.is_compiling() else _override.get()
     if ctx is not None:
         return ctx, "use_backend(...)"
     env = os.environ.get(ENV_BACKEND)
@@ -258,6 +292,7 @@ def _auto(call: AttentionCall) -> Backend:
 
 def select_backend(call: AttentionCall, backend: str | None = None) -> Backend:
     """Apply the selection rules to a validated call."""
+    _ensure_probed()
     name, source = _requested(backend)
     if name == "auto":
         return _auto(call)
@@ -270,13 +305,30 @@ def select_backend(call: AttentionCall, backend: str | None = None) -> Backend:
         raise BackendUnavailableError(f"backend {name!r} (chosen by {source}) cannot serve this call "
                                       f"(${ENV_FALLBACK}=error forbids falling back)", {name: why})
     fallback = _auto(call)
+    message = (f"attnlib: backend {name!r} (chosen by {source}) cannot serve this call: {'; '.join(why)}; "
+               f"using {fallback.name!r} instead (set {ENV_FALLBACK}=error to raise)")
     key = (name, tuple(why))
+    if torch.compiler.is_compiling():    # warn once, when the graph is traced (not each time it runs)
+        from torch._dynamo.comptime import comptime
+
+        comptime(_warn_at_trace_time)
+    else:
+        _warn_once(key, message, _user_stacklevel() + 1)
+    return fallback
+
+
+def _warn_at_trace_time(ctx) -> None:
+    """Run by dynamo while tracing ``select_backend`` (comptime functions read the frame's locals)."""
+    _warn_once(ctx.get_local("key").as_python_constant(), ctx.get_local("message").as_python_constant(), 2)
+
+
+def _warn_once(key, message: str, stacklevel: int) -> None:
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"attnlib: backend {name!r} (chosen by {source}) cannot serve this call: {'; '.join(why)}; "
-                      f"using {fallback.name!r} instead (set {ENV_FALLBACK}=error to raise)", RuntimeWarning,
-                      stacklevel=_user_stacklevel())
-    return fallback
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
+
+
+_backends()      # load the built-in backends at import time (their probes run at the first call)
 
 
 def resolve_backend(q, k, v, mask=None, backend: str | None = None, *, scale=None, return_lse: bool = False) -> str:

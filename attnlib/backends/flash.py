@@ -35,7 +35,6 @@ the CPU), then the calls. Lowering (:func:`lower`, one typed result per call):
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import os
@@ -44,6 +43,8 @@ from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
+
+from ..caching import host_lru, probe
 
 from .. import settings
 from ..inputs import AttentionCall
@@ -151,7 +152,7 @@ _FINDERS = {kind: {"fa3": _try_fa3, "fa2": _try_fa2, "fa4": _try_fa4}[kind]
             for kind in settings.FLASH_IMPLS if kind != "torch"}
 
 
-@functools.lru_cache(maxsize=1)
+@probe
 def _detect() -> tuple[Optional[_Impl], str]:
     """``(implementation or None, reason when None)``. Cached; tests call ``_detect.cache_clear()``."""
     pinned = os.environ.get(ENV_IMPL, "").strip().lower()
@@ -179,7 +180,7 @@ def _detect() -> tuple[Optional[_Impl], str]:
     return _try_torch(), ""
 
 
-@functools.lru_cache(maxsize=16)
+@host_lru(16)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
@@ -384,7 +385,7 @@ def uniform_cu_seqlens(batch: int, seqlen: int, device) -> torch.Tensor:
     return _uniform_cu(batch, seqlen, str(torch.device(device)))
 
 
-@functools.lru_cache(maxsize=256)
+@host_lru(256)
 def _uniform_cu(batch: int, seqlen: int, device: str) -> torch.Tensor:
     return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)[: batch + 1]
 

@@ -64,6 +64,7 @@ from typing import Any, Callable
 import torch
 
 from .. import settings
+from ..caching import probe
 from ..inputs import AttentionCall
 from ..masks import BlockDiagonal, Causal, DenseMask, KeyPadding
 from ..plan import Plan
@@ -99,7 +100,7 @@ def _torch_version() -> tuple[int, int]:
         return (0, 0)
 
 
-@functools.lru_cache(maxsize=1)
+@probe
 def _flex_module():
     """``(module, None)`` or ``(None, reason)``."""
     if _torch_version() < _MIN_TORCH:
@@ -112,7 +113,7 @@ def _flex_module():
     return fa, None
 
 
-@functools.lru_cache(maxsize=1)
+@probe
 def _environment_reason() -> str | None:
     fa, reason = _flex_module()
     if reason:
@@ -127,7 +128,7 @@ def _environment_reason() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
+@probe
 def _cpu_reason() -> str | None:
     """Why inductor cannot build flex's C++ kernel here (None: it can)."""
     import sys
@@ -148,7 +149,7 @@ def _cpu_reason() -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
+@probe
 def _cuda_reason() -> str | None:
     try:
         import triton  # noqa: F401
@@ -353,8 +354,9 @@ def _plan(plan: Plan, mask, batch: int, hq: int, device: torch.device,
 
 def _create_block_mask(mask_mod, b, h, sq: int, sk: int, device):
     fa, _ = _flex_module()
-    with _LOCK:
-        _STATS["block_masks"] += 1
+    if not torch.compiler.is_compiling():      # inside a compiled region the block mask is part of the graph
+        with _LOCK:
+            _STATS["block_masks"] += 1
     size = BLOCK_SIZE.get(torch.device(device).type)
     extra = {} if size is None else {"BLOCK_SIZE": size}
     return fa.create_block_mask(mask_mod, b, h, sq, sk, device=device, **extra)
@@ -438,16 +440,32 @@ def _counting_inductor(gm, example_inputs):
     return compile_fx(gm, example_inputs)
 
 
-def _compiled(key: tuple, with_lse: bool, static: bool = False) -> Callable:
+def _bind_flex() -> None:
     global _FLEX, _LSE_KW, _LSE_AUX
-    fn = _lru_get(_COMPILED, key)
-    if fn is not None:
-        return fn
     if _FLEX is None:
         fa, _ = _flex_module()
         _LSE_KW = _lse_kwargs()
         _LSE_AUX = "return_aux" in _LSE_KW
         _FLEX = fa.flex_attention
+
+
+def _run_compiled(key: tuple, with_lse: bool, static: bool, args: tuple):
+    try:
+        return _compiled(key, with_lse, static)(*args)
+    except Exception as e:
+        if type(e).__name__ not in _RECOMPILE_LIMIT_ERRORS:
+            raise
+        # this key saw more shapes than dynamo's recompile limit: start it a fresh code object (and cache)
+        with _LOCK:
+            _COMPILED.pop(key, None)
+        return _compiled(key, with_lse, static)(*args)
+
+
+def _compiled(key: tuple, with_lse: bool, static: bool = False) -> Callable:
+    fn = _lru_get(_COMPILED, key)
+    if fn is not None:
+        return fn
+    _bind_flex()
     base = _entry_lse if with_lse else _entry
     with _LOCK:
         _STATS["compiled_functions"] += 1
@@ -500,7 +518,9 @@ def _forward(call: AttentionCall):
         # the CPU shape guard: static shapes, lengths padded to a bucket (module docstring)
         static = dev.type == "cpu" and cpu_guard_enabled()
         psq, psk = (_bucket(sq), _bucket(sk, minimum=_MIN_KEY_BUCKET)) if static else (sq, sk)
-        plan = _plan(call.plan, call.mask, b, hq, dev, (psq, psk))
+        compiling = torch.compiler.is_compiling()   # inside the caller's graph: no caches, locks or inner compile
+        plan = (_build_plan(call.plan, b, hq, dev, psq, psk) if compiling
+                else _plan(call.plan, call.mask, b, hq, dev, (psq, psk)))
         lse_in_kernel = call.return_lse and dev.type != "cpu"
         d_pad, dv_pad = _padded_head_dim(call.head_dim, dev, static), _padded_head_dim(dv, dev, static)
         # flex bakes the scale into the kernel: a new scale value compiles once, under its own key
@@ -514,15 +534,11 @@ def _forward(call: AttentionCall):
             qk, kk = _pad_last(qk, d_pad), _pad_last(kk, d_pad)
         args = (qk, kk, _pad_last(vk, dv_pad), plan.score_mod, plan.block_mask, call.scale,
                 call.heads_q != call.heads_kv)
-        try:
-            res = _compiled(key, lse_in_kernel, static)(*args)
-        except Exception as e:
-            if type(e).__name__ not in _RECOMPILE_LIMIT_ERRORS:
-                raise
-            # this key saw more shapes than dynamo's recompile limit: start it a fresh code object (and cache)
-            with _LOCK:
-                _COMPILED.pop(key, None)
-            res = _compiled(key, lse_in_kernel, static)(*args)
+        if compiling:
+            _bind_flex()
+            res = (_entry_lse if lse_in_kernel else _entry)(*args)
+        else:
+            res = _run_compiled(key, lse_in_kernel, static, args)
         if lse_in_kernel:
             out, lse = res
             lse = lse.float()
@@ -566,7 +582,7 @@ def _lse_pass(qh: torch.Tensor, kh: torch.Tensor, plan: _Plan, scale: float) -> 
     for a in range(0, sq, rows):
         e = min(sq, a + rows)
         k0, k1 = 0, sk
-        if plan.lo_hi_cpu is not None:    # CPU tensors (host reads here cost no device sync)
+        if plan.lo_hi_cpu is not None and not torch.compiler.is_compiling():   # CPU tensors: no device sync
             lo, hi = plan.lo_hi_cpu
             seen = hi[a:e] >= lo[a:e]
             if not bool(seen.any()):

@@ -19,10 +19,11 @@ Lowering reads the call's plan (:mod:`attnlib.plan`):
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
+
+from ..caching import host_lru
 
 from ..inputs import AttentionCall
 from ..masks import BlockDiagonal
@@ -57,7 +58,7 @@ class SdpaBackend(Backend):
 # ---------------------------------------------------------------------------------------------
 # mask lowering, from the plan: (attn_mask, is_causal, empty_rows) for BHSD tensors
 # ---------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=256)
+@host_lru(256)
 def _structured_lowering(plan: Plan, device: torch.device):
     """One block, no tensors. Returns ``(attn_mask | None, is_causal, empty_rows | None)``."""
     block = plan.single

@@ -26,6 +26,7 @@ import os
 import torch
 
 from .. import settings
+from ..caching import probe
 from ..inputs import AttentionCall
 from ..masks import BlockDiagonal
 from .base import ALL_MASK_FEATURES, Backend, Capabilities
@@ -44,13 +45,7 @@ class TritonBackend(Backend):
     implementation = "attnlib_kernels Triton FA2-style forward + backward"
 
     def unavailable_reason(self) -> str | None:
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "triton is not installed (pip install 'attnlib[triton]')"
-        if torch.cuda.is_available() or _interpreting():
-            return None
-        return f"no CUDA device; {_INTERPRET_HINT}"
+        return _environment_reason()
 
     def extra_reasons(self, call: AttentionCall) -> list[str]:
         out = []
@@ -76,6 +71,17 @@ class TritonBackend(Backend):
         if packed_rows:
             out, lse = out[0], lse[0]
         return out, (lse if call.return_lse else None)
+
+
+@probe
+def _environment_reason() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install 'attnlib[triton]')"
+    if torch.cuda.is_available() or _interpreting():
+        return None
+    return f"no CUDA device; {_INTERPRET_HINT}"
 
 
 def _interpreting() -> bool:

@@ -40,13 +40,14 @@ autograd. Rows with no visible key return 0 and LSE ``-inf``. ``why_not`` carrie
 from __future__ import annotations
 
 import enum
-import functools
 import importlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+
+from ..caching import host_lru, probe
 
 from ..inputs import AttentionCall
 from ..plan import Block, Plan
@@ -68,7 +69,7 @@ class _Xformers:
     bias: Any         # xformers.ops.fmha.attn_bias
 
 
-@functools.lru_cache(maxsize=1)
+@probe
 def _detect() -> tuple[Optional[_Xformers], str]:
     """``(modules or None, reason when None)``. Cached; tests call ``_detect.cache_clear()``."""
     try:
@@ -213,7 +214,7 @@ def _no_visible_row(plan: Plan) -> bool:
     return all(a == z for a, z in (b.visible_rows() for b in plan.blocks))
 
 
-@functools.lru_cache(maxsize=1024)
+@host_lru(1024)
 def _structured_spec(plan: Plan) -> XformersBiasSpec:
     if _no_visible_row(plan):
         return _EMPTY
@@ -310,7 +311,7 @@ def kept_query_index(kept_queries: tuple, device) -> torch.Tensor:
     return _kept_index(kept_queries, str(torch.device(device)))
 
 
-@functools.lru_cache(maxsize=256)
+@host_lru(256)
 def _kept_index(kept_queries: tuple, device: str) -> torch.Tensor:
     if not kept_queries:
         return torch.zeros(0, dtype=torch.long, device=device)
@@ -391,7 +392,7 @@ def xformers_varlen_lse(lse: torch.Tensor, q_seqlens: tuple, heads: int) -> torc
     return lse[block, :, pos].transpose(0, 1)
 
 
-@functools.lru_cache(maxsize=256)
+@host_lru(256)
 def _padded_lse_index(q_seqlens: tuple, device: str):
     block = torch.cat([torch.full((n,), b, dtype=torch.long) for b, n in enumerate(q_seqlens)])
     pos = torch.cat([torch.arange(n) for n in q_seqlens])
@@ -464,7 +465,7 @@ def _lower(xf: _Xformers, call: AttentionCall, spec: XformersBiasSpec, *, stand_
     return _Lowered(spec, q, k, v, bias, empty, bmghk)
 
 
-@functools.lru_cache(maxsize=512)
+@host_lru(512)
 def _bias_object(xf: _Xformers, spec: XformersBiasSpec, device: str):
     """The exact xformers attn_bias for ``spec`` (cached: block-diagonal seqstarts go to the device once)."""
     return spec.kind.build(xf.bias, spec, torch.device(device))

@@ -1,0 +1,175 @@
+"""attnlib inside compiled code: torch.compile(fullgraph=True) and torch.export, results equal to eager.
+
+Selection, validation and mask lowering run at trace time from Python values; a graph break or a host
+read in any of them fails these tests. Most cases compile with dynamo's ``aot_eager`` backend (it traces
+forward and backward exactly as inductor would receive them, without generating code); a few run
+inductor itself.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnlib
+from attnlib import Attention, BlockDiagonal, Causal, DenseMask, KeyPadding
+from attnlib.testing import assert_close_to_reference, reference_and_naive
+
+G = torch.Generator().manual_seed(0)
+
+
+def rand(*shape):
+    return torch.randn(*shape, generator=G)
+
+
+VALID = torch.rand(2, 12, generator=G) > 0.3
+VALID[1, :4] = False
+MASKS = {
+    "none": (None, 12, 12),
+    "causal": (Causal(), 12, 12),
+    "causal_cache": (Causal(), 5, 12),
+    "decode": (Causal(), 1, 12),
+    "causal_q_longer": (Causal(), 12, 5),
+    "top_left": (Causal(align="top_left"), 5, 12),
+    "window": (Causal(window=4), 12, 12),
+    "key_padding": (KeyPadding(VALID), 7, 12),
+    "key_padding_causal": (KeyPadding(VALID, causal=True), 12, 12),
+    "dense_bool": (DenseMask(torch.rand(2, 1, 12, 12, generator=G) > 0.4), 12, 12),
+    "dense_additive": (DenseMask(torch.randn(1, 4, 12, 12, generator=G).masked_fill(
+        torch.rand(1, 4, 12, 12, generator=G) > 0.7, float("-inf"))), 12, 12),
+    "block_diagonal": (BlockDiagonal([3, 5, 4], [4, 5, 6], causal=True), None, None),
+    "cfg_branches": (BlockDiagonal([4, 4], [6, 6]), None, None),
+}
+BACKENDS = ["math", "sdpa", "flex"]
+
+
+def _inputs(mask, sq, sk, hq=4, hkv=2, d=16):
+    if isinstance(mask, BlockDiagonal):
+        return rand(mask.total_q, hq, d), rand(mask.total_k, hkv, d), rand(mask.total_k, hkv, d)
+    return rand(2, sq, hq, d), rand(2, sk, hkv, d), rand(2, sk, hkv, d)
+
+
+def _serves(backend, q, k, v, mask, grad=False):
+    call = attnlib.inputs.validate_call(q.requires_grad_(grad), k, v, mask, None, True)
+    return not attnlib.get_backend(backend).why_not(call)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fullgraph_forward_and_lse_equal_eager(backend, name):
+    mask, sq, sk = MASKS[name]
+    q, k, v = _inputs(mask, sq, sk)
+    if not _serves(backend, q, k, v, mask):
+        pytest.skip(f"{backend} does not serve {name}")
+
+    def fn(q, k, v):
+        return attnlib.attention(q, k, v, mask, backend=backend, return_lse=True)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="eager" if backend == "flex" else "aot_eager")
+    out, lse = compiled(q, k, v)
+    ref_out, ref_lse = fn(q, k, v)
+    torch.testing.assert_close(out, ref_out, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("name", ["none", "causal_cache", "key_padding_causal", "dense_additive", "block_diagonal",
+                                  "causal_q_longer"])
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_fullgraph_gradients_equal_eager(backend, name):
+    mask, sq, sk = MASKS[name]
+    q, k, v = _inputs(mask, sq, sk)
+
+    def loss(fn, q, k, v):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out, lse = fn(*leaves)
+        (out.square().sum() + lse.clamp(min=-50).sum()).backward()
+        return [out.detach(), lse.detach()] + [t.grad for t in leaves]
+
+    def fn(q, k, v):
+        return attnlib.attention(q, k, v, mask, backend=backend, return_lse=True)
+
+    got = loss(torch.compile(fn, fullgraph=True, backend="aot_eager"), q, k, v)
+    want = loss(fn, q, k, v)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_inductor_fullgraph_matches_the_float64_reference(backend):
+    mask, sq, sk = MASKS["key_padding_causal"]
+    q, k, v = _inputs(mask, sq, sk)
+    compiled = torch.compile(lambda q, k, v: attnlib.attention(q, k, v, mask, backend=backend, return_lse=True),
+                             fullgraph=True)
+    out, lse = compiled(q, k, v)
+    (ref, ref_lse), (naive, naive_lse) = reference_and_naive(q, k, v, mask, q.shape[-1] ** -0.5, packed=False)
+    assert_close_to_reference(out, ref, naive, torch.float32, "out")
+    assert_close_to_reference(lse, ref_lse, naive_lse, torch.float32, "lse")
+
+
+def test_attention_module_compiles_with_auto_selection_and_causal_default():
+    layer = Attention(num_heads=4, head_size=16, num_kv_heads=2, causal=True)
+    q, k, v = _inputs(None, 5, 12)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), layer(q, k, v))
+
+
+def test_masks_built_inside_the_compiled_region():
+    q, k, v = _inputs(None, 12, 12)
+    valid = VALID
+
+    def fn(q, k, v, valid):
+        return attnlib.attention(q, k, v, KeyPadding(valid, causal=True), backend="sdpa") + \
+            attnlib.attention(q, k, v, Causal(window=3), backend="sdpa")
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v, valid), fn(q, k, v, valid))
+
+
+def test_use_backend_and_fallback_inside_compiled_code():
+    """use_backend is honoured (the graph is guarded on it) and a fallback warns once, at trace time."""
+    q, k, v = _inputs(None, 12, 12)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    seen = []
+
+    class Probe(attnlib.backends.Backend):
+        name = "probe_compile"
+        capabilities = attnlib.backends.Capabilities(dtypes=frozenset({torch.float32}))
+
+        def forward(self, call):
+            seen.append(call.seqlen_q)
+            return attnlib.get_backend("math").forward(call)
+
+    attnlib.register_backend(Probe(), replace=True)
+    compiled = torch.compile(lambda q, k, v: attnlib.attention(q, k, v, Causal()), fullgraph=True,
+                             backend="aot_eager")
+    compiled(q, k, v)
+    assert seen == []                                   # auto: sdpa
+    with attnlib.use_backend("probe_compile"):
+        compiled(q, k, v)
+    assert seen == [12]                                 # recompiled for the override
+    compiled(q, k, v)
+    assert seen == [12]                                 # and back
+    with attnlib.use_backend("probe_compile"), pytest.warns(RuntimeWarning, match="probe_compile.*dtype=fp64"):
+        out = compiled(q64, k64, v64)
+    torch.testing.assert_close(out, attnlib.attention(q64, k64, v64, Causal(), backend="math"))
+
+
+def test_torch_export_of_a_model_with_attention():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attention(num_heads=4, head_size=16, num_kv_heads=2, causal=True, backend="sdpa")
+
+        def forward(self, q, k, v, valid):
+            return self.attn(q, k, v) + attnlib.attention(q, k, v, KeyPadding(valid, causal=True), backend="sdpa")
+
+    q, k, v = _inputs(None, 12, 12)
+    model = Block()
+    exported = torch.export.export(model, (q, k, v, VALID))
+    torch.testing.assert_close(exported.module()(q, k, v, VALID), model(q, k, v, VALID))
