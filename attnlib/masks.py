@@ -220,12 +220,15 @@ class BlockDiagonal(Mask):
 
     def _on(self, device, which: str) -> torch.Tensor:
         device = torch.device(device)
+        src = self._cu_q if which == "q" else self._cu_k
+        if device.type == "cpu":
+            return src
+        if torch.compiler.is_compiling():      # part of the compiled graph: no cache entry holding a traced value
+            return src.to(device, non_blocking=True)
         key = (str(device), which)
         t = self._device_cache.get(key)
         if t is None:
-            src = self._cu_q if which == "q" else self._cu_k
-            t = src if device.type == "cpu" else src.to(device, non_blocking=True)
-            self._device_cache[key] = t
+            t = self._device_cache[key] = src.to(device, non_blocking=True)
         return t
 
     @property

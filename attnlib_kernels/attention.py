@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -52,11 +53,22 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOG2E = 1.4426950408889634
 
 
+_TRITON_IMPORTABLE: list = []     # computed once: a plain value that torch.compile reads without tracing the import
+
+
+def _triton_importable() -> bool:
+    if not _TRITON_IMPORTABLE:
+        try:
+            import triton  # noqa: F401
+            _TRITON_IMPORTABLE.append(True)
+        except ImportError:
+            _TRITON_IMPORTABLE.append(False)
+    return _TRITON_IMPORTABLE[0]
+
+
 def triton_available(device: torch.device | str | None = None) -> bool:
     """True when the kernels can run on ``device``: CUDA with triton, or CPU under the interpreter."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if not _triton_importable():
         return False
     dev = torch.device(device) if device is not None else None
     if dev is None or dev.type == "cuda":
@@ -398,21 +410,71 @@ def _backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, key_valid, meta: _Meta)
     return dq, dk, dvv
 
 
-class _AttentionFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, key_valid, meta):
-        out, lse = _forward(q, k, v, cu_q, cu_k, key_valid, meta)
-        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, key_valid)
-        ctx.meta = meta
-        return out, lse
+# --------------------------------------------------------------------------------------------
+# the kernels as torch.library custom ops: torch.compile / torch.export see one opaque node per call
+# (shapes from the fake implementations), autograd through the backward op
+# --------------------------------------------------------------------------------------------
+def _meta(scale, packed, n_blocks, max_seqlen_q, max_seqlen_k, causal, top_left, window, deterministic) -> _Meta:
+    return _Meta(scale=scale, packed=packed, n_blocks=n_blocks, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                 causal=causal, top_left=top_left, window=None if window < 0 else window, deterministic=deterministic)
 
-    @staticmethod
-    def backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_q, cu_k, key_valid = ctx.saved_tensors
-        if dout is None:
-            dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, key_valid, ctx.meta)
-        return dq, dk, dv, None, None, None, None
+
+@torch.library.custom_op("attnlib::triton_attention_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: Optional[torch.Tensor],
+            cu_k: Optional[torch.Tensor], key_valid: Optional[torch.Tensor], scale: float, packed: bool, n_blocks: int,
+            max_seqlen_q: int, max_seqlen_k: int, causal: bool, top_left: bool, window: int,
+            deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``; ``window`` -1 means none (custom-op schemas take plain ints)."""
+    meta = _meta(scale, packed, n_blocks, max_seqlen_q, max_seqlen_k, causal, top_left, window, deterministic)
+    return _forward(q, k, v, cu_q, cu_k, key_valid, meta)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, cu_q, cu_k, key_valid, scale, packed, n_blocks, max_seqlen_q, max_seqlen_k, causal, top_left,
+              window, deterministic):
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    lse_shape = (q.shape[1], q.shape[0]) if packed else (q.shape[0], q.shape[2], q.shape[1])
+    return out, q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("attnlib::triton_attention_bwd", mutates_args=())
+def _bwd_op(dout: torch.Tensor, dlse: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            out: torch.Tensor, lse: torch.Tensor, cu_q: Optional[torch.Tensor], cu_k: Optional[torch.Tensor],
+            key_valid: Optional[torch.Tensor], scale: float, packed: bool, n_blocks: int, max_seqlen_q: int,
+            max_seqlen_k: int, causal: bool, top_left: bool, window: int,
+            deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    meta = _meta(scale, packed, n_blocks, max_seqlen_q, max_seqlen_k, causal, top_left, window, deterministic)
+    return _backward(dout, dlse, q, k, v, out, lse, cu_q, cu_k, key_valid, meta)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dout, dlse, q, k, v, out, lse, cu_q, cu_k, key_valid, *meta):
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+_META_ARGS = ("scale", "packed", "n_blocks", "max_seqlen_q", "max_seqlen_k", "causal", "top_left", "window",
+              "deterministic")
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, key_valid, *meta = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, key_valid)
+    ctx.meta = tuple(meta)
+    ctx.mark_non_differentiable(*(t for t in (cu_q, cu_k, key_valid) if t is not None))
+
+
+def _fwd_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, key_valid = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = _bwd_op(dout, dlse, q, k, v, out, lse, cu_q, cu_k, key_valid, *ctx.meta)
+    return (dq, dk, dv) + (None,) * (3 + len(_META_ARGS))
+
+
+_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -475,7 +537,9 @@ def attention(q, k, v, *, scale: float,
     if q.numel() == 0 or k.numel() == 0 or v.numel() == 0 or meta.max_seqlen_q == 0:
         out, lse = _empty(q, v, meta)  # nothing to attend: zeros / -inf (not differentiable)
     else:
-        out, lse = _AttentionFn.apply(q, k, v, cu_q, cu_k, key_valid_, meta)
+        out, lse = _fwd_op(q, k, v, cu_q, cu_k, key_valid_, meta.scale, meta.packed, meta.n_blocks, meta.max_seqlen_q,
+                           meta.max_seqlen_k, meta.causal, meta.top_left, -1 if meta.window is None else meta.window,
+                           meta.deterministic)
     return (out, lse) if return_lse else out
 
 

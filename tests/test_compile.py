@@ -173,3 +173,46 @@ def test_torch_export_of_a_model_with_attention():
     model = Block()
     exported = torch.export.export(model, (q, k, v, VALID))
     torch.testing.assert_close(exported.module()(q, k, v, VALID), model(q, k, v, VALID))
+
+
+@pytest.mark.parametrize("name", ["none", "causal_cache", "top_left", "window", "key_padding_causal", "block_diagonal"])
+def test_triton_kernels_are_one_custom_op_node_with_gradients(name):
+    if attnlib.get_backend("triton").unavailable_reason():
+        pytest.skip("triton cannot run here")
+    mask, sq, sk = MASKS[name]
+    q, k, v = _inputs(mask, sq, sk)
+    graphs = []
+
+    def count_ops(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def fn(q, k, v):
+        return attnlib.attention(q, k, v, mask, backend="triton", return_lse=True)
+
+    out, lse = torch.compile(fn, fullgraph=True, backend=count_ops)(q, k, v)
+    ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.attnlib.triton_attention_fwd.default) == 1
+    ref_out, ref_lse = fn(q, k, v)
+    torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=0, rtol=0)
+
+    def loss(f):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        o, l_ = f(*leaves)
+        (o.square().sum() + l_.clamp(min=-50).sum()).backward()
+        return [t.grad for t in leaves]
+
+    for g, w in zip(loss(torch.compile(fn, fullgraph=True, backend="aot_eager")), loss(fn)):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6)
+
+
+def test_triton_custom_op_passes_torch_library_opcheck():
+    if attnlib.get_backend("triton").unavailable_reason():
+        pytest.skip("triton cannot run here")
+    from attnlib_kernels import attention as kernels
+
+    q, k, v = (t.requires_grad_(True) for t in _inputs(None, 5, 9))
+    args = (q, k, v, None, None, None, 0.25, False, 2, 5, 9, True, False, -1, False)
+    torch.library.opcheck(kernels._fwd_op, args, test_utils=("test_schema", "test_autograd_registration",
+                                                              "test_faketensor", "test_aot_dispatch_dynamic"))
