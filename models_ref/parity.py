@@ -29,7 +29,8 @@ from attnlib.settings import FALLBACK
 from attnlib.testing import max_abs_error, tolerance
 
 __all__ = ["model_parity_rows", "check_section", "CASES", "ParityCase", "qwen_image_case", "bagel_case", "code_predictor_case",
-           "thinker_attention_case", "bagel_cfg_scene", "host_available", "reference", "no_fallback"]
+           "thinker_attention_case", "bagel_cfg_scene", "host_available", "reference", "no_fallback", "seeded_block",
+           "assert_within_tolerance"]
 
 
 def host_available(module: str) -> str | None:
@@ -57,6 +58,24 @@ class ParityCase:
 def _seeded(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def seeded_block(cls, kwargs: dict, seed: int, std: float) -> torch.nn.Module:
+    """``cls(**kwargs)`` in eval mode, built after ``torch.manual_seed(seed)`` with every parameter then
+    drawn from ``N(0, std^2)`` (in ``parameters()`` order, from the global generator): the same weights
+    for the same arguments."""
+    torch.manual_seed(seed)
+    block = cls(**kwargs)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=std)
+    return block.eval()
+
+
+def _host_like(host: torch.nn.Module, ours: torch.nn.Module, device, dtype) -> torch.nn.Module:
+    """The authors' ``host`` model in eval mode, holding ``ours``' weights (strictly), on ``device`` in ``dtype``."""
+    host.eval().load_state_dict(ours.state_dict(), strict=True)
+    torch.nn.Module.to(host, device, dtype)  # (diffusers' .to(dtype) logs advice meant for checkpoints)
+    return host
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,9 +108,7 @@ def qwen_image_case() -> ParityCase:
         host = None
         if host_available("diffusers") is None:
             from diffusers import QwenImageTransformer2DModel as DiffusersQwenImage
-            host = DiffusersQwenImage(**QWEN_IMAGE_CONFIG).eval()
-            host.load_state_dict(ours.state_dict(), strict=True)
-            torch.nn.Module.to(host, device, dtype)  # (diffusers' .to(dtype) logs advice meant for checkpoints)
+            host = _host_like(DiffusersQwenImage(**QWEN_IMAGE_CONFIG), ours, device, dtype)
         ours = ours.eval().to(device, dtype)
         args = qwen_image_inputs(dtype, device=device)
         ours_fn = lambda: ours(*args)  # noqa: E731
@@ -143,11 +160,7 @@ def bagel_cfg_scene(attn, dtype, *, text_len=5, image_tokens=4, target_tokens=6,
 def bagel_case() -> ParityCase:
     def build(dtype, device="cpu"):
         from .bagel import PackedAttentionMoT
-        _seeded(3)
-        attn = PackedAttentionMoT(**BAGEL_CONFIG)
-        for p in attn.parameters():
-            torch.nn.init.normal_(p, std=0.25)
-        attn = attn.eval().to(device, dtype)
+        attn = seeded_block(PackedAttentionMoT, BAGEL_CONFIG, 3, std=0.25).to(device, dtype)
         return (lambda: bagel_cfg_scene(attn, dtype, device=device)), None
     return ParityCase("bagel", None, build)
 
@@ -171,17 +184,12 @@ def code_predictor_case() -> ParityCase:
     """Prefill ``[talker hidden, code 0]`` then decode the remaining groups one by one (KV cache)."""
     def build(dtype, device="cpu"):
         from .qwen3_omni import CodePredictor, KVCache
-        _seeded(4)
-        ours = CodePredictor(**CODE_PREDICTOR_KWARGS)
-        for p in ours.parameters():
-            torch.nn.init.normal_(p, std=0.2)
+        ours = seeded_block(CodePredictor, CODE_PREDICTOR_KWARGS, 4, std=0.2)
         host = None
         if host_available("transformers") is None:
             from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeTalkerCodePredictorModel
-            host = Qwen3OmniMoeTalkerCodePredictorModel(code_predictor_config()).eval()
-            host.load_state_dict(ours.state_dict(), strict=True)
-            host.to(device, dtype)
-        ours = ours.eval().to(device, dtype)
+            host = _host_like(Qwen3OmniMoeTalkerCodePredictorModel(code_predictor_config()), ours, device, dtype)
+        ours = ours.to(device, dtype)
         g = torch.Generator().manual_seed(5)
         x = torch.randn(2, 5, CODE_PREDICTOR_KWARGS["hidden_size"], generator=g).to(device, dtype)
 
@@ -230,25 +238,20 @@ def thinker_attention_case() -> ParityCase:
     """Only the valid query rows are compared (padded rows differ by design: attnlib returns 0)."""
     def build(dtype, device="cpu"):
         from .qwen3_omni import ThinkerAttention
-        _seeded(7)
-        ours = ThinkerAttention(**THINKER_KWARGS)
-        for p in ours.parameters():
-            torch.nn.init.normal_(p, std=0.2)
+        ours = seeded_block(ThinkerAttention, THINKER_KWARGS, 7, std=0.2)
         h, pos, valid = thinker_inputs(dtype, device=device)
         host_fn = None
         if host_available("transformers") is None:
             from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
                 Qwen3OmniMoeThinkerTextAttention, Qwen3OmniMoeThinkerTextRotaryEmbedding)
             cfg = thinker_text_config()
-            host = Qwen3OmniMoeThinkerTextAttention(cfg, 0).eval()
-            host.load_state_dict(ours.state_dict(), strict=True)
-            host.to(device, dtype)
+            host = _host_like(Qwen3OmniMoeThinkerTextAttention(cfg, 0), ours, device, dtype)
             cos, sin = Qwen3OmniMoeThinkerTextRotaryEmbedding(cfg).to(device)(h, pos)
             s = h.shape[1]
             keep = torch.ones(s, s, dtype=torch.bool, device=device).tril()[None, None] & valid[:, None, None, :]
             additive = torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
             host_fn = lambda: host(h, (cos, sin), additive)[0][valid]  # noqa: E731
-        ours = ours.eval().to(device, dtype)
+        ours = ours.to(device, dtype)
         ours_fn = lambda: ours(h, ours.rope_tables(pos), valid)[valid]  # noqa: E731
         return ours_fn, host_fn
     return ParityCase("qwen3_omni.thinker_attention", "transformers", build)
@@ -271,6 +274,13 @@ def reference(case: ParityCase, dtype, device="cpu"):
         ref, naive = ours64(), ours_d()
     why = f"{case.host} not installed; " if case.host else ""
     return ours_d, ref, naive, f"{why}vs math float64"
+
+
+def assert_within_tolerance(out, ref64, naive, dtype=torch.float32, what="out"):
+    """The parity policy as an assertion: ``out``'s error against ``ref64`` is at most the tolerance that
+    ``naive`` (the reference run in ``dtype``) earns."""
+    err, tol = max_abs_error(out, ref64), tolerance(max_abs_error(naive, ref64), dtype, ref64)
+    assert err <= tol, f"{what}: max error {err:.3g} > tolerance {tol:.3g}"
 
 
 @contextlib.contextmanager

@@ -23,12 +23,35 @@ def _quiet_transformers():
     transformers.logging.set_verbosity_error()
 
 
-def tiny_llama(**overrides):
+#: the size every tiny model here shares
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+
+
+def tiny(model_cls, config_cls, **config):
+    """A ``TINY`` random ``model_cls`` in eval mode, its weights drawn after ``torch.manual_seed(0)``."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   **overrides)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return model_cls(config_cls(**TINY, **config)).eval()
+
+
+def token_ids(shape, seed):
+    """Random token ids of the ``TINY`` vocabulary, drawn from a generator of their own."""
+    return torch.randint(0, TINY["vocab_size"], tuple(shape), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_llama(**overrides):
+    return tiny(transformers.LlamaForCausalLM, transformers.LlamaConfig, num_key_value_heads=2,
+                max_position_embeddings=128, **overrides)
+
+
+def tiny_qwen2_sliding(window=3):
+    return tiny(transformers.Qwen2ForCausalLM, transformers.Qwen2Config, num_key_value_heads=1,
+                use_sliding_window=True, sliding_window=window, max_window_layers=0,
+                layer_types=["sliding_attention", "full_attention"])
+
+
+def tiny_mistral(window=4):
+    return tiny(transformers.MistralForCausalLM, transformers.MistralConfig, num_key_value_heads=2,
+                sliding_window=window, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +84,28 @@ class PlanRecorder:
         return [p.mask for p in self.plans]
 
 
+@pytest.fixture
+def rec(monkeypatch):
+    """The test's PlanRecorder, recording from the test's first line."""
+    return PlanRecorder(monkeypatch)
+
+
 def assert_causal_key_padding(rec, am, layers):
     assert len(rec.plans) == layers
     for plan in rec.plans:
         assert plan.path == "direct" and plan.kind == "key_padding"
         assert plan.mask.causal and plan.mask.window is None and torch.equal(plan.mask.valid, am.bool())
+
+
+def assert_greedy_tokens_match_eager(model, backend=None, **kw):
+    """``model.generate(**kw)`` gives eager's tokens under attn_implementation="attnlib" (on ``backend``)."""
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        want = model.generate(**kw)
+        model.set_attn_implementation("attnlib")
+        with attnlib.use_backend(backend):
+            got = model.generate(**kw)
+    assert torch.equal(got, want)
 
 
 def assert_matches_eager(model, model64, keep=None, **inputs):
@@ -80,32 +120,9 @@ def assert_matches_eager(model, model64, keep=None, **inputs):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_left_padded_batch_matches_eager_with_causal_key_padding(backend, llama, monkeypatch):
-    rec = PlanRecorder(monkeypatch)
-    ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(1))
-    am = torch.tensor([[0, 0, 0] + [1] * 6, [1] * 9, [0] + [1] * 8])
-    with attnlib.use_backend(backend):
-        assert_matches_eager(*llama, keep=am.bool(), input_ids=ids, attention_mask=am)
-    # the 2-D padding mask itself, causal over the keys: no dense mask, nothing read on the host
-    assert_causal_key_padding(rec, am, layers=2)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_right_padded_batch_matches_eager_without_a_dense_mask(backend, llama, monkeypatch):
-    """Right padding (training batches): causal KeyPadding, no DenseMask."""
-    rec = PlanRecorder(monkeypatch)
-    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(10))
-    am = torch.tensor([[1] * 6 + [0] * 2, [1] * 8])
-    with attnlib.use_backend(backend):
-        assert_matches_eager(*llama, keep=am.bool(), input_ids=ids, attention_mask=am)
-    assert_causal_key_padding(rec, am, layers=2)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sequences_packed_by_restarting_position_ids_do_not_see_each_other(backend, llama, monkeypatch):
+def test_sequences_packed_by_restarting_position_ids_do_not_see_each_other(backend, llama, rec):
     model, model64 = llama
-    rec = PlanRecorder(monkeypatch)
-    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(2))
+    ids = token_ids((1, 9), 2)
     pos = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 0, 1]])
     with attnlib.use_backend(backend):
         assert_matches_eager(model, model64, input_ids=ids, position_ids=pos, use_cache=False)
@@ -120,56 +137,35 @@ def test_sequences_packed_by_restarting_position_ids_do_not_see_each_other(backe
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_greedy_generation_with_kv_cache_matches_eager(backend, llama, monkeypatch):
+def test_greedy_generation_with_kv_cache_matches_eager(backend, llama, rec):
     model, _ = llama
-    rec = PlanRecorder(monkeypatch)
-    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(3))
+    ids = token_ids((2, 6), 3)
     am = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
-    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        model.set_attn_implementation("eager")
-        want = model.generate(**kw)
-        model.set_attn_implementation("attnlib")
-        with attnlib.use_backend(backend):
-            got = model.generate(**kw)
-    assert torch.equal(got, want)
+    assert_greedy_tokens_match_eager(model, backend, input_ids=ids, attention_mask=am, max_new_tokens=6,
+                                     do_sample=False, pad_token_id=0)
     # decode steps: one query against the cache, left padding as KeyPadding (never top-left causal)
     decode = [m for m in rec.masks() if isinstance(m, KeyPadding)]
     assert decode and all(m.valid.shape[0] == 2 and not m.valid[0, :2].any() for m in decode)
 
 
-def test_generation_without_padding_decodes_with_no_mask_and_prefills_causal(llama, monkeypatch):
+def test_generation_without_padding_decodes_with_no_mask_and_prefills_causal(llama, rec):
     model, _ = llama
-    rec = PlanRecorder(monkeypatch)
-    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(4))
-    kw = dict(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        model.set_attn_implementation("eager")
-        want = model.generate(**kw)
-        model.set_attn_implementation("attnlib")
-        got = model.generate(**kw)
-    assert torch.equal(got, want)
+    ids = token_ids((1, 5), 4)
+    assert_greedy_tokens_match_eager(model, input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     kinds = [p.kind for p in rec.plans]
     assert kinds[:2] == ["causal", "causal"] and set(kinds[2:]) == {"none"}
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_static_cache_generation_matches_eager(llama, padded, monkeypatch):
+def test_static_cache_generation_matches_eager(llama, padded, rec):
     """The prefill fills an empty static cache: keys past the prompt are empty slots (cropped), the
     prompt runs Causal() or causal KeyPadding. Decode: one query against the slots, its position known
     only on the device: KeyPadding over the written slots."""
     model, _ = llama
-    rec = PlanRecorder(monkeypatch)
-    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(5))
+    ids = token_ids((2, 5), 5)
     am = torch.tensor([[0, 0, 1, 1, 1], [1] * 5]) if padded else torch.ones(2, 5, dtype=torch.long)
-    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=3, do_sample=False, pad_token_id=0,
-              cache_implementation="static")
-    with torch.no_grad():
-        model.set_attn_implementation("eager")
-        want = model.generate(**kw)
-        model.set_attn_implementation("attnlib")
-        got = model.generate(**kw)
-    assert torch.equal(got, want)
+    assert_greedy_tokens_match_eager(model, input_ids=ids, attention_mask=am, max_new_tokens=3, do_sample=False,
+                                     pad_token_id=0, cache_implementation="static")
     prefill = rec.masks()[0]
     if padded:
         assert isinstance(prefill, KeyPadding) and prefill.causal and torch.equal(prefill.valid, am.bool())
@@ -181,27 +177,17 @@ def test_static_cache_generation_matches_eager(llama, padded, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_qwen2_sliding_window_layers_run_windowed_causal(backend, monkeypatch):
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=1, use_sliding_window=True,
-                                   sliding_window=3, max_window_layers=0,
-                                   layer_types=["sliding_attention", "full_attention"])
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
-    rec = PlanRecorder(monkeypatch)
-    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(6))
+def test_qwen2_sliding_window_layers_run_windowed_causal(backend, rec):
+    model = tiny_qwen2_sliding(window=3)
+    ids = token_ids((2, 8), 6)
     with attnlib.use_backend(backend):
         assert_matches_eager(model, copy.deepcopy(model).double(), input_ids=ids)
     assert Causal(window=3) in rec.masks() and Causal() in rec.masks()
 
 
-def test_padded_bidirectional_encoder_runs_key_padding(monkeypatch):
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                  num_attention_heads=4)
-    model = transformers.BertModel(cfg).eval()
-    rec = PlanRecorder(monkeypatch)
-    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(12))
+def test_padded_bidirectional_encoder_runs_key_padding(rec):
+    model = tiny(transformers.BertModel, transformers.BertConfig)
+    ids = token_ids((2, 7), 12)
     am = torch.tensor([[1] * 5 + [0] * 2, [1] * 7])
 
     def hidden(m, impl):
@@ -238,9 +224,8 @@ def qwen25_vl():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_qwen2_5_vl_left_padded_images_match_eager(backend, qwen25_vl, monkeypatch):
+def test_qwen2_5_vl_left_padded_images_match_eager(backend, qwen25_vl, rec):
     model, inputs = qwen25_vl
-    rec = PlanRecorder(monkeypatch)
     with attnlib.use_backend(backend):
         assert_matches_eager(model, copy.deepcopy(model).double(), keep=inputs["attention_mask"].bool(), **inputs)
     text = [m for m in rec.masks() if isinstance(m, KeyPadding)]  # the text decoder (mRoPE positions)
@@ -249,12 +234,7 @@ def test_qwen2_5_vl_left_padded_images_match_eager(backend, qwen25_vl, monkeypat
 
 def test_qwen2_5_vl_greedy_generation_matches_eager(qwen25_vl):
     model, inputs = qwen25_vl
-    with torch.no_grad():
-        model.set_attn_implementation("eager")
-        want = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        model.set_attn_implementation("attnlib")
-        got = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert torch.equal(got, want)
+    assert_greedy_tokens_match_eager(model, **inputs, max_new_tokens=4, do_sample=False)
 
 
 class _Module(torch.nn.Module):
@@ -308,7 +288,7 @@ def test_backend_selection_pin_context_and_env_are_honoured(monkeypatch, llama):
 
     monkeypatch.setattr(attnlib.api, "select_backend", spy)
     model, _ = llama
-    ids = torch.randint(0, 97, (1, 4), generator=torch.Generator().manual_seed(8))
+    ids = token_ids((1, 4), 8)
     hf.register("attnlib_math", backend="math")
     logits(model, "attnlib_math", input_ids=ids)
     assert set(used) == {"math"}
@@ -323,13 +303,12 @@ def test_backend_selection_pin_context_and_env_are_honoured(monkeypatch, llama):
     assert set(used) == {"math"}
 
 
-def test_from_pretrained_with_attn_implementation_attnlib(tmp_path, llama, monkeypatch):
+def test_from_pretrained_with_attn_implementation_attnlib(tmp_path, llama, rec):
     model, model64 = llama
     model.save_pretrained(tmp_path)  # local round trip: no download
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="attnlib").eval()
     assert loaded.config._attn_implementation == "attnlib"
-    rec = PlanRecorder(monkeypatch)
-    ids = torch.randint(0, 97, (1, 5), generator=torch.Generator().manual_seed(9))
+    ids = token_ids((1, 5), 9)
     with torch.no_grad():
         got = loaded(input_ids=ids).logits
     assert rec.masks() == [Causal(), Causal()]
@@ -348,7 +327,7 @@ def _trains_here(name):
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if _trains_here(b)])
 def test_training_gradients_on_a_right_padded_batch_match_eager(backend, llama):
     """Fine-tuning path: loss over real tokens, gradients through the packed gather/scatter."""
-    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(11))
+    ids = token_ids((2, 7), 11)
     am = torch.tensor([[1] * 5 + [0] * 2, [1] * 7])
     labels = ids.masked_fill(am == 0, -100)
 
@@ -531,11 +510,16 @@ AMS = {
 }
 
 
+@pytest.mark.parametrize("am,seed", [
+    pytest.param(AMS["left"], 1, id="left"),
+    pytest.param(torch.tensor([[1] * 6 + [0] * 2, [1] * 8]), 10, id="right"),   # right padding: training batches
+    pytest.param(AMS["holes"], 13, id="holes"),
+])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_batch_with_holes_matches_eager_with_causal_key_padding(backend, llama, monkeypatch):
-    rec = PlanRecorder(monkeypatch)
-    am = AMS["holes"]
-    ids = torch.randint(0, 97, am.shape, generator=torch.Generator().manual_seed(13))
+def test_a_padded_batch_matches_eager_with_causal_key_padding(backend, am, seed, llama, rec):
+    """Left and right padding and holes: the 2-D padding mask itself, causal over the keys -- no DenseMask,
+    nothing read on the host."""
+    ids = token_ids(am.shape, seed)
     with attnlib.use_backend(backend):
         assert_matches_eager(*llama, keep=am.bool(), input_ids=ids, attention_mask=am)
     assert_causal_key_padding(rec, am, layers=2)
@@ -562,11 +546,10 @@ def assert_generation_matches(model, model64, rec, **kw):
 
 
 @pytest.mark.parametrize("pattern", AMS)
-def test_padded_generation_prefill_and_decode_match_eager_and_sdpa(pattern, llama, monkeypatch):
+def test_padded_generation_prefill_and_decode_match_eager_and_sdpa(pattern, llama, rec):
     model, model64 = llama
-    rec = PlanRecorder(monkeypatch)
     am = AMS[pattern]
-    ids = torch.randint(0, 97, am.shape, generator=torch.Generator().manual_seed(14))
+    ids = token_ids(am.shape, 14)
     assert_generation_matches(model, model64, rec, input_ids=ids, attention_mask=am, max_new_tokens=4)
     prefill, decode = rec.plans[:2], rec.plans[2:]
     assert all(p.mask.causal and torch.equal(p.mask.valid, am.bool()) for p in prefill)
@@ -575,32 +558,14 @@ def test_padded_generation_prefill_and_decode_match_eager_and_sdpa(pattern, llam
     assert all(torch.equal(p.mask.valid[:, :9], am.bool()) and p.mask.valid[:, 9:].all() for p in decode)
 
 
-def tiny_qwen2_sliding(window=3):
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=1, use_sliding_window=True,
-                                   sliding_window=window, max_window_layers=0,
-                                   layer_types=["sliding_attention", "full_attention"])
-    return transformers.Qwen2ForCausalLM(cfg).eval()
-
-
-def tiny_mistral(window=4):
-    torch.manual_seed(0)
-    cfg = transformers.MistralConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
-                                     max_position_embeddings=128)
-    return transformers.MistralForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize("pattern", ["none", "left", "holes"])
 @pytest.mark.parametrize("make", [tiny_qwen2_sliding, tiny_mistral], ids=["qwen2_hybrid", "mistral"])
-def test_sliding_window_generation_matches_eager_and_sdpa(make, pattern, monkeypatch):
+def test_sliding_window_generation_matches_eager_and_sdpa(make, pattern, rec):
     """Windows shorter than the prompt; decode past the window, where the sliding cache keeps only the
     newest keys (a key offset in the mask arguments)."""
     model = make()
-    rec = PlanRecorder(monkeypatch)
     am = AMS.get(pattern, torch.ones(3, 9, dtype=torch.long))
-    ids = torch.randint(0, 97, am.shape, generator=torch.Generator().manual_seed(15))
+    ids = token_ids(am.shape, 15)
     kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=4)
     assert_generation_matches(model, copy.deepcopy(model).double(), rec, **kw)
     window = model.config.sliding_window
@@ -612,10 +577,9 @@ def test_sliding_window_generation_matches_eager_and_sdpa(make, pattern, monkeyp
 
 
 @pytest.mark.parametrize("make", [tiny_qwen2_sliding, tiny_llama], ids=["qwen2_sliding", "llama"])
-def test_packed_position_ids_in_two_rows_match_eager(make, monkeypatch):
+def test_packed_position_ids_in_two_rows_match_eager(make, rec):
     model = make()
-    rec = PlanRecorder(monkeypatch)
-    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(16))
+    ids = token_ids((2, 8), 16)
     pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5]])
     assert_matches_eager(model, copy.deepcopy(model).double(), input_ids=ids, position_ids=pos, use_cache=False)
     masks = {p.mask for p in rec.plans}
@@ -651,7 +615,7 @@ def test_padded_prefill_and_decode_read_no_tensor_on_the_host(backend, pattern, 
     model, _ = llama
     model.set_attn_implementation("attnlib")
     am = AMS[pattern]
-    ids = torch.randint(0, 97, am.shape, generator=torch.Generator().manual_seed(17))
+    ids = token_ids(am.shape, 17)
     am_next = torch.cat([am, torch.ones(3, 1, dtype=am.dtype)], 1)
     with torch.no_grad(), attnlib.use_backend(backend):
         cache = transformers.DynamicCache(config=model.config)
@@ -676,7 +640,7 @@ def test_the_attention_function_receives_attnlib_masks_not_tensors(llama, monkey
 
     monkeypatch.setattr(hf, "translate", spy)
     model.set_attn_implementation("attnlib")
-    ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(18))
+    ids = token_ids((3, 9), 18)
     with torch.no_grad():
         model(input_ids=ids, attention_mask=AMS["left"])
         model(input_ids=ids)
@@ -686,12 +650,12 @@ def test_the_attention_function_receives_attnlib_masks_not_tensors(llama, monkey
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_chunks_into_a_filled_static_cache_run_an_exact_device_built_mask(padded, llama, monkeypatch):
+def test_chunks_into_a_filled_static_cache_run_an_exact_device_built_mask(padded, llama, rec):
     """The second chunk's position is a device tensor (the static cache's length): the mask is built on
     the device as a DenseMask -- exact, no host read -- and the logits equal eager's."""
     model, model64 = llama
     am = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8]) if padded else torch.ones(2, 8, dtype=torch.long)
-    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(19))
+    ids = token_ids((2, 8), 19)
 
     def chunked(m, impl):
         m.set_attn_implementation(impl)
@@ -700,7 +664,6 @@ def test_chunks_into_a_filled_static_cache_run_an_exact_device_built_mask(padded
             m(input_ids=ids[:, :5], attention_mask=am[:, :5], cache=cache)
             return m(input_ids=ids[:, 5:], attention_mask=am, cache=cache).logits
 
-    rec = PlanRecorder(monkeypatch)
     got = chunked(model, "attnlib")
     assert_close_to_reference(got, chunked(model64, "eager"), chunked(model, "eager"), torch.float32,
                               what="second chunk's logits")
@@ -720,21 +683,14 @@ def test_cu_seq_lens_refine_an_unpadded_mask_and_are_read_once(monkeypatch):
     assert hf.translate(q, k, obj, causal=True, cu_seqlens=(cu, cu))[0] is first and not reads
 
 
-def test_static_cache_generation_with_sliding_layers_matches_eager(monkeypatch):
+def test_static_cache_generation_with_sliding_layers_matches_eager(rec):
     """A hybrid static cache: full layers decode with a device-built KeyPadding; the sliding layers'
     decode step cannot be told apart from a model asking for a tensor, so it takes the exact dense path."""
     model = tiny_qwen2_sliding()
-    rec = PlanRecorder(monkeypatch)
     am = AMS["left"]
-    ids = torch.randint(0, 97, am.shape, generator=torch.Generator().manual_seed(20))
-    kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=3, do_sample=False, pad_token_id=0,
-              cache_implementation="static")
-    with torch.no_grad():
-        model.set_attn_implementation("eager")
-        want = model.generate(**kw)
-        model.set_attn_implementation("attnlib")
-        got = model.generate(**kw)
-    assert torch.equal(got, want)
+    ids = token_ids(am.shape, 20)
+    assert_greedy_tokens_match_eager(model, input_ids=ids, attention_mask=am, max_new_tokens=3, do_sample=False,
+                                     pad_token_id=0, cache_implementation="static")
     sliding, full = rec.plans[0::2], rec.plans[1::2]
     assert sliding[0].mask.window == 3 and full[0].mask.causal and all(p.path == "direct" for p in full)
     assert all(p.path == "dense" and "materialized" in p.why for p in sliding[1:])
@@ -751,7 +707,7 @@ def test_the_forward_compiles_as_one_graph(make, pattern):
     model = make()
     model.set_attn_implementation("attnlib_sdpa")
     am = AMS[pattern] if pattern != "none" else None
-    ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(21))
+    ids = token_ids((3, 9), 21)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():

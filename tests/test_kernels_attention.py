@@ -367,69 +367,52 @@ def _qkv(b=1, s=8, h=2, d=16, dtype=torch.float32):
             rand(b, s, h, d, dtype=dtype, seed=46))
 
 
-@pytest.mark.parametrize("case,exc,match", [
-    ("gqa", ValueError, "multiple of Hkv"),
-    ("head_dim", ValueError, "head dim"),
-    ("too_big", ValueError, "1..256"),
-    ("dtype", TypeError, "float16, bfloat16 or float32"),
-    ("mixed_dtype", TypeError, "share one dtype"),
-    ("scale", ValueError, "positive finite"),
-    ("window_no_causal", ValueError, "window needs causal=True"),
-    ("top_left_no_causal", ValueError, "top_left=True"),
-    ("one_cu", ValueError, "both cu_seqlens_q and cu_seqlens_k"),
-    ("cu_sum", ValueError, "sum to the token count"),
-    ("cu_order", ValueError, "non-decreasing"),
-    ("max_seqlen_tensor", TypeError, "Python int"),
-    ("max_seqlen_short", ValueError, "shorter than the longest block"),
-    ("key_valid_shape", ValueError, r"\[B, Sk\]"),
-    ("key_valid_dtype", TypeError, "bool tensor"),
-    ("key_valid_packed", ValueError, "cu_seqlens instead"),
-    ("rank", ValueError, "dense mode needs"),
-])
-def test_bad_input_raises_a_clear_error_before_any_kernel(case, exc, match):
+def _cu(*offsets):
+    return torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
+
+
+def _packed(call, **changes):
+    """``call`` on the same tokens as one packed THD batch of two sequences (cu_seqlens [0, 3, 8] for
+    queries and keys), then ``changes``."""
+    call.update(q=call["q"][0], k=call["k"][0], v=call["v"][0], cu_seqlens_q=_cu(0, 3, 8), cu_seqlens_k=_cu(0, 3, 8))
+    call.update(changes)
+
+
+def _key_valid(sk, dtype=torch.bool):
+    return torch.ones(1, sk, dtype=dtype, device=DEVICE)
+
+
+#: case, error, message pattern, and how it spoils a valid call (dense [1, 8, 2, 16] float32, scale 0.25)
+BAD_INPUTS = [
+    ("gqa", ValueError, "multiple of Hkv", lambda c: c.update(q=rand(1, 8, 3, 16, dtype=torch.float32, seed=0))),
+    ("head_dim", ValueError, "head dim", lambda c: c.update(k=rand(1, 8, 2, 8, dtype=torch.float32, seed=0))),
+    ("too_big", ValueError, "1..256", lambda c: c.update(zip("qkv", _qkv(d=320)))),
+    ("dtype", TypeError, "float16, bfloat16 or float32", lambda c: c.update({t: c[t].double() for t in "qkv"})),
+    ("mixed_dtype", TypeError, "share one dtype", lambda c: c.update(v=c["v"].half())),
+    ("scale", ValueError, "positive finite", lambda c: c.update(scale=-1.0)),
+    ("window_no_causal", ValueError, "window needs causal=True", lambda c: c.update(window=4)),
+    ("top_left_no_causal", ValueError, "top_left=True", lambda c: c.update(top_left=True)),
+    ("one_cu", ValueError, "both cu_seqlens_q and cu_seqlens_k", lambda c: _packed(c, cu_seqlens_k=None)),
+    ("cu_sum", ValueError, "sum to the token count", lambda c: _packed(c, cu_seqlens_q=_cu(0, 3, 7))),
+    ("cu_order", ValueError, "non-decreasing", lambda c: _packed(c, cu_seqlens_k=_cu(0, 9, 8))),
+    ("max_seqlen_tensor", TypeError, "Python int", lambda c: _packed(c, max_seqlen_q=torch.tensor(5))),
+    ("max_seqlen_short", ValueError, "shorter than the longest block", lambda c: _packed(c, max_seqlen_q=3)),
+    ("key_valid_shape", ValueError, r"\[B, Sk\]", lambda c: c.update(key_valid=_key_valid(9))),
+    ("key_valid_dtype", TypeError, "bool tensor", lambda c: c.update(key_valid=_key_valid(8, torch.int32))),
+    ("key_valid_packed", ValueError, "cu_seqlens instead", lambda c: _packed(c, key_valid=_key_valid(8))),
+    ("rank", ValueError, "dense mode needs", lambda c: c.update(q=c["q"][0])),
+]
+
+
+@pytest.mark.parametrize("exc,match,spoil", [row[1:] for row in BAD_INPUTS],
+                         ids=[f"{case}-{exc.__name__}-{match}" for case, exc, match, _ in BAD_INPUTS])
+def test_bad_input_raises_a_clear_error_before_any_kernel(exc, match, spoil):
     q, k, v = _qkv()
-    kw = {"scale": 0.25}
-    cu = torch.tensor([0, 3, 8], dtype=torch.int32, device=DEVICE)
-    if case == "gqa":
-        q = rand(1, 8, 3, 16, dtype=torch.float32, seed=0)
-    elif case == "head_dim":
-        k = rand(1, 8, 2, 8, dtype=torch.float32, seed=0)
-    elif case == "too_big":
-        q, k, v = _qkv(d=320)
-    elif case == "dtype":
-        q, k, v = (t.double() for t in (q, k, v))
-    elif case == "mixed_dtype":
-        v = v.half()
-    elif case == "scale":
-        kw["scale"] = -1.0
-    elif case == "window_no_causal":
-        kw["window"] = 4
-    elif case == "top_left_no_causal":
-        kw["top_left"] = True
-    elif case == "key_valid_packed":
-        q, k, v = q[0], k[0], v[0]
-        kw.update(cu_seqlens_q=cu, cu_seqlens_k=cu, key_valid=torch.ones(1, 8, dtype=torch.bool, device=DEVICE))
-    elif case.startswith(("one_cu", "cu_", "max_seqlen")):
-        q, k, v = q[0], k[0], v[0]
-        kw.update(cu_seqlens_q=cu, cu_seqlens_k=cu)
-        if case == "one_cu":
-            del kw["cu_seqlens_k"]
-        elif case == "cu_sum":
-            kw["cu_seqlens_q"] = torch.tensor([0, 3, 7], dtype=torch.int32, device=DEVICE)
-        elif case == "cu_order":
-            kw["cu_seqlens_k"] = torch.tensor([0, 9, 8], dtype=torch.int32, device=DEVICE)
-        elif case == "max_seqlen_tensor":
-            kw["max_seqlen_q"] = torch.tensor(5)
-        elif case == "max_seqlen_short":
-            kw["max_seqlen_q"] = 3
-    elif case == "key_valid_shape":
-        kw["key_valid"] = torch.ones(1, 9, dtype=torch.bool, device=DEVICE)
-    elif case == "key_valid_dtype":
-        kw["key_valid"] = torch.ones(1, 8, dtype=torch.int32, device=DEVICE)
-    elif case == "rank":
-        q = q[0]
+    call = {"q": q, "k": k, "v": v, "scale": 0.25}
+    spoil(call)
+    q, k, v = call.pop("q"), call.pop("k"), call.pop("v")
     with pytest.raises(exc, match=match):
-        attention(q, k, v, **kw)
+        attention(q, k, v, **call)
 
 
 def test_output_keeps_q_layout_dtype_and_value_head_dim():

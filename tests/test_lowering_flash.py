@@ -6,7 +6,6 @@ diagonal with ``-1`` = unlimited and values ``>= seqlen_k`` normalized to ``-1``
 an all-masked row gives output 0 and LSE ``+inf``, LSE ``[B, H, Sq]`` dense / ``[H, Tq]`` varlen, the
 same head size for q/k/v, fp16/bf16 only. The only liberty: they run on the CPU.
 """
-import dataclasses
 import sys
 import types
 
@@ -19,11 +18,11 @@ from attnlib.backends import flash
 from attnlib.backends.flash import (KEY_PADDING_CAUSAL_REASON, FlashDense, FlashKeyPadding, FlashVarlen, Refused,
                                     flash_window_size, lower, lower_key_padding, pad_head_dims, pad_keys, unpad_keys,
                                     varlen_lse_to_dense)
-from attnlib.conformance import CASES, run_case
 from attnlib.inputs import validate_call
 from attnlib.plan import plan_for
 from attnlib import registry
 from attnlib.registry import get_backend
+from fakes import causal_plans, install_modules, key_padding_plans, pretend_cuda, sweep_conformance
 
 # ---------------------------------------------------------------------------------------------
 # pure lowering
@@ -156,24 +155,27 @@ def test_on_a_cpu_machine_without_flash_attn_the_reason_names_both_missing_piece
 # ---------------------------------------------------------------------------------------------
 
 
-def _fa_one_sequence(q, k, v, scale, causal, left, right):
-    """flash-attn semantics for one sequence. q [Sq,Hq,D], k/v [Sk,Hkv,D] -> out [Sq,Hq,D], lse [Hq,Sq]."""
-    sq, sk = q.shape[0], k.shape[0]
-    if sk == 0:   # flash-attn exits early: output 0, LSE +inf
-        return q.new_zeros(sq, q.shape[1], v.shape[-1]), torch.full((q.shape[1], sq), float("inf"))
-    if left >= sk:
-        left = -1
-    if right >= sk:
-        right = -1
-    if causal:
-        right = 0
-    i = torch.arange(sq).unsqueeze(1)
-    j = torch.arange(sk).unsqueeze(0)
+def _fa_visible(sq, sk, causal, window):
+    """flash-attn's visibility rule (flash_api.cpp normalization included), bool [Sq, Sk]."""
+    left, right = window
+    left = -1 if left >= sk else left
+    right = -1 if right >= sk else right
+    right = 0 if causal else right
+    i, j = torch.arange(sq).unsqueeze(1), torch.arange(sk).unsqueeze(0)
     keep = torch.ones(sq, sk, dtype=torch.bool)
     if left >= 0:
         keep &= j >= i + sk - sq - left
     if right >= 0:
         keep &= j <= i + sk - sq + right
+    return keep
+
+
+def _fa_one_sequence(q, k, v, scale, causal, left, right):
+    """flash-attn semantics for one sequence. q [Sq,Hq,D], k/v [Sk,Hkv,D] -> out [Sq,Hq,D], lse [Hq,Sq]."""
+    sq, sk = q.shape[0], k.shape[0]
+    if sk == 0:   # flash-attn exits early: output 0, LSE +inf
+        return q.new_zeros(sq, q.shape[1], v.shape[-1]), torch.full((q.shape[1], sq), float("inf"))
+    keep = _fa_visible(sq, sk, causal, (left, right))
     group = q.shape[1] // k.shape[1]
     kf = k.float().repeat_interleave(group, dim=1)
     vf = v.float().repeat_interleave(group, dim=1)
@@ -225,14 +227,21 @@ def _fa_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, calls):
     return torch.cat(outs), torch.cat(lses, dim=1)         # [Tq,H,D], [H,Tq]
 
 
+def _fake_module(name, calls, flash_attn_func, flash_attn_varlen_func, **attrs):
+    """A fake flash-attn module: its two entry points, and ``calls``, what they were called with."""
+    mod = types.ModuleType(name)
+    mod.calls, mod.flash_attn_func, mod.flash_attn_varlen_func = calls, flash_attn_func, flash_attn_varlen_func
+    for attr, value in attrs.items():
+        setattr(mod, attr, value)
+    return mod
+
+
 def make_fake_fa2():
-    mod = types.ModuleType("flash_attn")
-    mod.__version__ = "2.8.3"
-    mod.calls = []
+    calls = []
 
     def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                         alibi_slopes=None, deterministic=False, return_attn_probs=False):
-        mod.calls.append({"dense": True, "causal": causal, "window": window_size, "k": tuple(k.shape)})
+        calls.append({"dense": True, "causal": causal, "window": window_size, "k": tuple(k.shape)})
         out, lse = _fa_dense(q, k, v, softmax_scale, causal, tuple(window_size))
         return (out, lse, torch.empty(0)) if return_attn_probs else out
 
@@ -240,18 +249,15 @@ def make_fake_fa2():
                                softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                                deterministic=False, return_attn_probs=False, block_table=None):
         out, lse = _fa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                              tuple(window_size), mod.calls)
+                              tuple(window_size), calls)
         return (out, lse, torch.empty(0)) if return_attn_probs else out
 
-    mod.flash_attn_func = flash_attn_func
-    mod.flash_attn_varlen_func = flash_attn_varlen_func
-    return mod
+    return _fake_module("flash_attn", calls, flash_attn_func, flash_attn_varlen_func, __version__="2.8.3")
 
 
 def make_fake_fa3():
     """An FA3 build whose functions always return ``(out, lse)`` (no return_attn_probs)."""
-    mod = types.ModuleType("flash_attn_interface")
-    mod.calls = []
+    calls = []
 
     def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, window_size=(-1, -1), softcap=0.0,
                         num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0):
@@ -261,17 +267,14 @@ def make_fake_fa3():
                                seqused_k=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                                num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0):
         return _fa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                          tuple(window_size), mod.calls)
+                          tuple(window_size), calls)
 
-    mod.flash_attn_func = flash_attn_func
-    mod.flash_attn_varlen_func = flash_attn_varlen_func
-    return mod
+    return _fake_module("flash_attn_interface", calls, flash_attn_func, flash_attn_varlen_func)
 
 
 def make_fake_fa4():
     """FA4 (flash_attn.cute): ``window_size=(None, None)``, ``return_lse``, always a tuple."""
-    mod = types.ModuleType("flash_attn.cute")
-    mod.calls = []
+    calls = []
 
     def _window(causal, window_size):
         left, right = window_size
@@ -289,12 +292,10 @@ def make_fake_fa4():
                                window_size=(None, None), learnable_sink=None, softcap=0.0, num_splits=1, pack_gqa=None,
                                deterministic=False, return_lse=False):
         out, lse = _fa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                              _window(causal, window_size), mod.calls)
+                              _window(causal, window_size), calls)
         return out, (lse if return_lse else None)
 
-    mod.flash_attn_func = flash_attn_func
-    mod.flash_attn_varlen_func = flash_attn_varlen_func
-    return mod
+    return _fake_module("flash_attn.cute", calls, flash_attn_func, flash_attn_varlen_func)
 
 
 def make_fake_torch_varlen(calls):
@@ -312,27 +313,21 @@ def make_fake_torch_varlen(calls):
     return varlen_attn
 
 
+#: the fake module of each flash-attn implementation
+FAKES = {"fa2": make_fake_fa2, "fa3": make_fake_fa3, "fa4": make_fake_fa4}
+
+
 @pytest.fixture
 def on_fake(monkeypatch):
     """Install a fake implementation, let the backend believe in CUDA and accept CPU tensors."""
-    monkeypatch.setattr(flash, "_cuda_available", lambda: True)
-    caps = dataclasses.replace(flash.FlashBackend.capabilities, devices=frozenset({"cpu", "cuda"}))
-    monkeypatch.setattr(flash.FlashBackend, "capabilities", caps)
+    pretend_cuda(monkeypatch, flash, flash.FlashBackend)
     monkeypatch.delenv(flash.ENV_IMPL, raising=False)
 
     def install(kind):
         calls = []
-        if kind == "fa2":
-            mod = make_fake_fa2()
-            monkeypatch.setitem(sys.modules, "flash_attn", mod)
-            calls = mod.calls
-        elif kind == "fa3":
-            mod = make_fake_fa3()
-            monkeypatch.setitem(sys.modules, "flash_attn_interface", mod)
-            calls = mod.calls
-        elif kind == "fa4":
-            mod = make_fake_fa4()
-            monkeypatch.setitem(sys.modules, "flash_attn.cute", mod)
+        if kind in FAKES:
+            mod = FAKES[kind]()
+            install_modules(monkeypatch, {mod.__name__: mod})
             calls = mod.calls
         else:
             monkeypatch.setattr(flash, "_torch_varlen_attn", lambda: make_fake_torch_varlen(calls))
@@ -347,17 +342,7 @@ def on_fake(monkeypatch):
 
 def _served(kind, install, dtypes_gqa, grad=False):
     install(kind)
-    skipped = {}
-    for case in CASES:
-        for dtype, gqa in dtypes_gqa:
-            res = run_case("flash", case, dtype, gqa, grad=grad)
-            if res.skipped:
-                skipped[case.name] = res.skipped
-                continue
-            bad = [c for c in res.comparisons if not c.passed]
-            assert not bad, f"{kind} {case.name} {dtype} gqa{gqa}: " + "; ".join(
-                f"{c.what} err {c.error:.3g} > tol {c.tol:.3g}" for c in bad)
-    return skipped
+    return sweep_conformance("flash", dtypes_gqa, grad=grad, label=f"{kind} ")
 
 
 #: what flash-attn cannot take: arbitrary dense masks, and causal padded prompts (more than one query)
@@ -491,8 +476,7 @@ def test_torch_builtin_dense_full_attention_uses_sdpa_flash_kernel_and_varlen_ot
 
 
 def test_detection_prefers_fa3_over_fa2_and_info_names_the_one_in_use(on_fake, monkeypatch):
-    monkeypatch.setitem(sys.modules, "flash_attn", make_fake_fa2())
-    monkeypatch.setitem(sys.modules, "flash_attn_interface", make_fake_fa3())
+    install_modules(monkeypatch, {"flash_attn": make_fake_fa2(), "flash_attn_interface": make_fake_fa3()})
     monkeypatch.delenv(flash.ENV_IMPL, raising=False)
     flash._detect.cache_clear()
     row = {r["name"]: r for r in attnlib.list_backends()}["flash"]
@@ -522,39 +506,10 @@ def test_a_broken_flash_attn_install_is_reported_not_raised(monkeypatch):
 from hypothesis import given, strategies as st  # noqa: E402
 
 
-def _fa_visible(sq, sk, causal, window):
-    """flash-attn's visibility rule (flash_api.cpp normalization included), bool [Sq, Sk]."""
-    left, right = window
-    left = -1 if left >= sk else left
-    right = -1 if right >= sk else right
-    right = 0 if causal else right
-    i, j = torch.arange(sq).unsqueeze(1), torch.arange(sk).unsqueeze(0)
-    keep = torch.ones(sq, sk, dtype=torch.bool)
-    if left >= 0:
-        keep &= j >= i + sk - sq - left
-    if right >= 0:
-        keep &= j <= i + sk - sq + right
-    return keep
-
-
-@st.composite
-def _ranges(draw, sq, sk):
-    """None (the whole call) or a (q_range, k_range) restriction."""
-    if not draw(st.booleans()):
-        return None
-    q0 = draw(st.integers(0, sq - 1))
-    k0 = draw(st.integers(0, sk - 1))
-    return (q0, draw(st.integers(q0 + 1, sq))), (k0, draw(st.integers(k0 + 1, sk)))
-
-
-@given(sq=st.integers(1, 12), sk=st.integers(1, 12), window=st.one_of(st.none(), st.integers(1, 14)),
-       top_left=st.booleans(), data=st.data())
-def test_flash_lowering_reproduces_every_causal_plan_it_accepts(sq, sk, window, top_left, data):
-    mask = Causal(align="top_left" if top_left else "bottom_right", window=window)
-    plan = plan_for(mask, sq, sk)
-    cut = data.draw(_ranges(sq, sk))
-    if cut is not None:
-        plan = plan.restrict(*cut)
+@given(causal_plans())
+def test_flash_lowering_reproduces_every_causal_plan_it_accepts(drawn):
+    mask, plan, cut = drawn
+    top_left = mask.align == "top_left"
     sq, sk = plan.seqlen_q, plan.seqlen_k
     low = lower(plan, mask)
     block = plan.single
@@ -569,15 +524,13 @@ def test_flash_lowering_reproduces_every_causal_plan_it_accepts(sq, sk, window, 
     assert torch.equal(got, plan.materialize())
 
 
-@given(st.lists(st.lists(st.booleans(), min_size=6, max_size=6), min_size=1, max_size=3), st.integers(1, 8),
-       st.one_of(st.none(), st.integers(1, 7)), st.booleans())
-def test_key_padding_lowering_reproduces_the_plan_or_refuses_with_the_sentence(rows, sq, window, causal):
-    valid = torch.tensor(rows, dtype=torch.bool)
-    mask = KeyPadding(valid, causal=causal, window=window if causal else None)
-    plan = plan_for(mask, sq, 6)
+@given(key_padding_plans(restrict=False))
+def test_key_padding_lowering_reproduces_the_plan_or_refuses_with_the_sentence(drawn):
+    mask, plan, _ = drawn
+    valid, sq = mask.valid, plan.seqlen_q
     low = lower(plan, mask)
     if isinstance(low, Refused):
-        assert causal and low.reason == KEY_PADDING_CAUSAL_REASON
+        assert mask.causal and low.reason == KEY_PADDING_CAUSAL_REASON
         spans = {plan.single.key_span(i) for i in range(sq)}
         assert len(spans) > 1                      # refused only when the rows see different key positions
         return

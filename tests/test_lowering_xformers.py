@@ -8,9 +8,7 @@ seqstart on the query's device; BMGHK has no backward; a row whose scores are al
 (undefined in xformers); the cutlass LSE is ``[B, H, M]`` padded to a multiple of 32 (varlen: one padded
 row per block), the flash operator's varlen LSE is packed ``[1, H, Tq]``. The only liberty: CPU tensors.
 """
-import dataclasses
 import gc
-import sys
 import weakref
 import types
 from dataclasses import dataclass
@@ -27,6 +25,7 @@ from attnlib.conformance import CASES, run_case
 from attnlib.inputs import validate_call
 from attnlib.plan import plan_for
 from attnlib.registry import get_backend
+from fakes import causal_plans, install_modules, key_padding_plans, pretend_cuda, ranges, sweep_conformance
 
 K = BiasKind
 
@@ -396,16 +395,12 @@ def make_fake_xformers(lse_packed=False):
 
 @pytest.fixture
 def fake_xformers(monkeypatch):
-    monkeypatch.setattr(xf_backend, "_cuda_available", lambda: True)
-    caps = dataclasses.replace(xf_backend.XformersBackend.capabilities, devices=frozenset({"cpu", "cuda"}))
-    monkeypatch.setattr(xf_backend.XformersBackend, "capabilities", caps)
+    pretend_cuda(monkeypatch, xf_backend, xf_backend.XformersBackend)
 
     def install(lse_packed=False):
         root = make_fake_xformers(lse_packed)
-        for name, mod in (("xformers", root), ("xformers.ops", root.ops), ("xformers.ops.fmha", root.ops.fmha),
-                          ("xformers.ops.fmha.attn_bias", root.ops.fmha.attn_bias),
-                          ("xformers.ops.fmha.dispatch", root.ops.fmha.dispatch)):
-            monkeypatch.setitem(sys.modules, name, mod)
+        install_modules(monkeypatch, {mod.__name__: mod for mod in (root, root.ops, root.ops.fmha,
+                                                                    root.ops.fmha.attn_bias, root.ops.fmha.dispatch)})
         xf_backend._detect.cache_clear()
         assert xf_backend._detect()[0] is not None
         return root.calls
@@ -414,28 +409,14 @@ def fake_xformers(monkeypatch):
     xf_backend._detect.cache_clear()
 
 
-def _sweep(grid, grad=False):
-    skipped = {}
-    for case in CASES:
-        for dtype, gqa in grid:
-            res = run_case("xformers", case, dtype, gqa, grad=grad)
-            if res.skipped:
-                skipped[case.name] = res.skipped
-                continue
-            bad = [c for c in res.comparisons if not c.passed]
-            assert not bad, f"{case.name} {dtype} gqa{gqa}: " + "; ".join(
-                f"{c.what} err {c.error:.3g} > tol {c.tol:.3g}" for c in bad)
-    return skipped
-
-
 def test_every_conformance_case_matches_math_through_the_fake(fake_xformers):
     fake_xformers()
-    assert _sweep([(torch.bfloat16, 2), (torch.float32, 4)]) == {}
+    assert sweep_conformance("xformers", [(torch.bfloat16, 2), (torch.float32, 4)]) == {}
 
 
 def test_gradients_match_math_with_lse_through_the_backward_api(fake_xformers):
     fake_xformers()
-    assert _sweep([(torch.float16, 2)], grad=True) == {}
+    assert sweep_conformance("xformers", [(torch.float16, 2)], grad=True) == {}
 
 
 def test_packed_varlen_lse_of_flash_operators_reads_the_same(fake_xformers):
@@ -611,28 +592,13 @@ def _spec_visible(spec, plan):
     return got
 
 
-@st.composite
-def _ranges(draw, sq, sk):
-    """None (the whole call) or a (q_range, k_range) restriction."""
-    if not draw(st.booleans()) or sq == 0 or sk == 0:
-        return None
-    q0 = draw(st.integers(0, sq - 1))
-    k0 = draw(st.integers(0, sk - 1))
-    return (q0, draw(st.integers(q0 + 1, sq))), (k0, draw(st.integers(k0 + 1, sk)))
-
-
-@given(sq=st.integers(1, 12), sk=st.integers(1, 12), window=st.one_of(st.none(), st.integers(1, 14)),
-       top_left=st.booleans(), data=st.data())
-def test_causal_bias_spec_reproduces_every_causal_plan(sq, sk, window, top_left, data):
-    mask = Causal(align="top_left" if top_left else "bottom_right", window=window)
-    plan = plan_for(mask, sq, sk)
-    cut = data.draw(_ranges(sq, sk))
-    if cut is not None:
-        plan = plan.restrict(*cut)
+@given(causal_plans())
+def test_causal_bias_spec_reproduces_every_causal_plan(drawn):
+    mask, plan, cut = drawn
     spec = xformers_bias_spec(plan)
     assert torch.equal(_spec_visible(spec, plan), plan.materialize())
-    if cut is None and spec.kind is K.TENSOR:
-        assert top_left and window is not None and sq > sk
+    if cut is None and spec.kind is K.TENSOR:      # the whole call: the plan's lengths are the call's
+        assert mask.align == "top_left" and mask.window is not None and plan.seqlen_q > plan.seqlen_k
 
 
 @given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1, max_size=4), st.booleans(),
@@ -642,7 +608,7 @@ def test_block_diagonal_spec_reproduces_the_plan_and_keeps_exactly_the_rows_that
     window = window if causal else None
     mask = BlockDiagonal([b[0] for b in blocks], [b[1] for b in blocks], causal=causal, window=window)
     plan = plan_for(mask, mask.total_q, mask.total_k)
-    cut = data.draw(_ranges(mask.total_q, mask.total_k))
+    cut = data.draw(ranges(mask.total_q, mask.total_k))
     if cut is not None:
         plan = plan.restrict(*cut)
     spec = xformers_bias_spec(plan)
@@ -658,14 +624,10 @@ def test_block_diagonal_spec_reproduces_the_plan_and_keeps_exactly_the_rows_that
         assert torch.equal(kept, sees)
 
 
-@given(st.lists(st.lists(st.booleans(), min_size=6, max_size=6), min_size=1, max_size=3), st.integers(1, 8),
-       st.one_of(st.none(), st.integers(1, 7)), st.booleans(), st.data())
-def test_key_padding_bias_is_the_materialized_plan(rows, sq, window, causal, data):
-    valid = torch.tensor(rows, dtype=torch.bool)
-    plan = plan_for(KeyPadding(valid, causal=causal, window=window if causal else None), sq, 6)
-    cut = data.draw(_ranges(sq, 6))
-    if cut is not None:
-        plan = plan.restrict(*cut)
+@given(key_padding_plans())
+def test_key_padding_bias_is_the_materialized_plan(drawn):
+    mask, plan, _ = drawn
+    valid = mask.valid
     spec = xformers_bias_spec(plan)
     want = plan.materialize().expand(valid.shape[0], 1, plan.seqlen_q, plan.seqlen_k)
     if spec.kind is K.EMPTY:

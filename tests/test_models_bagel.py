@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import attnlib
-from attnlib.testing import max_abs_error, tolerance
 from models_ref.bagel import BagelKVCache, BagelPositions, PackedAttentionMoT
-from models_ref.parity import BAGEL_CONFIG, bagel_case, bagel_cfg_scene, no_fallback, reference
+from models_ref.parity import (BAGEL_CONFIG, assert_within_tolerance, bagel_case, bagel_cfg_scene, no_fallback,
+                               reference, seeded_block)
 
 BACKENDS = [r["name"] for r in attnlib.list_backends() if r["available"]]
 #: the parity references run where the GPU is, if there is one (the block-level invariants run on the CPU)
@@ -30,16 +30,7 @@ def _no_silent_fallback():
 
 
 def _attn(dtype=torch.float32, seed=3):
-    torch.manual_seed(seed)
-    m = PackedAttentionMoT(**BAGEL_CONFIG)
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.25)
-    return m.eval().to(dtype)
-
-
-def _assert_policy(out, ref64, naive, dtype=torch.float32, what="out"):
-    err, tol = max_abs_error(out, ref64), tolerance(max_abs_error(naive, ref64), dtype, ref64)
-    assert err <= tol, f"{what}: max error {err:.3g} > tolerance {tol:.3g}"
+    return seeded_block(PackedAttentionMoT, BAGEL_CONFIG, seed, std=0.25).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,7 +136,7 @@ def test_step_by_step_decode_equals_full_causal_forward(backend):
                 done[b] += step[b]
     assert done == list(lens) and cache.lengths == list(lens)
     stepwise = torch.cat([torch.cat(p) for p in pieces])
-    _assert_policy(stepwise, ref64, naive, what=f"{backend} decode")
+    assert_within_tolerance(stepwise, ref64, naive, what=f"{backend} decode")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -166,7 +157,7 @@ def test_vit_image_prefill_is_non_causal_over_cache_and_image(backend):
     with attnlib.use_backend(backend):
         m(text, [5], tp, cache, causal=True)
         out = m(image, [6], ip, cache, causal=False)
-    _assert_policy(out, ref64, naive, what=f"{backend} vit prefill")
+    assert_within_tolerance(out, ref64, naive, what=f"{backend} vit prefill")
 
 
 @functools.lru_cache(maxsize=None)
@@ -180,7 +171,7 @@ def test_cfg_scene_on_every_backend_matches_math_float64(backend):
     run, ref64, naive, _ = _scene_reference()
     with attnlib.use_backend(backend):
         out = run()
-    _assert_policy(out, ref64, naive, what=f"{backend} CFG scene")
+    assert_within_tolerance(out, ref64, naive, what=f"{backend} CFG scene")
 
 
 @torch.no_grad()
@@ -207,11 +198,12 @@ def test_cfg_scene_matches_independent_dense_bagel_reference():
     ref64 = torch.cat([o1, o2, o3, o4])
     with attnlib.use_backend("math"):
         naive = bagel_cfg_scene(m, torch.float32)
-    _assert_policy(ours, ref64, naive, what="scene vs dense Bagel reference")
+    assert_within_tolerance(ours, ref64, naive, what="scene vs dense Bagel reference")
 
 
-def _cfg_setup(m, dtype=torch.float32):
-    """Three branches with caches of different lengths, and the batched denoising-step inputs."""
+def _cfg_setup(dtype=torch.float32):
+    """The block; three branches with caches of different lengths, and the batched denoising-step inputs."""
+    m = _attn(dtype)
     g = torch.Generator().manual_seed(4)
     caches, positions = [], []
     for n_ctx in (9, 3, 6):                                   # full, text-dropped, image-dropped
@@ -224,46 +216,44 @@ def _cfg_setup(m, dtype=torch.float32):
     target = torch.randn(n_t, HID, generator=g).to(dtype)
     gen = torch.ones(n_t, dtype=torch.bool)
     gen[0] = gen[-1] = False
-    return caches, positions, target, gen
+    return m, caches, positions, target, gen
+
+
+def _cfg_step(m, caches, positions, target, gen):
+    """One denoising step of the three branches in one call; the caches are left as they are."""
+    n_t = target.shape[0]
+    return m(torch.cat([target] * 3), [n_t] * 3, torch.cat([p.noised_image(n_t) for p in positions]),
+             BagelKVCache.cat(caches), causal=False, gen=gen.repeat(3), update_cache=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @torch.no_grad()
 def test_batched_cfg_equals_each_branch_alone(backend):
-    m = _attn()
-    caches, positions, target, gen = _cfg_setup(m)
+    m, caches, positions, target, gen = _cfg_setup()
     n_t = target.shape[0]
     m64 = copy.deepcopy(m).double()
     c64 = [BagelKVCache([c.keys[0].double()], [c.values[0].double()]) for c in caches]
     with attnlib.use_backend(backend):
-        batched = m(torch.cat([target] * 3), [n_t] * 3, torch.cat([p.noised_image(n_t) for p in positions]),
-                    BagelKVCache.cat(caches), causal=False, gen=gen.repeat(3), update_cache=False)
+        batched = _cfg_step(m, caches, positions, target, gen)
     assert [c.lengths for c in caches] == [[9], [3], [6]]     # update_cache=False left every cache alone
     for b in range(3):
         args = ([n_t], positions[b].noised_image(n_t))
         with attnlib.use_backend("math"):
             alone64 = m64(target.double(), *args, c64[b], causal=False, gen=gen, update_cache=False)
             naive = m(target, *args, caches[b], causal=False, gen=gen, update_cache=False)
-        _assert_policy(batched[b * n_t:(b + 1) * n_t], alone64, naive, what=f"{backend} branch {b}")
+        assert_within_tolerance(batched[b * n_t:(b + 1) * n_t], alone64, naive, what=f"{backend} branch {b}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @torch.no_grad()
 def test_cfg_branches_do_not_attend_to_each_other(backend):
     """Scrambling the text-dropped branch's cache leaves the other two branches' outputs bit-identical."""
-    m = _attn()
-    caches, positions, target, gen = _cfg_setup(m)
+    m, caches, positions, target, gen = _cfg_setup()
     n_t = target.shape[0]
-    pos = torch.cat([p.noised_image(n_t) for p in positions])
-
-    def call(cs):
-        return m(torch.cat([target] * 3), [n_t] * 3, pos, BagelKVCache.cat(cs), causal=False, gen=gen.repeat(3),
-                 update_cache=False)
-
     scrambled = [caches[0], BagelKVCache([100 * torch.randn_like(caches[1].keys[0])],
                                          [100 * torch.randn_like(caches[1].values[0])]), caches[2]]
     with attnlib.use_backend(backend):
-        a, b = call(caches), call(scrambled)
+        a, b = _cfg_step(m, caches, positions, target, gen), _cfg_step(m, scrambled, positions, target, gen)
     assert torch.equal(a[:n_t], b[:n_t]) and torch.equal(a[2 * n_t:], b[2 * n_t:])
     assert not torch.equal(a[n_t:2 * n_t], b[n_t:2 * n_t])
 
@@ -271,8 +261,7 @@ def test_cfg_branches_do_not_attend_to_each_other(backend):
 @torch.no_grad()
 def test_generation_expert_serves_only_vae_tokens():
     """Changing the generation expert's output projection changes exactly the VAE-token rows."""
-    m = _attn()
-    caches, positions, target, gen = _cfg_setup(m)
+    m, caches, positions, target, gen = _cfg_setup()
     args = (target, [target.shape[0]], positions[0].noised_image(target.shape[0]), caches[0])
     before = m(*args, causal=False, gen=gen, update_cache=False)
     torch.nn.init.normal_(m.o_proj_moe_gen.weight)

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import attnlib
-from attnlib.testing import max_abs_error, tolerance
-from models_ref.parity import (CODE_PREDICTOR_KWARGS, THINKER_KWARGS, code_predictor_case, no_fallback, reference,
-                               thinker_attention_case, thinker_inputs)
+from attnlib.testing import max_abs_error
+from models_ref.parity import (CODE_PREDICTOR_KWARGS, THINKER_KWARGS, assert_within_tolerance,
+                               code_predictor_case, no_fallback, reference, seeded_block, thinker_attention_case,
+                               thinker_inputs)
 from models_ref.qwen3_omni import (WAIT, CodePredictor, KVCache, TalkerConditionStream, ThinkerAttention,
                                    sync_talker_conditions)
 
@@ -33,14 +34,27 @@ def _params():
             if not (b in SLOW_ON_CPU and d != torch.float32)]
 
 
-def _policy(out, ref64, naive, dtype=torch.float32, what="out"):
-    err, tol = max_abs_error(out, ref64), tolerance(max_abs_error(naive, ref64), dtype, ref64)
-    assert err <= tol, f"{what}: max error {err:.3g} > tolerance {tol:.3g}"
-
-
 def _transformers():
     return pytest.importorskip("transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe",
                                reason="parity with transformers needs transformers>=5 installed")
+
+
+#: the parity cases against transformers, and their references, per dtype (built once)
+PARITY_CASES = {"code predictor": code_predictor_case, "thinker attention": thinker_attention_case}
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(case, dtype):
+    return reference(PARITY_CASES[case](), dtype, DEVICE)
+
+
+def _check_parity(case, backend, dtype):
+    """Our block of ``case`` on ``backend`` against transformers' (float64), under the tolerance policy."""
+    _transformers()
+    run, ref64, naive, _ = _reference(case, dtype)
+    with attnlib.use_backend(backend):
+        out = run()
+    assert_within_tolerance(out, ref64, naive, dtype, f"{backend} {case}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -55,29 +69,17 @@ def test_code_predictor_state_dict_loads_strictly_from_transformers():
     assert set(ours.state_dict()) == set(host.state_dict())
 
 
-@functools.lru_cache(maxsize=None)
-def _cp_reference(dtype):
-    return reference(code_predictor_case(), dtype, DEVICE)
-
-
 @pytest.mark.parametrize("backend,dtype", _params())
 @torch.no_grad()
 def test_code_predictor_full_and_cached_decode_match_transformers(backend, dtype):
     """``[full forward | prefill 2 + decode 3 one by one]`` vs transformers' full forward (float64)."""
-    _transformers()
-    run, ref64, naive, _ = _cp_reference(dtype)
-    with attnlib.use_backend(backend):
-        out = run()
-    _policy(out, ref64, naive, dtype, f"{backend} code predictor")
+    _check_parity("code predictor", backend, dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @torch.no_grad()
 def test_code_predictor_step_by_step_decode_equals_full_forward(backend):
-    torch.manual_seed(0)
-    m = CodePredictor(**CODE_PREDICTOR_KWARGS).eval()
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.2)
+    m = seeded_block(CodePredictor, CODE_PREDICTOR_KWARGS, 0, std=0.2)
     x = torch.randn(2, 6, CODE_PREDICTOR_KWARGS["hidden_size"])
     ref64 = copy.deepcopy(m).double()(x.double())
     with attnlib.use_backend("math"):
@@ -86,7 +88,7 @@ def test_code_predictor_step_by_step_decode_equals_full_forward(backend):
     with attnlib.use_backend(backend):
         steps = [m(x[:, :2], cache)] + [m(x[:, i:i + 1], cache) for i in range(2, 6)]
     assert cache.length() == 6
-    _policy(torch.cat(steps, dim=1), ref64, naive, what=f"{backend} decode")
+    assert_within_tolerance(torch.cat(steps, dim=1), ref64, naive, what=f"{backend} decode")
 
 
 @torch.no_grad()
@@ -107,20 +109,11 @@ def test_sliding_window_layers_decode_like_their_full_forward():
 # ---------------------------------------------------------------------------------------------------
 # thinker attention
 # ---------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def _thinker_reference(dtype):
-    return reference(thinker_attention_case(), dtype, DEVICE)
-
-
 @pytest.mark.parametrize("backend,dtype", _params())
 @torch.no_grad()
 def test_thinker_attention_with_padding_and_mrope_matches_transformers(backend, dtype):
     """Left-padded batch, an image's 3-D positions in row 0; valid query rows compared."""
-    _transformers()
-    run, ref64, naive, _ = _thinker_reference(dtype)
-    with attnlib.use_backend(backend):
-        out = run()
-    _policy(out, ref64, naive, dtype, f"{backend} thinker attention")
+    _check_parity("thinker attention", backend, dtype)
 
 
 def test_thinker_mrope_tables_equal_transformers_interleaved_mrope():
@@ -137,11 +130,7 @@ def test_thinker_mrope_tables_equal_transformers_interleaved_mrope():
 
 
 def _thinker(dtype=torch.float32):
-    torch.manual_seed(7)
-    m = ThinkerAttention(**THINKER_KWARGS)
-    for p in m.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    return m.eval().to(dtype)
+    return seeded_block(ThinkerAttention, THINKER_KWARGS, 7, std=0.2).to(dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -166,7 +155,7 @@ def test_thinker_padded_prefill_then_decode_equals_full_forward(backend):
             parts.append(m(extra[:, i:i + 1], m.rope_tables(pos_all[..., s + i:s + i + 1]), valid_all[:, :s + i + 1],
                            cache))
     out = torch.cat(parts, dim=1)
-    _policy(out[valid_all], ref64[valid_all], naive[valid_all], what=f"{backend} thinker decode")
+    assert_within_tolerance(out[valid_all], ref64[valid_all], naive[valid_all], what=f"{backend} thinker decode")
     assert torch.equal(out[~valid_all], torch.zeros_like(out[~valid_all]))   # padded query rows: exactly 0
 
 
