@@ -160,7 +160,7 @@ class BlockDiagonal(Mask):
         set_(self, "total_q", sum(q))
         set_(self, "total_k", sum(kv))
         set_(self, "_cu_q", torch.tensor((0,) + tuple(_cumsum(q)), dtype=torch.int32))
-        set_(self, "_cu_k", self._cu_q if kv is q else torch.tensor((0,) + tuple(_cumsum(kv)), dtype=torch.int32))
+        set_(self, "_cu_k", self._cu_q if kv == q else torch.tensor((0,) + tuple(_cumsum(kv)), dtype=torch.int32))
         set_(self, "_device_cache", {})
         set_(self, "_hash", hash((q, kv, causal, window)))
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnlib
-from attnlib.masks import BlockDiagonal, Causal
+from attnlib.masks import Causal, KeyPadding
 from attnlib.rope import RotaryEmbedding, apply_rotary
 
 from . import RMSNorm
@@ -51,23 +51,20 @@ class KVCache:
         return k, v
 
 
-def _unpadded_causal(q, k, v, key_valid: torch.Tensor):
-    """Padded causal attention as varlen: the valid tokens of each row form one bottom-right causal block.
+def _padded_causal(attn, q, k, v, key_valid: torch.Tensor, window: int | None):
+    """Padded causal attention: ``KeyPadding(key_valid, causal=True)`` with padded query rows set to 0.
 
     ``key_valid [B, Sk]`` marks real tokens over cache + new keys (any pattern: left, right, holes); the
-    new tokens are the last ``Sq`` keys, so a real query's visible keys are the real keys up to it,
-    which is exactly bottom-right causal inside the row's compacted block. Queries are unpadded too
-    (padded rows return 0). Reads the per-row counts once (one host sync per call).
+    new tokens are the last ``Sq`` keys, so a real query sees the real keys up to its own position
+    (bottom-right causal over the padded key axis, then the validity). Padded query rows return 0. No
+    host read: the lengths never leave the device.
     """
     b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
     if key_valid.dtype != torch.bool or key_valid.shape != (b, sk):
         raise ValueError(f"attention_mask must be bool [B={b}, Sk={sk}] (True = real token, over cache + new "
                          f"tokens), got {key_valid.dtype} {tuple(key_valid.shape)}")
-    q_valid = key_valid[:, sk - sq:]
-    q_lens = q_valid.sum(-1).tolist()
-    k_lens = key_valid.sum(-1).tolist()
-    mask = BlockDiagonal(q_lens, k_lens, causal=True)
-    return mask, q_valid, (q[q_valid], k[key_valid], v[key_valid])
+    out = attn(q, k, v, KeyPadding(key_valid, causal=True, window=window))
+    return out.masked_fill(~key_valid[:, sk - sq:, None, None], 0.0)
 
 
 class _QKNormAttention(nn.Module):
@@ -98,10 +95,7 @@ class _QKNormAttention(nn.Module):
         if key_valid is None:
             out = self.attn(q, k, v, Causal(window=window))
         else:
-            mask, q_valid, packed = _unpadded_causal(q, k, v, key_valid)
-            out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
-            out[q_valid] = self.attn(*packed, mask if window is None else BlockDiagonal(
-                mask.q_seqlens, mask.kv_seqlens, causal=True, window=window))
+            out = _padded_causal(self.attn, q, k, v, key_valid, window)
         return self.o_proj(out.flatten(2))
 
 
@@ -215,8 +209,7 @@ class ThinkerAttention(_QKNormAttention):
     * ``position_embeddings``: ``(cos, sin)`` float ``[B, S, head_dim // 2]`` from :meth:`rope_tables`
       (``attnlib.rope.MRotaryEmbedding(interleaved=True)`` over ``position_ids [3, B, S]``);
     * ``attention_mask``: None (causal) or bool ``[B, Sk]`` real-token mask over cache + new tokens
-      (padding, any pattern). Padded batches run as varlen: each row's real tokens form one bottom-right
-      causal :class:`attnlib.BlockDiagonal` block, queries unpadded too; padded query rows return 0.
+      (padding, any pattern): ``KeyPadding(mask, causal=True)``, with padded query rows returning 0.
     """
 
     def __init__(self, hidden_size: int, num_attention_heads: int, num_key_value_heads: int,

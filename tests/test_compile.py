@@ -216,3 +216,29 @@ def test_triton_custom_op_passes_torch_library_opcheck():
     args = (q, k, v, None, None, None, 0.25, False, 2, 5, 9, True, False, -1, False)
     torch.library.opcheck(kernels._fwd_op, args, test_utils=("test_schema", "test_autograd_registration",
                                                               "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_models_ref_blocks_compile_fullgraph_and_match_eager():
+    from models_ref import parity
+    from models_ref.qwen3_omni import ThinkerAttention
+
+    for make in (parity.qwen_image_case, parity.code_predictor_case):
+        ours, _ = make().build(torch.float32, "cpu")
+        torch._dynamo.reset()
+        with torch.no_grad():
+            torch.testing.assert_close(torch.compile(ours, fullgraph=True, backend="aot_eager")(), ours())
+    # the thinker on a padded batch (KeyPadding(causal=True): no host read of the lengths)
+    thinker = parity.seeded_block(ThinkerAttention, parity.THINKER_KWARGS, 7, std=0.2)
+    h, pos, valid = parity.thinker_inputs(torch.float32)
+    tables = thinker.rope_tables(pos)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(thinker, fullgraph=True, backend="aot_eager")(h, tables, valid),
+                                   thinker(h, tables, valid))
+    # Bagel's CFG scene (packed BlockDiagonal calls against per-branch caches), one compiled layer
+    from models_ref.bagel import PackedAttentionMoT
+
+    attn = parity.seeded_block(PackedAttentionMoT, parity.BAGEL_CONFIG, 3, std=0.25)
+    with torch.no_grad():
+        want = parity.bagel_cfg_scene(attn, torch.float32)
+        got = parity.bagel_cfg_scene(torch.compile(attn, fullgraph=True, backend="aot_eager"), torch.float32)
+    torch.testing.assert_close(got, want)

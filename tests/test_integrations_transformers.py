@@ -265,7 +265,6 @@ def test_flash_style_cu_seq_lens_kwargs_run_as_block_diagonal():
 @pytest.mark.parametrize("kwargs, feature", [
     (dict(softcap=30.0), "softcap"),
     (dict(dropout=0.1), "dropout"),
-    (dict(output_attentions=True), "output_attentions"),
     (dict(s_aux=torch.zeros(4)), "sinks"),
     (dict(position_bias=torch.zeros(1, 4, 6, 6)), "position_bias"),
 ])
@@ -716,3 +715,29 @@ def test_the_forward_compiles_as_one_graph(make, pattern):
     torch._dynamo.reset()
     keep = slice(None) if am is None else am.bool()
     torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_output_attentions_returns_the_weights_of_the_mask_that_ran(monkeypatch):
+    """output_attentions=True: weights (and outputs) from the reference path, one warning, equal to eager on every
+    query row that sees a key (padding rows get weight 0, attnlib's rule)."""
+    monkeypatch.setattr(hf, "_weights_warned", [False])
+    model = tiny_llama()
+    ids = token_ids((2, 9), seed=3)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0                                              # left padding
+    model.set_attn_implementation("eager")
+    want = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    model.set_attn_implementation(hf.NAME)
+    with pytest.warns(RuntimeWarning, match="output_attentions=True computes the attention weights"):
+        got = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    assert len(got.attentions) == len(want.attentions) == TINY["num_hidden_layers"]
+    real = mask.bool()
+    for w_got, w_want in zip(got.attentions, want.attentions):
+        assert w_got.shape == w_want.shape
+        torch.testing.assert_close(w_got.permute(0, 2, 1, 3)[real], w_want.permute(0, 2, 1, 3)[real],
+                                   atol=1e-5, rtol=1e-4)
+        assert torch.equal(w_got[1, :, :3], torch.zeros_like(w_got[1, :, :3]))
+    torch.testing.assert_close(got.logits[real], want.logits[real], atol=1e-4, rtol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(input_ids=ids, attention_mask=mask, output_attentions=True)      # warned once

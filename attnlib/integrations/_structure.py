@@ -275,6 +275,8 @@ class PlanCache:
         self._lock = threading.Lock()
 
     def get(self, mask: torch.Tensor, build):
+        if torch.compiler.is_compiling():    # the compiled graph is the cache (and a lock cannot be traced)
+            return build()
         try:
             version = mask._version
         except RuntimeError:   # inference-mode tensors have no version counter: identity and storage only

@@ -212,8 +212,9 @@ _masks = PlanCache()
 def _joint_key_padding(text_mask: torch.Tensor | None, hidden_states: torch.Tensor):
     """``KeyPadding`` over ``[text, image]`` keys from the text mask (True/1 = real token); None if no padding.
 
-    Built once per text-mask tensor (the model passes the same one to every block): one host sync to
-    learn whether anything is padded, so an unpadded batch runs with no mask at all.
+    Built once per text-mask tensor (the model passes the same one to every block): in eager mode one host
+    read learns whether anything is padded, so an unpadded batch runs with no mask at all; inside a compiled
+    region there is no host read and the (exact) ``KeyPadding`` is always used.
     """
     if text_mask is None:
         return None
@@ -221,7 +222,9 @@ def _joint_key_padding(text_mask: torch.Tensor | None, hidden_states: torch.Tens
 
     def build():
         valid = text_mask if text_mask.dtype == torch.bool else text_mask != 0
-        if bool(valid.all()):
+        # eager: one host read per text-mask tensor finds unpadded batches (then no mask at all); compiled
+        # code never reads the mask on the host: the KeyPadding is exact either way
+        if not torch.compiler.is_compiling() and bool(valid.all()):
             return (image_len, None)
         image = torch.ones(valid.shape[0], image_len, dtype=torch.bool, device=valid.device)
         return (image_len, KeyPadding(torch.cat([valid, image], dim=1)))

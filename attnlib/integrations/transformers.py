@@ -50,7 +50,7 @@ The builder recognises transformers' mask functions by the code objects of its p
 recognise takes the dense path, never a guess.
 
 Raises ``NotImplementedError`` naming the feature for: attention dropout in training, ``softcap``,
-attention sinks (``s_aux``/``sinks``), ``position_bias`` (T5-style), ``output_attentions=True`` and
+attention sinks (``s_aux``/``sinks``), ``position_bias`` (T5-style) and
 transformers' paged cache (continuous batching).
 """
 from __future__ import annotations
@@ -65,6 +65,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
                       "(pip install 'transformers>=4.56'); attnlib itself works without it") from e
 
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -545,9 +546,12 @@ def make_attention_function(backend: str | None = None):
         plan, crop_k = translate(query, key, attention_mask, causal=bool(causal), sliding_window=sliding_window,
                                  cu_seqlens=cu)
         _last_plan[0] = plan
+        full_k = key.shape[2]
         if crop_k is not None:
             key, value = key[:, :, :crop_k], value[:, :, :crop_k]
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        if kwargs.get("output_attentions"):
+            return _with_weights(plan, q, k, v, scaling, full_k)
         out = plan.run(q, k, v, scale=scaling, backend=backend)
         return out, None
 
@@ -555,6 +559,32 @@ def make_attention_function(backend: str | None = None):
 
 
 attnlib_attention_forward = make_attention_function()
+
+
+_weights_warned: list = [False]
+
+
+def _with_weights(plan, q, k, v, scale, full_k: int):
+    """``output_attentions=True``: output and weights ``[B, Hq, Sq, Sk]`` on the ``math`` reference path.
+
+    The weights are the attention of the same plan over one-hot values (value ``j`` = the unit vector of
+    key ``j``), so they follow exactly the mask the fast path runs -- packed rows, dropped padding and all;
+    rows that see no key have weight 0. Warns once: weights cost ``Sq x Sk`` memory per head and the
+    reference path is slow.
+    """
+    if not _weights_warned[0]:
+        _weights_warned[0] = True
+        warnings.warn(f"attn_implementation='{NAME}': output_attentions=True computes the attention weights on "
+                      "attnlib's reference (math) path, which is slow; leave it off for speed", RuntimeWarning,
+                      stacklevel=3)
+    B, Sk, Hkv = k.shape[0], k.shape[1], k.shape[2]
+    one_hot = torch.eye(Sk, dtype=q.dtype, device=q.device)[None, :, None, :].expand(B, Sk, Hkv, Sk)
+    weights = plan.run(q, k, one_hot, scale=scale, backend="math")              # [B, Sq, Hq, Sk]
+    out = plan.run(q, k, v, scale=scale, backend="math")
+    weights = weights.transpose(1, 2)
+    if Sk < full_k:                                                             # keys cropped from a static cache
+        weights = torch.nn.functional.pad(weights, (0, full_k - Sk))
+    return out, weights
 
 
 def _reject_unsupported(module, dropout, softcap, kwargs) -> None:
@@ -571,9 +601,6 @@ def _reject_unsupported(module, dropout, softcap, kwargs) -> None:
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError(f"position_bias (T5-style relative bias) is not supported by attn_implementation="
                                   f"'{NAME}'; use 'eager' for this model")
-    if kwargs.get("output_attentions"):
-        raise NotImplementedError(f"output_attentions=True needs the attention weights, which attn_implementation="
-                                  f"'{NAME}' never materializes; use 'eager' to inspect them")
     cache = kwargs.get("cache")
     if cache is not None and type(cache).__name__ == "PagedAttentionCache":
         raise NotImplementedError(f"transformers' paged cache (continuous batching) is not supported by "

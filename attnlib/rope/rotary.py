@@ -98,7 +98,8 @@ def apply_rotary_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
     math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     c = cos.to(math_dtype).unsqueeze(-2)  # broadcast over heads: [..., S, 1, R]
     s = sin.to(math_dtype).unsqueeze(-2)
-    if not (torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad)):
+    inference = not (torch.is_grad_enabled() and (x.requires_grad or cos.requires_grad or sin.requires_grad))
+    if inference and not torch.compiler.is_compiling():   # compiled: the plain formula, which inductor fuses
         # inference: four fused passes straight into the float32 output, no temporaries or cat
         out = torch.empty(x.shape, dtype=math_dtype, device=x.device)
         a, b = (x[..., 0: 2 * R: 2], x[..., 1: 2 * R: 2]) if interleaved else (x[..., :R], x[..., R: 2 * R])
