@@ -101,7 +101,7 @@ def _run_probes() -> None:
     they are cached as plain values that compiled code reads without tracing them."""
     for backend in list(_backends().values()):
         try:
-            backend.unavailable_reason()
+            backend.run_probes()
         except Exception:  # noqa: BLE001 - a probe that fails is reported by the call that needs it
             pass
     _probed[0] = True

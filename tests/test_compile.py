@@ -242,3 +242,93 @@ def test_models_ref_blocks_compile_fullgraph_and_match_eager():
         want = parity.bagel_cfg_scene(attn, torch.float32)
         got = parity.bagel_cfg_scene(torch.compile(attn, fullgraph=True, backend="aot_eager"), torch.float32)
     torch.testing.assert_close(got, want)
+
+
+DYNAMIC_MASKS = {
+    "none": lambda s: None,
+    "causal": lambda s: Causal(),
+    "causal_cache": lambda s: Causal(),
+    "window": lambda s: Causal(window=5),
+    "key_padding_causal": lambda s: KeyPadding(torch.rand(2, s, generator=G) > 0.3, causal=True),
+    "block_diagonal": lambda s: BlockDiagonal([s, 3], [s + 2, 3], causal=True),
+}
+LENGTHS = (9, 17, 33, 40, 65)
+
+
+def _dynamic_inputs(name, mask, s):
+    if isinstance(mask, BlockDiagonal):
+        return rand(mask.total_q, 4, 16), rand(mask.total_k, 2, 16), rand(mask.total_k, 2, 16)
+    sq = 3 if name == "causal_cache" else s
+    return rand(2, sq, 4, 16), rand(2, s, 2, 16), rand(2, s, 2, 16)
+
+
+@pytest.mark.parametrize("name", list(DYNAMIC_MASKS))
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_dynamic_shapes_compile_once_for_five_lengths(backend, name):
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda q, k, v, m: attnlib.attention(q, k, v, m, backend=backend, return_lse=True),
+                             dynamic=True, fullgraph=True, backend=counting)
+    for s in LENGTHS:
+        mask = DYNAMIC_MASKS[name](s)
+        q, k, v = _dynamic_inputs(name, mask, s)
+        out, lse = compiled(q, k, v, mask)
+        ref_out, ref_lse = attnlib.attention(q, k, v, mask, backend=backend, return_lse=True)
+        torch.testing.assert_close(out, ref_out, atol=2e-6, rtol=2e-6)
+        torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=2e-6)
+    assert len(graphs) == 1, f"{len(graphs)} graphs for {len(LENGTHS)} lengths"
+
+
+def test_flex_on_cpu_specializes_each_length_on_purpose():
+    """flex on CPU compiles static shapes only (its C++ kernel is wrong under dynamic shapes, see
+    attnlib.known_defects): inside a dynamic=True region each new length is its own graph, and right."""
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda q, k, v: attnlib.attention(q, k, v, Causal(), backend="flex"), dynamic=True,
+                             fullgraph=True, backend=counting)
+    for s in (9, 17, 40):
+        q, k, v = _dynamic_inputs("causal", None, s)
+        torch.testing.assert_close(compiled(q, k, v), attnlib.attention(q, k, v, Causal(), backend="math"),
+                                   atol=2e-6, rtol=2e-6)
+    assert len(graphs) == 3
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Reading a tensor on the host (``.item()``, ``bool(t)``, ``.tolist()``, ``int(t)``...) raises."""
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise AssertionError(f"hot path called Tensor.{name}")
+        return method
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_backend_reads_a_tensor_on_the_host(backend, name, no_host_reads):
+    mask, sq, sk = MASKS[name]
+    q, k, v = _inputs(mask, sq, sk)
+    # flex's CPU LSE pass reads CPU index tensors to bound its key spans (no device involved): LSE off there
+    lse = backend != "flex"
+    call = attnlib.inputs.validate_call(q, k, v, mask, None, lse)
+    if attnlib.get_backend(backend).why_not(call):
+        pytest.skip(f"{backend} does not serve {name}")
+    attnlib.attention(q, k, v, mask, backend=backend, return_lse=lse)
+    attnlib.attention(q, k, v, mask, backend=backend, return_lse=lse)      # and the cached (hot) path
+
+
+def test_the_host_read_trap_trips(no_host_reads):
+    t = torch.ones(2)
+    for read in (lambda: bool(t[0]), lambda: t.tolist(), lambda: t[0].item(), lambda: int(t[0]), lambda: float(t[0])):
+        with pytest.raises(AssertionError, match="hot path called"):
+            read()

@@ -91,6 +91,12 @@ class Backend:
         """Call-specific limits the capability table cannot express."""
         return []
 
+    def run_probes(self) -> None:
+        """Run (and cache) every environment probe ``why_not`` may consult, outside any compiled region:
+        the registry calls it once before the first selection, so compiled code only reads cached values.
+        Backends whose ``extra_reasons`` consult more probes than ``unavailable_reason`` extend it."""
+        self.unavailable_reason()
+
     def why_not(self, call: AttentionCall) -> list[str]:
         """Sentences saying why this backend cannot serve ``call``; empty means it can."""
         env = self.unavailable_reason()

@@ -195,6 +195,11 @@ class FlexBackend(Backend):
     def unavailable_reason(self) -> str | None:
         return _environment_reason()
 
+    def run_probes(self) -> None:
+        if self.unavailable_reason() is None:
+            _cpu_reason()
+            _cuda_reason()
+
     def extra_reasons(self, call: AttentionCall) -> list[str]:
         out = []
         dev = call.device.type
