@@ -332,3 +332,21 @@ def test_the_host_read_trap_trips(no_host_reads):
     for read in (lambda: bool(t[0]), lambda: t.tolist(), lambda: t[0].item(), lambda: int(t[0]), lambda: float(t[0])):
         with pytest.raises(AssertionError, match="hot path called"):
             read()
+
+
+def test_default_compile_recompiles_once_for_new_lengths_and_never_for_new_mask_tensors():
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(lambda q, k, v, m: attnlib.attention(q, k, v, m, backend="sdpa"), fullgraph=True,
+                             backend=counting)
+    for s in LENGTHS:
+        q, k, v = _dynamic_inputs("key_padding_causal", None, s)
+        for _ in range(2):      # a new KeyPadding tensor each call
+            mask = KeyPadding(torch.rand(2, s, generator=G) > 0.3, causal=True)
+            torch.testing.assert_close(compiled(q, k, v, mask), attnlib.attention(q, k, v, mask, backend="sdpa"),
+                                       atol=2e-6, rtol=2e-6)
+    assert len(graphs) == 2       # the first length, then one dynamic graph for the rest
