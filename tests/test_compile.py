@@ -350,3 +350,20 @@ def test_default_compile_recompiles_once_for_new_lengths_and_never_for_new_mask_
             torch.testing.assert_close(compiled(q, k, v, mask), attnlib.attention(q, k, v, mask, backend="sdpa"),
                                        atol=2e-6, rtol=2e-6)
     assert len(graphs) == 2       # the first length, then one dynamic graph for the rest
+
+
+@pytest.mark.parametrize("kind", ["causal_cache", "key_padding_causal", "block_diagonal"])
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+def test_torch_export_on_every_backend(backend, kind):
+    mask, sq, sk = MASKS[kind]
+    q, k, v = _inputs(mask, sq, sk)
+    if not _serves(backend, q, k, v, mask):
+        pytest.skip(f"{backend} does not serve {kind} here")
+
+    class Model(torch.nn.Module):
+        def forward(self, q, k, v):
+            return attnlib.attention(q, k, v, mask, backend=backend, return_lse=True)
+
+    exported = torch.export.export(Model(), (q, k, v))
+    for got, want in zip(exported.module()(q, k, v), Model()(q, k, v)):
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-6)
