@@ -267,6 +267,9 @@ def test_random_layouts_match_the_token_by_token_original_semantics(variant):
 
 
 # -- Qwen3-Omni ---------------------------------------------------------------------------------------
+_FEATURE_LENGTHS: dict = {}  # n_window -> {audio tokens: the shortest feature length giving them}
+
+
 def omni_reference(ids, mask, ig, vg, spg, audio_lengths, use_audio_in_video, pps=2):
     tr = pytest.importorskip("transformers")
     from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as mo
@@ -280,13 +283,12 @@ def omni_reference(ids, mask, ig, vg, spg, audio_lengths, use_audio_in_video, pp
     me.get_llm_pos_ids_for_vision = types.MethodType(cls.get_llm_pos_ids_for_vision, me)
 
     # the reference derives audio token counts from feature lengths; invert it for our token counts
-    def feat_len_for(n_tokens):
-        for L in range(1, 2000):
-            if int(mo._get_feat_extract_output_lengths(torch.tensor(L), config.audio_config.n_window)) == n_tokens:
-                return L
-        raise AssertionError(n_tokens)
-
-    seqlens = torch.tensor([feat_len_for(n) for n in audio_lengths], dtype=torch.long) if audio_lengths else None
+    n_window = config.audio_config.n_window
+    if n_window not in _FEATURE_LENGTHS:
+        tokens = mo._get_feat_extract_output_lengths(torch.arange(1, 4000), n_window).tolist()
+        _FEATURE_LENGTHS[n_window] = {n: L for L, n in reversed(list(enumerate(tokens, start=1)))}
+    inverse = _FEATURE_LENGTHS[n_window]
+    seqlens = torch.tensor([inverse[n] for n in audio_lengths], dtype=torch.long) if audio_lengths else None
     return cls.get_rope_index(me, ids, ig, vg, mask, use_audio_in_video=use_audio_in_video, audio_seqlens=seqlens,
                               second_per_grids=torch.tensor(spg) if spg else None), config
 
@@ -417,3 +419,215 @@ def test_a_real_tiny_model_get_rope_index_agrees(variant):
     ours, deltas = mrope_position_ids(ids, MRopeConfig.from_hf_config(model.config), image_grid_thw=ig,
                                       video_grid_thw=vg, second_per_grid_ts=spg, attention_mask=mask)
     assert torch.equal(ours, ref) and torch.equal(deltas, ref_deltas)
+
+
+# -- random layouts against transformers, bit for bit ---------------------------------------------------
+# Many random batches through the real transformers references: images, multi-frame videos, padding of
+# every kind (left, right, both sides, holes -- inside blocks too), the same samples packed along the
+# token axis, and prompts cut by truncation and reconciled; Qwen3-Omni with standalone audio, audio
+# inside videos and fractional times.
+TPS = {"qwen2_vl": 1.0, "qwen2_5_vl": 2.0, "qwen3_vl": 1.0}
+
+
+def agreeing_video(rng, variant, tps):
+    """A multi-frame video on which transformers 5.x agrees with the original semantics: its last
+    temporal offset stays below its merged spatial size (see the long-video test above)."""
+    t, s = rng.randrange(1, 4), rng.choice([0.5, 1.0, 1.5, 2.0])
+    h, w = rng.randrange(1, 4), rng.randrange(1, 4)  # merged tokens per side
+    t_last = {"qwen2_vl": t - 1, "qwen2_5_vl": int((t - 1) * s * tps), "qwen3_vl": 0}[variant]
+    w = max(w, t_last + 1)
+    return [t, MERGE * h, MERGE * w], s
+
+
+def random_vl_row(rng, variant, n_images, n_videos):
+    """(ids, image grids, video grids, seconds per grid): items wrapped in <vs> .. <ve>, text between."""
+    items = ["image"] * n_images + ["video"] * n_videos
+    rng.shuffle(items)
+    ids, images, videos, spg = [rng.randrange(10, 100) for _ in range(rng.randrange(1, 4))], [], [], []
+    for kind in items:
+        if kind == "image":
+            g = [1, MERGE * rng.randrange(1, 5), MERGE * rng.randrange(1, 5)]
+            images.append(g)
+            ids += [VS] + [IMG] * (g[1] * g[2] // MERGE ** 2) + [VE]
+        else:
+            g, s = agreeing_video(rng, variant, TPS[variant])
+            videos.append(g)
+            spg.append(s)
+            n = g[1] * g[2] // MERGE ** 2
+            if variant == "qwen3_vl":  # <timestamp> <vs> frame <ve> per frame
+                for _ in range(g[0]):
+                    ids += [rng.randrange(10, 100), VS] + [VID] * n + [VE]
+            else:
+                ids += [VS] + [VID] * (g[0] * n) + [VE]
+        ids += [rng.randrange(10, 100) for _ in range(rng.randrange(0, 4))]
+    return ids, images, videos, spg
+
+
+def pad_rows(rng, rows, mode):
+    """[B, S] ids and mask: padding on the left, right, both sides, or holes anywhere (inside blocks too)."""
+    padded = []
+    for r in rows:
+        if mode == "holes":
+            r = list(r)
+            for _ in range(rng.randrange(0, 4)):
+                r.insert(rng.randrange(0, len(r) + 1), None)
+        before = rng.randrange(0, 3) if mode == "both" else 0
+        padded.append([None] * before + list(r))
+    S = max(len(r) for r in padded) + (2 if mode in ("both", "holes") else 0)
+    ids = torch.zeros(len(rows), S, dtype=torch.long)
+    mask = torch.zeros(len(rows), S, dtype=torch.long)
+    for b, r in enumerate(padded):
+        at = S - len(r) if mode == "left" else 0
+        for i, tok in enumerate(r):
+            if tok is not None:
+                ids[b, at + i], mask[b, at + i] = tok, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("variant", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_random_layouts_padding_and_packing_match_transformers_bit_for_bit(variant):
+    hyp = pytest.importorskip("hypothesis")
+    st = hyp.strategies
+    from attnlib.rope import packed_mrope_position_ids
+
+    @hyp.settings(max_examples=60)
+    @hyp.given(st.integers(0, 2 ** 31), st.sampled_from(["none", "left", "right", "both", "holes"]))
+    def check(seed, mode):
+        rng = random.Random(seed)
+        rows = [random_vl_row(rng, variant, rng.randrange(0, 4), rng.randrange(0, 3)) for _ in range(rng.randrange(1, 5))]
+        ids, mask = pad_rows(rng, [r[0] for r in rows], mode)
+        ig, vg, spg = grids_of(rows, 1), grids_of(rows, 2), spgs(rows)
+        c = cfg(variant, TPS[variant])
+        ours, deltas = mrope_position_ids(ids, c, image_grid_thw=ig, video_grid_thw=vg, second_per_grid_ts=spg or None,
+                                          attention_mask=None if mode == "none" else mask)
+        ref, ref_deltas = hf_rope_index(variant, ids, None if mode == "none" else mask, ig, vg, spg)
+        assert torch.equal(ours, ref) and torch.equal(deltas, ref_deltas)
+        # the same samples packed along the token axis: each sample's positions as in the batch
+        pos, packed_deltas, _ = packed_mrope_position_ids([torch.tensor(r[0], dtype=torch.long) for r in rows], c,
+                                                          image_grid_thw=ig, video_grid_thw=vg,
+                                                          second_per_grid_ts=spg or None)
+        real = mask.bool()
+        assert torch.equal(pos, torch.cat([ref[:, b, real[b]] for b in range(len(rows))], dim=1))
+        assert torch.equal(packed_deltas, ref_deltas)
+
+    check()
+
+
+@pytest.mark.parametrize("variant", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_random_truncated_prompts_reconciled_match_transformers_bit_for_bit(variant, side):
+    hyp = pytest.importorskip("hypothesis")
+    st = hyp.strategies
+    from attnlib.rope import reconcile_image_tokens
+
+    @hyp.settings(max_examples=40)
+    @hyp.given(st.integers(0, 2 ** 31), st.floats(0.0, 0.9))
+    def check(seed, frac):
+        rng = random.Random(seed)
+        full, images, _, _ = random_vl_row(rng, variant, rng.randrange(1, 5), 0)
+        cut = int(frac * len(full))
+        ids = torch.tensor(full[cut:] if side == "left" else full[:len(full) - cut], dtype=torch.long)
+        keep_tok, keep_img = reconcile_image_tokens(ids, images, image_token_id=IMG, spatial_merge_size=MERGE,
+                                                    truncated_side=side)
+        ids, grids = ids[keep_tok][None], torch.tensor(images).reshape(-1, 3)[keep_img]
+        grids = grids if len(grids) else None
+        ours, deltas = mrope_position_ids(ids, cfg(variant, TPS[variant]), image_grid_thw=grids)
+        ref, ref_deltas = hf_rope_index(variant, ids, None, grids, None, [])
+        assert torch.equal(ours, ref) and torch.equal(deltas, ref_deltas)
+
+    check()
+
+
+def random_omni_row(rng, audio_in_video, pps, spg_choices):
+    """Qwen3-Omni prompt: images, videos (their audio interleaved by time with ``audio_in_video``) and
+    standalone audio, in random order. Returns (ids, images, videos, spg, audio lengths, in-video audio
+    lengths) like ``build_row``."""
+    kinds = ["image"] * rng.randrange(0, 3) + ["video"] * rng.randrange(1 if audio_in_video else 0, 3) + \
+        ["audio"] * rng.randrange(0, 3)
+    rng.shuffle(kinds)
+    ids, images, videos, spg, auds, avs = [rng.randrange(10, 100) for _ in range(rng.randrange(1, 4))], [], [], [], [], []
+    for kind in kinds:
+        if kind == "audio":
+            auds.append(rng.randrange(1, 9))
+            ids += [AS] + [AUD] * auds[-1] + [AE]
+        elif kind == "image":
+            g = [1, MERGE * rng.randrange(1, 4), MERGE * rng.randrange(1, 4)]
+            images.append(g)
+            ids += [VS] + [IMG] * (g[1] * g[2] // MERGE ** 2) + [VE]
+        else:
+            g, s = [rng.randrange(1, 5), MERGE * rng.randrange(1, 4), MERGE * rng.randrange(1, 4)], rng.choice(spg_choices)
+            videos.append(g)
+            spg.append(s)
+            n = g[1] * g[2] // MERGE ** 2
+            if not audio_in_video:
+                ids += [VS] + [VID] * (g[0] * n) + [VE]
+                continue
+            avs.append(rng.randrange(1, 4 * g[0] + 6))
+            run, a = [], 0
+            for k in range(g[0]):  # as the processor orders them: by time, video first on ties
+                while a < avs[-1] and a < k * s * pps:
+                    run.append(AUD)
+                    a += 1
+                run += [VID] * n
+            ids += [VS, AS] + run + [AUD] * (avs[-1] - a) + [AE, VE]
+        ids += [rng.randrange(10, 100) for _ in range(rng.randrange(0, 4))]
+    return ids, images, videos, spg, auds, avs
+
+
+@pytest.mark.parametrize("use_audio_in_video", [False, True])
+def test_qwen3_omni_random_layouts_match_its_reference_bit_for_bit(use_audio_in_video):
+    hyp = pytest.importorskip("hypothesis")
+    st = hyp.strategies
+
+    @hyp.settings(max_examples=50)
+    @hyp.given(st.integers(0, 2 ** 31), st.sampled_from(["left", "right", "both", "holes"]), st.sampled_from([1, 2, 13, 25]))
+    def check(seed, mode, pps):
+        rng = random.Random(seed)
+        # times that are binary fractions: exact in float32, so any order of the additions gives the same bits
+        rows = [random_omni_row(rng, use_audio_in_video, pps, [0.25, 0.5, 1.0, 1.5, 2.0, 4.0])
+                for _ in range(rng.randrange(1, 4))]
+        ids, mask = pad_rows(rng, [r[0] for r in rows], mode)
+        ig, vg, spg = grids_of(rows, 1), grids_of(rows, 2), spgs(rows)
+        if ig is None and vg is None:
+            return  # text only: the reference takes another branch (padded slots 1)
+        (ref, ref_deltas), hf_config = omni_reference(ids, mask, ig, vg, spg, omni_audio_order(rows), use_audio_in_video,
+                                                      pps=pps)
+        ours, deltas = mrope_position_ids(ids, MRopeConfig.from_hf_config(hf_config), image_grid_thw=ig,
+                                          video_grid_thw=vg, second_per_grid_ts=spg or None, attention_mask=mask)
+        assert ours.dtype == torch.float32 and torch.equal(ours, ref)
+        assert torch.equal(deltas, ref_deltas.float())
+
+    check()
+
+
+def test_qwen3_omni_time_steps_that_are_not_binary_fractions_agree_within_float32_rounding():
+    # e.g. 30 fps: 2/30 s per grid step. We add exactly and round once; the reference rounds after every
+    # float32 addition along the prompt, so a position can differ in its last bit (never by more). Not
+    # with audio inside videos: there the reference also orders audio and video by their rounded
+    # positions, so at a tie that only its rounding makes (video time 5.0000005 vs audio 5 at 15 + ...)
+    # the two orders differ.
+    rng = random.Random(7)
+    for _ in range(24):
+        rows = [random_omni_row(rng, False, 25, [2 / 24, 2 / 30, 0.7, 1 / 3, 1e-5]) for _ in range(2)]
+        ids, mask = pad_rows(rng, [r[0] for r in rows], "left")
+        ig, vg, spg = grids_of(rows, 1), grids_of(rows, 2), spgs(rows)
+        if vg is None:
+            continue
+        (ref, ref_deltas), hf_config = omni_reference(ids, mask, ig, vg, spg, omni_audio_order(rows), False, pps=25)
+        ours, deltas = mrope_position_ids(ids, MRopeConfig.from_hf_config(hf_config), image_grid_thw=ig,
+                                          video_grid_thw=vg, second_per_grid_ts=spg, attention_mask=mask)
+        torch.testing.assert_close(ours, ref, rtol=2 ** -22, atol=0)
+        torch.testing.assert_close(deltas, ref_deltas.float(), rtol=0, atol=ref.abs().max().item() * 2 ** -22)
+
+
+def test_qwen2_5_vl_video_without_second_per_grid_ts_takes_one_second_per_step_like_transformers():
+    # no second_per_grid_ts: 1 s per grid step, so frame k starts at k * tokens_per_second = 0, 2
+    ids = torch.tensor([[50, VS] + [IMG] * 4 + [VE, 51, VS] + [VID] * 12 + [VE, 52]])
+    ig, vg = torch.tensor([[1, 4, 4]]), torch.tensor([[2, 4, 6]])  # video: 2 frames of 2 x 3 tokens
+    ours, deltas = mrope_position_ids(ids, cfg("qwen2_5_vl", 2.0), image_grid_thw=ig, video_grid_thw=vg)
+    me, M, _ = hf_vl("qwen2_5_vl")
+    ref, ref_deltas = M.get_rope_index(me, ids, (ids == IMG).int() + 2 * (ids == VID).int(), image_grid_thw=ig,
+                                       video_grid_thw=vg)
+    assert torch.equal(ours, ref) and torch.equal(deltas, ref_deltas)
+    start = ours[0, 0, 9].item()  # the video's 12 tokens: 9 .. 20
+    assert ours[0, 0, 9:21].tolist() == [start] * 6 + [start + 2] * 6

@@ -20,12 +20,17 @@ Temporal offsets per variant (``t`` = merged temporal index of the token):
   temporal position (video first on ties) as the reference does, and the text after it starts at
   ``max(last merged run) + 1``.
 
-Everything is vectorized over tokens; only Qwen3-Omni's audio-in-video merge loops over those blocks.
+Qwen3-Omni positions are summed exactly and rounded to float32 once. With time steps that are
+binary fractions (0.25, 0.5, 1, 2 s per grid step ...) that is the reference bit for bit; with others
+(e.g. 2/30 s at 30 fps) the reference, which rounds after every float32 addition, can differ in the
+last bit, and inside an audio-in-video run its order of audio and video at a tie that only its
+rounding creates can differ too.
+
+Everything is vectorized: about ten passes over the tokens and ~130 small tensor ops over the grids,
+whatever the number of images, videos, rows or frames (see ``_positions_flat``).
 """
 from __future__ import annotations
 
-import bisect
-import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -100,59 +105,39 @@ class MRopeConfig:
 # ---------------------------------------------------------------------------------------------------
 # position ids
 # ---------------------------------------------------------------------------------------------------
-def _check_grid(grid, name: str) -> list:
-    """``[N, 3]`` int grids as a list of ``[t, h, w]`` (validated)."""
+def _check_grid(grid, name: str, merge: int, device, values: bool = True):
+    """``[N, 3]`` int patch grids as a long tensor on ``device`` (validated; the entries only with
+    ``values``), or None when absent or empty."""
     if grid is None:
-        return []
-    grid = torch.as_tensor(grid)
+        return None
+    if not isinstance(grid, torch.Tensor):
+        grid = torch.as_tensor(grid)
     if grid.dim() != 2 or grid.shape[-1] != 3 or grid.is_floating_point():
         raise ValueError(f"{name} must be an int tensor [N, 3] of (t, h, w) patch counts, got {tuple(grid.shape)} {grid.dtype}")
-    out = grid.tolist()
-    if any(v <= 0 for row in out for v in row):
-        raise ValueError(f"{name} entries must be positive, got {out}")
-    return out
+    if grid.dtype != torch.long or grid.device != device:
+        grid = grid.to(device=device, dtype=torch.long)
+    if not grid.numel():
+        return None
+    if not values:
+        return grid
+    if int(grid.min()) <= 0:
+        raise ValueError(f"{name} entries must be positive, got {grid.tolist()}")
+    if merge > 1 and bool((grid[:, 1:] % merge).any()):
+        raise ValueError(f"{name} heights/widths must be divisible by spatial_merge_size={merge}, got {grid.tolist()}")
+    return grid
 
 
-def _blocks(is_tok, grid: list, merge: int, name: str, device):
-    """Assign the flagged tokens (flat order) to consecutive grids.
-
-    Returns (token flat indices [M] tensor, local index in its block [M] tensor, merged grids
-    ``[(t, h, w), ...]`` and token counts per block as Python lists). Per-token block parameters are
-    expanded with ``repeat_interleave(param, sizes)`` (cheaper than gathering by block id); the
-    per-block arithmetic is plain Python over the (few) grids.
-    """
-    if any(h % merge or w % merge for _, h, w in grid):
-        raise ValueError(f"{name} heights/widths must be divisible by spatial_merge_size={merge}, got {grid}")
-    llm = [(t, h // merge, w // merge) for t, h, w in grid]
-    sizes = [t * h * w for t, h, w in llm]
-    tok = torch.nonzero(is_tok).squeeze(1)
-    total = sum(sizes)
-    if tok.numel() != total:
-        what = "image" if name.startswith("image") else "video"
-        raise ValueError(
-            f"{tok.numel()} {what} placeholder tokens in input_ids (outside padding) but {name} describes {total} "
-            f"(= sum of t*h*w/{merge}**2 over {len(grid)} grids). If the prompt was truncated, use "
-            "attnlib.rope.reconcile_image_tokens to drop the orphaned tokens and grids first.")
-    starts, acc = [], 0
-    for n in sizes:
-        starts.append(acc)
-        acc += n
-    sizes_t = torch.tensor(sizes, device=device)
-    local = torch.arange(total, device=device) - torch.repeat_interleave(
-        torch.tensor(starts, device=device), sizes_t, output_size=total)
-    return tok, local, llm, sizes, starts, sizes_t
-
-
-def _time_offsets(variant, kind, t_idx, spg_tok, tps):
-    """Temporal offsets of tokens with merged temporal index ``t_idx`` (see the module docstring);
-    ``spg_tok`` is each token's seconds per grid step."""
+def _time_offsets(variant, k, spg, tps):
+    """Temporal offsets of merged temporal index ``k`` (see the module docstring): of an image when
+    ``spg`` is None, else of a video with ``spg`` seconds per grid step (like ``k``). int64, float64
+    for Qwen3-Omni."""
     if variant == "qwen3_omni":
-        if kind == "image":
-            return (t_idx * int(tps) if float(tps).is_integer() else t_idx.float() * tps).double()
-        return ((t_idx.float() * spg_tok) * float(tps)).double()
-    if variant == "qwen2_5_vl" and kind == "video":
-        return ((t_idx.float() * spg_tok) * float(tps)).long()
-    return t_idx
+        if spg is None:
+            return (k * int(tps) if float(tps).is_integer() else k.float() * tps).double()
+        return ((k.float() * spg) * float(tps)).double()
+    if variant == "qwen2_5_vl" and spg is not None:
+        return ((k.float() * spg) * float(tps)).long()
+    return k
 
 
 def mrope_position_ids(input_ids: torch.Tensor, config: MRopeConfig, *, image_grid_thw=None, video_grid_thw=None,
@@ -187,7 +172,9 @@ def mrope_position_ids(input_ids: torch.Tensor, config: MRopeConfig, *, image_gr
     if attention_mask is not None:
         if tuple(attention_mask.shape) != (B, S):
             raise ValueError(f"attention_mask must have input_ids' shape {(B, S)}, got {tuple(attention_mask.shape)}")
-        valid = (attention_mask.to(device=input_ids.device) != 0).reshape(-1)
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.device != input_ids.device:
+            attention_mask = torch.as_tensor(attention_mask, device=input_ids.device)
+        valid = attention_mask.bool().reshape(-1)  # nonzero = real token
     pos, deltas = _positions_flat(input_ids.reshape(-1), valid, [S] * B, config, image_grid_thw,
                                   video_grid_thw, second_per_grid_ts)
     return pos.view(3, B, S), deltas
@@ -195,172 +182,315 @@ def mrope_position_ids(input_ids: torch.Tensor, config: MRopeConfig, *, image_gr
 
 def _positions_flat(ids, valid, seqlens, config, image_grid_thw, video_grid_thw, second_per_grid_ts):
     """Core on a flat token stream holding sequences of lengths ``seqlens`` back to back
-    (``valid`` [N] bool marks real tokens; None: no padding).
+    (``valid`` [N] bool marks real tokens, with equal ``seqlens`` -- a padded batch; None: no padding).
 
-    Every token gets an increment: 1 for a real text (or standalone audio) token, the block's extent
-    (max offset + 1) on a vision block's last token, 0 elsewhere. A token's start position is the
-    exclusive cumulative sum of increments within its sequence; vision tokens add their (t, h, w)
-    offsets. Each step is a whole-tensor op; nothing loops over tokens.
+    Each sequence's real tokens are one window of the stream (left, right or no padding; a batch
+    with holes is compressed to its real tokens first and scattered back). The output is one
+    cumulative sum along the tokens of per-token slopes -- text 1 on every axis, vision 0 on ``t``
+    and ``h`` and 1 on ``w``, padding 0 -- plus jumps at a few tokens. With the slopes alone the sum
+    is the text position; the jumps, which depend only on the shapes of the blocks and never on
+    where a block starts, add the rest:
+
+    * a window: -1 at its first token (its text starts at 0), minus its total after its last;
+    * a block: +1 at its first token (it starts at the text position it interrupts) and
+      ``extent - 1`` after its last (the text after it starts at ``start + extent``);
+    * a row (frame ``k``, height ``j``) of a block: ``(toff(k), j, -1)`` at its first token (its
+      offsets, the ``w`` slope taken back) and ``-(toff(k), j, w - 1)`` after its last.
+
+    The rows of all blocks come from one ``repeat_interleave`` over the grids and all jumps are
+    added with one ``index_add_``; nothing loops over blocks, rows or tokens in Python. Qwen3-Omni's
+    audio-in-video runs are summed over as a whole and written afterwards.
     """
     device = ids.device
     variant, merge, tps = config.variant, config.spatial_merge_size, config.tokens_per_second
     is_float = variant == "qwen3_omni"
     dtype = torch.float64 if is_float else torch.long
-    N, n_seg = ids.numel(), len(seqlens)
-    lens = torch.tensor(seqlens, dtype=torch.long, device=device)
-    cu = torch.cumsum(lens, 0)  # sequence ends (exclusive)
+    N, n_seq = ids.numel(), len(seqlens)
+    if N == 0:
+        out_dtype = torch.float32 if is_float else torch.long
+        return torch.zeros(3, 0, dtype=out_dtype, device=device), torch.zeros(n_seq, 1, dtype=out_dtype, device=device)
 
-    image_grid = _check_grid(image_grid_thw, "image_grid_thw")
-    video_grid = _check_grid(video_grid_thw, "video_grid_thw")
-    n_videos = len(video_grid)
-    if second_per_grid_ts is None or variant in ("qwen2_vl", "qwen3_vl"):  # unused by these two
-        spg = torch.ones(n_videos, dtype=torch.float32, device=device)
-    else:
-        spg = torch.as_tensor(second_per_grid_ts, device=device).to(torch.float32).reshape(-1)
-        if spg.numel() != n_videos:
-            raise ValueError(f"second_per_grid_ts has {spg.numel()} entries but video_grid_thw has {n_videos} videos")
-    if variant == "qwen3_vl" and n_videos:
+    # -- windows [win_start, win_end): the real tokens of each sequence -------------------------------
+    if valid is not None:
+        L = seqlens[0]
+        v2 = valid.view(n_seq, L)
+        n_pad = L - v2.sum(1)
+        starts_real = v2[:, 0]
+        edges = (v2[:, 1:] != v2[:, :-1]).sum(1)  # padding/real changes along each row
+        # real tokens in one run per row: <= 1 change, or 2 with padding on both sides; more: holes
+        holes, both_sides, most_pad = torch.stack((edges + starts_real, edges, n_pad)).amax(1).tolist()
+        if not most_pad:
+            valid = None  # no padding after all
+        elif holes > 2:  # padding inside a row: number the real tokens alone, then scatter back
+            keep = torch.nonzero(valid).squeeze(1)
+            pos, deltas = _positions_flat(ids.index_select(0, keep), None, (L - n_pad).tolist(), config, image_grid_thw,
+                                          video_grid_thw, second_per_grid_ts)
+            return pos.new_zeros(3, N).index_copy_(1, keep, pos), deltas
+        else:
+            lead = v2.view(torch.uint8).argmax(1) if both_sides == 2 else n_pad * ~starts_real
+            win_start = torch.arange(0, N, L, device=device) + lead
+            n_real = L - n_pad
+    if valid is None:
+        if all(n == seqlens[0] for n in seqlens):
+            n_real = torch.full((n_seq,), seqlens[0], dtype=torch.long, device=device)
+            win_start = torch.arange(0, N, max(seqlens[0], 1), device=device)
+        else:
+            n_real = torch.tensor(seqlens, dtype=torch.long, device=device)
+            win_start = n_real.cumsum(0) - n_real
+    win_end = win_start + n_real
+
+    # -- grids --------------------------------------------------------------------------------------
+    image_grid = _check_grid(image_grid_thw, "image_grid_thw", merge, device, values=False)
+    video_grid = _check_grid(video_grid_thw, "video_grid_thw", merge, device, values=False)
+    n_img = 0 if image_grid is None else image_grid.shape[0]
+    n_vid = 0 if video_grid is None else video_grid.shape[0]
+    spg = None  # seconds per grid step of each video (only Qwen2.5-VL and Qwen3-Omni use it; default 1)
+    if second_per_grid_ts is not None and variant in ("qwen2_5_vl", "qwen3_omni"):
+        spg = torch.as_tensor(second_per_grid_ts, device=device)
+        spg = (spg if spg.dtype == torch.float32 else spg.float()).reshape(-1)
+        if spg.numel() != n_vid:
+            raise ValueError(f"second_per_grid_ts has {spg.numel()} entries but video_grid_thw has {n_vid} videos")
+    if variant == "qwen3_vl" and n_vid:
         # Qwen3-VL: one block per frame (frames are separated by timestamp text), temporal offset 0.
-        spg = torch.repeat_interleave(spg, torch.tensor([t for t, _, _ in video_grid], device=device))
-        video_grid = [[1, h, w] for t, h, w in video_grid for _ in range(t)]
-    ends_list = list(itertools.accumulate(seqlens))
+        _check_grid(video_grid, "video_grid_thw", merge, device)
+        video_grid = torch.repeat_interleave(video_grid, video_grid[:, 0], dim=0)
+        video_grid[:, 0] = 1
+        n_vid = video_grid.shape[0]
 
-    inc = torch.ones(N, dtype=dtype, device=device) if valid is None else valid.to(dtype)
-    off = None  # [3, N] vision offsets, allocated when there is vision
-    omni = None  # lazily built helpers for Qwen3-Omni's audio-in-video runs
-    mixed = []  # (sequence, first flat index, max offset) of audio-in-video runs
-
-    for kind, grid, token_id in (("image", image_grid, config.image_token_id), ("video", video_grid, config.video_token_id)):
-        is_tok = ids == token_id if valid is None else (ids == token_id) & valid
-        if not grid and not bool(is_tok.any()):
-            continue
-        name = f"{kind}_grid_thw"
-        tok, local, llm, sizes, starts, sizes_t = _blocks(is_tok, grid, merge, name, device)
-        M = tok.numel()
-        hw_tok = torch.repeat_interleave(torch.tensor([h * w for _, h, w in llm], device=device), sizes_t, output_size=M)
-        w_tok = torch.repeat_interleave(torch.tensor([w for _, _, w in llm], device=device), sizes_t, output_size=M)
-        spg_tok = torch.repeat_interleave(spg, sizes_t, output_size=M) if kind == "video" else None
-        t_idx = torch.div(local, hw_tok, rounding_mode="floor")
-        rem = local - t_idx * hw_tok
-        h_idx = torch.div(rem, w_tok, rounding_mode="floor")
-        if off is None:
-            off = torch.zeros(3, N, dtype=dtype, device=device)
-        off[0].index_copy_(0, tok, _time_offsets(variant, kind, t_idx, spg_tok, tps).to(dtype))
-        off[1].index_copy_(0, tok, h_idx.to(dtype))
-        off[2].index_copy_(0, tok, (rem - h_idx * w_tok).to(dtype))
-        inc.index_fill_(0, tok, 0)
-        # per block (Python over the few grids): first/last token, same sequence, one run of real tokens
-        n_blocks = len(sizes)
-        fl = tok[torch.tensor(starts + [st + n - 1 for st, n in zip(starts, sizes)], device=device)].tolist()
-        first, last = fl[:n_blocks], fl[n_blocks:]
-        seq_of = [bisect.bisect_right(ends_list, i) for i in fl]
-        split = [seq_of[b] != seq_of[n_blocks + b] or last[b] - first[b] + 1 != sizes[b] for b in range(n_blocks)]
-        if valid is not None and any(split):  # padding holes inside a block are fine: count real tokens
-            real_before = torch.cumsum(valid.long(), 0)
-            span = (real_before[torch.tensor(last, device=device)] - real_before[torch.tensor(first, device=device)] + 1).tolist()
-            split = [sp and (seq_of[b] != seq_of[n_blocks + b] or span[b] != sizes[b]) for b, sp in enumerate(split)]
-        t_last = torch.tensor([t - 1 for t, _, _ in llm], device=device)
-        last_t = _time_offsets(variant, kind, t_last, spg if kind == "video" else None, tps).tolist()
-        extent = [max(lt, h - 1, w - 1) + 1 for lt, (_, h, w) in zip(last_t, llm)]
-        if kind == "video" and config.audio_token_id is not None and bool((ids == config.audio_token_id).any()):
-            if omni is None:
-                omni = _OmniHelpers(ids, torch.ones_like(ids, dtype=torch.bool) if valid is None else valid,
-                                    config.audio_token_id, lens)
-            _audio_in_video(split, extent, first, last, sizes, off, inc, omni, mixed, dtype)
-        if any(split):
-            b = split.index(True)
+    # -- placeholders: image and video tokens, counted in one pass (the videos' after all images) ---------
+    is_tok = ids == _token_pair(config.image_token_id, config.video_token_id, device)  # [2, N]
+    if valid is not None:
+        is_tok &= valid
+    seen = is_tok.view(-1).cumsum(0)
+    grid = video_grid if not n_img else image_grid if not n_vid else torch.cat((image_grid, video_grid))
+    if grid is None:
+        have, want = [int(seen[N - 1]), int(seen[-1])], [0, 0]
+    else:
+        div = _divisor(merge, device)
+        llm = grid.div(div, rounding_mode="floor")  # merged (t, h, w)
+        t, h, w = llm.T
+        size = llm.prod(1)
+        ends = size.cumsum(0)  # placeholders up to each grid's last one
+        rows = t * h
+        row_end = rows.cumsum(0)
+        i = max(n_img - 1, 0)
+        stats = torch.stack((grid.min(), (grid % div).max(), seen[N - 1], seen[-1], ends[i], ends[-1],
+                             row_end[-1], row_end[i])).tolist()
+        if stats[0] <= 0 or stats[1]:
+            _check_grid(image_grid, "image_grid_thw", merge, device)  # raises for the grid at fault
+            _check_grid(video_grid, "video_grid_thw", merge, device)
+        have, want = stats[2:4], [stats[4] if n_img else 0, stats[5]]
+        R, R_img = stats[6], stats[7] if n_img else 0  # rows, rows of the images
+    for kind, n, h_, w_ in (("image", n_img, have[0], want[0]), ("video", n_vid, have[1] - have[0], want[1] - want[0])):
+        if h_ != w_:
             raise ValueError(
-                f"the placeholder tokens of {kind} {b} ({sizes[b]} tokens for grid {grid[b]}) are not one "
+                f"{h_} {kind} placeholder tokens in input_ids (outside padding) but {kind}_grid_thw describes {w_} "
+                f"(= sum of t*h*w/{merge}**2 over {n} grids). If the prompt was truncated, use "
+                "attnlib.rope.reconcile_image_tokens to drop the orphaned tokens and grids first.")
+
+    # per-token slopes: text 1 on every axis; vision 0 on t/h and 1 on w; padding 0 (bool -> float64
+    # copies are 4x faster from uint8)
+    out = torch.empty(3, N, dtype=dtype, device=device)
+    slope_w = None if valid is None else valid.view(torch.uint8)
+    slope_th = slope_w if grid is None else \
+        (~(is_tok[0] | is_tok[1]) if valid is None else valid ^ (is_tok[0] | is_tok[1])).view(torch.uint8)
+    for part, slope in ((out[:2], slope_th), (out[2:], slope_w)):
+        part.fill_(1) if slope is None else part.copy_(slope.expand_as(part))
+
+    # the jumps (see the docstring): windows and blocks on every axis (all_idx), rows per axis (row_idx)
+    all_idx = [win_start, win_end]
+    mixed = None
+    if grid is None:
+        deltas = torch.zeros(n_seq, dtype=dtype, device=device)
+    else:
+        # grid i owns placeholders ends[i-1] + 1 .. ends[i]: its first token is where `seen` exceeds ends[i-1].
+        # Blocks stay in grid order (images, then videos): every jump below depends on its own block only.
+        first, last = torch.searchsorted(seen, torch.cat((ends.new_zeros(1), ends[:-1], ends - 1)), right=True) \
+            .remainder_(N).view(2, -1)  # (videos were counted in the second half)
+        seq, seq_last = torch.searchsorted(win_end, torch.stack((first, last)), right=True)
+        span = last - first + 1
+        ok = (span == size) & (seq == seq_last)
+        if n_vid and config.audio_token_id is not None:  # Qwen3-Omni: audio inside videos (use_audio_in_video)
+            v = slice(n_img, None)
+            if bool(_audio_next_to(ids, config.audio_token_id, last[v], span[v] != size[v], seq[v], win_end).any()):
+                is_audio = ids == config.audio_token_id
+                if valid is not None:
+                    is_audio &= valid
+                mixed, n_audio, tail = _audio_runs(torch.nonzero(is_audio).squeeze(1), first[v], last[v], seq[v], win_end)
+                if bool(mixed.any()):
+                    ok[v] = torch.where(mixed, (span[v] - size[v] == n_audio - tail) & (seq[v] == seq_last[v]), ok[v])
+                    span = torch.cat((span[:n_img], span[v] + tail))
+                    m_idx = torch.nonzero(mixed).squeeze(1)
+                    n_audio = n_audio.index_select(0, m_idx)
+                    m_idx = m_idx + n_img  # in the block table
+                else:
+                    mixed = None
+        if not bool(ok.all()):
+            i = int(torch.nonzero(~ok)[0, 0])
+            kind, grid, j = ("image", image_grid, i) if i < n_img else ("video", video_grid, i - n_img)
+            raise ValueError(
+                f"the placeholder tokens of {kind} {j} ({int(size[i])} tokens for grid {grid[j].tolist()}) are not one "
                 "contiguous run inside one sequence: check that input_ids and the grids belong together "
                 "(or use reconcile_image_tokens after truncation)")
-        inc.index_add_(0, torch.tensor(last, device=device), torch.tensor(extent, dtype=dtype, device=device))
+        spg_v = None  # seconds per grid step of each video, where the time offsets use it
+        if n_vid and variant in ("qwen2_5_vl", "qwen3_omni"):
+            spg_v = spg if spg is not None else torch.ones(n_vid, device=device)
+        if mixed is not None:  # a run has no rows: it is summed over as a whole and written afterwards
+            m_t, m_h, m_w = llm.T.index_select(1, m_idx)
+            run_tok, run_off, run_of, m_extent, m_max = _merge_audio_in_video(
+                variant, tps, m_t, m_h, m_w, spg_v.index_select(0, m_idx - n_img), first.index_select(0, m_idx), n_audio,
+                dtype)
+            rows = rows.index_fill(0, m_idx, 0)
+            row_end = rows.cumsum(0)
+            R = int(row_end[-1])  # (the images' rows are before the videos': R_img is unchanged)
 
-    L = seqlens[0] if n_seg else 0
-    if n_seg and L > 0 and all(n == L for n in seqlens):  # a padded batch: cumulative sums per row
-        csum = torch.cumsum(inc.view(n_seg, L), 1).view(-1)
-        seq_total = csum.view(n_seg, L)[:, -1]
-        start = csum - inc
-        n_valid = lens if valid is None else valid.view(n_seg, L).sum(1)
-    else:  # packed sequences of different lengths
-        csum = torch.cumsum(inc, 0)
-        at_end = (cu - 1).clamp_min(0)  # cumulative sums at each sequence's end (0 before the first token)
-        ends_sum = torch.where(cu > 0, csum[at_end], 0) if N else torch.zeros(n_seg, dtype=dtype, device=device)
-        seq_total = torch.diff(ends_sum, prepend=ends_sum.new_zeros(1))
-        start = csum - inc - torch.repeat_interleave(torch.cumsum(seq_total, 0) - seq_total, lens, output_size=N)
-        if valid is None:
-            n_valid = lens
-        else:
-            real = torch.where(cu > 0, torch.cumsum(valid.long(), 0)[at_end], 0) if N else torch.zeros_like(cu)
-            n_valid = torch.diff(real, prepend=real.new_zeros(1))
-    if valid is not None:
-        start = start * valid  # padded slots: 0
-    pos = start.expand(3, N).clone() if off is None else start + off
-    top = seq_total - 1  # every item starts after the previous one's max, so the last one holds the max
-    for seq, first_tok, block_max in mixed:  # Qwen3-Omni: text after these runs may start below their max
-        top[seq] = torch.maximum(top[seq], start[first_tok] + block_max)
-    deltas = (top + 1 - n_valid.to(dtype)).unsqueeze(1)
-    if is_float:
-        return pos.float(), deltas.float()
-    return pos, deltas
+        # rows q of every block: frame k = q // h, height j = q % h, from first + q * w, w tokens
+        rb = torch.repeat_interleave(rows, output_size=R)  # block of each row
+        q = torch.arange(R, device=device) - (row_end - rows).index_select(0, rb)
+        h_r, w_r = h.index_select(0, rb), w.index_select(0, rb)
+        k = torch.div(q, h_r, rounding_mode="floor")
+        j = q - k * h_r
+        rs = first.index_select(0, rb) + q * w_r
+        if spg_v is None and not is_float:  # toff(k) = k
+            toff = k
+            t_last = t - 1
+        else:  # rows in grid order: the images' first, then the videos'
+            toff = [_time_offsets(variant, k[:R_img], None, tps)] if R_img else []
+            if R > R_img:
+                toff.append(_time_offsets(variant, k[R_img:], spg_v.index_select(0, rb[R_img:] - n_img), tps))
+            toff = torch.cat(toff) if len(toff) > 1 else toff[0] if toff else k.to(dtype)
+            if mixed is None:
+                t_last = toff.index_select(0, row_end - 1)  # the last row's frame
+            else:  # (mixed runs have no rows; their extent is the merge's)
+                t_last = toff.index_select(0, (row_end - 1).clamp_(min=0)) if R else toff.new_zeros(rows.shape)
+                t_last = t_last.index_fill(0, m_idx, 0)
+        extent = torch.maximum(t_last + 1, torch.maximum(h, w))
+        row_first = torch.stack((toff, j, torch.full_like(j, -1))).to(dtype)
+        row_last = torch.stack((toff, j, w_r - 1)).to(dtype).neg_()
+        row_idx, row_vals = [rs, rs + w_r], [row_first, row_last]
+        if mixed is not None:  # a run: the sum runs over its slopes (audio 1 on every axis, video 1 on w)
+            extent = extent.to(dtype).index_copy(0, m_idx, m_extent)
+            na = n_audio.to(dtype)
+            zero = torch.zeros_like(na)
+            row_idx += [first.index_select(0, m_idx), first.index_select(0, m_idx) + span.index_select(0, m_idx)]
+            row_vals += [torch.stack((zero, zero, zero - 1)),
+                         -torch.stack((na, na, (span.index_select(0, m_idx) - 1).to(dtype)))]
+        gap = extent - span
+        deltas = torch.zeros(n_seq, dtype=dtype, device=device).index_add_(0, seq, gap.to(dtype))  # max + 1 - real
+        all_idx += [first, first + span]
+    all_vals = [torch.full((n_seq,), -1, dtype=dtype, device=device), 1 - n_real - deltas]
+    if grid is not None:
+        all_vals += [torch.ones_like(extent, dtype=dtype), (extent - 1).to(dtype)]
+    idx = torch.cat(all_idx if grid is None else all_idx + row_idx)
+    vals = torch.cat(all_vals).expand(3, -1)
+    if grid is not None:
+        vals = torch.cat([vals] + row_vals, 1)
+    out.index_add_(1, idx.clamp(max=N - 1), vals * (idx < N))  # jumps past the end are dropped
+    out.cumsum_(1)
+
+    if mixed is not None:
+        start = out[0].index_select(0, first.index_select(0, m_idx))  # a block's t at its first token: its start
+        out[:, run_tok] = start[run_of] + run_off
+        top = start + m_max + 1 - n_real[seq[m_idx]]  # text after a run may start below its max
+        deltas.scatter_reduce_(0, seq[m_idx], top, "amax")
+    if is_float:  # float32 as the reference: positions rounded once; deltas = float32(max) + 1 - n in float32
+        top = (deltas + (n_real - 1)).float()
+        return out.float(), ((top + 1) - n_real.float()).unsqueeze(1)
+    return out, deltas.unsqueeze(1)
 
 
-class _OmniHelpers:
-    """Views Qwen3-Omni's audio-in-video merge needs: real tokens in order, their audio flags and sequence."""
-
-    def __init__(self, ids, valid, audio_token_id, lens):
-        self.is_audio = (ids == audio_token_id) & valid
-        self.vidx = torch.nonzero(valid).squeeze(1)  # flat index of the k-th real token
-        self.compressed = torch.cumsum(valid.long(), 0) - 1  # index among real tokens
-        self.is_audio_c = self.is_audio[self.vidx]
-        seg = torch.repeat_interleave(torch.arange(lens.numel(), device=ids.device), lens)
-        self.seg = seg
-        self.seg_c = seg[self.vidx]
-        self.not_audio_c = torch.nonzero(~self.is_audio_c).squeeze(1).tolist()  # real-token indices, sorted
-        cu = torch.cumsum(lens, 0)
-        real_ends = torch.where(cu > 0, (self.compressed + 1)[(cu - 1).clamp_min(0)], 0) if ids.numel() else cu
-        self.real_ends = real_ends.tolist()  # end (exclusive) of each sequence among real tokens
+_CONSTANTS: dict = {}  # small tensors, cached per device: making one costs microseconds
 
 
-def _audio_in_video(split, extent, first, last, sizes, off, inc, omni, mixed, dtype):
-    """Qwen3-Omni ``use_audio_in_video``: a video whose run also holds audio tokens.
+def _divisor(merge, device):
+    """``[1, merge, merge]``: patch grid to merged grid."""
+    key = ("div", merge, device)
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        hit = _CONSTANTS[key] = torch.tensor([1, merge, merge], device=device)
+    return hit
 
-    The run starts at the video's first token and extends over interleaved audio tokens and the audio
-    tokens right after its last video token. As the reference does, video positions (offset
-    ``(t, h, w)``) and audio positions (offset ``a`` on all axes) are merged by temporal offset, video
-    first on ties, and given to the run's tokens in order; the next text starts one after the max of
-    the merged sequence's last same-source stretch. Loops over videos, never over tokens; updates
-    the per-video lists ``split``, ``extent`` and ``last`` in place.
+
+def _token_pair(image_token_id, video_token_id, device):
+    """``[[image_token_id], [video_token_id]]``: both placeholders compared in one pass."""
+    key = ("tokens", image_token_id, video_token_id, device)
+    hit = _CONSTANTS.get(key)
+    if hit is None:
+        hit = _CONSTANTS[key] = torch.tensor([[image_token_id], [video_token_id]], device=device)
+    return hit
+
+
+def _audio_next_to(ids, audio_token_id, last, gappy, seq, win_end):
+    """Videos that may hold audio: those whose run has other tokens inside, or an audio token right after it."""
+    after = last + 1
+    return gappy | ((ids[after.clamp(max=ids.numel() - 1)] == audio_token_id) & (after < win_end[seq]))
+
+
+def _audio_runs(aud, first, last, seq, win_end):
+    """Qwen3-Omni ``use_audio_in_video``: which video blocks carry audio tokens.
+
+    A video's run starts at its first token and extends over the audio tokens interleaved with its
+    tokens and those right after its last token (up to the next other token or the window's end).
+    ``aud``: sorted flat indices of the real audio tokens. Returns ``(mixed [n] bool, n_audio [n],
+    tail [n])``: whether the block has audio, its audio tokens, and how many of them follow its last
+    video token.
     """
-    for b in range(len(first)):
-        c0, c1 = int(omni.compressed[first[b]]), int(omni.compressed[last[b]])
-        n_video = int((~omni.is_audio_c[c0: c1 + 1]).sum())
-        # audio tokens right after the last video token, up to the next non-audio token or sequence end
-        k = bisect.bisect_right(omni.not_audio_c, c1)
-        stop = omni.not_audio_c[k] if k < len(omni.not_audio_c) else omni.vidx.numel()
-        stop = min(stop, omni.real_ends[int(omni.seg_c[c0])])
-        tail = stop - (c1 + 1)
-        n_audio = (c1 + 1 - c0) - n_video + tail
-        if n_audio == 0:
-            continue
-        run_tok = omni.vidx[c0: c1 + 1 + tail]
-        video_tok = run_tok[~omni.is_audio[run_tok]]
-        if video_tok.numel() != sizes[b] or int(omni.seg[run_tok[0]]) != int(omni.seg[run_tok[-1]]):
-            split[b] = True
-            continue
-        merged = torch.cat((off[:, video_tok], torch.arange(n_audio, device=off.device, dtype=dtype).expand(3, -1)), dim=1)
-        source = torch.cat((torch.zeros(n_video, dtype=torch.bool, device=off.device),
-                            torch.ones(n_audio, dtype=torch.bool, device=off.device)))
-        order = torch.sort(merged[0], stable=True).indices
-        merged, source = merged[:, order], source[order]
-        off[:, run_tok] = merged
-        inc[run_tok] = 0
-        # the last stretch of the merged sequence coming from one source
-        changes = torch.nonzero(source != source[-1])
-        tail_start = int(changes[-1, 0]) + 1 if changes.numel() else 0
-        extent[b] = merged[:, tail_start:].max().item() + 1
-        last[b] = int(run_tok[-1])
-        split[b] = False
-        mixed.append((int(omni.seg[run_tok[0]]), int(run_tok[0]), merged.max()))
+    n = aud.numel()
+    after = torch.searchsorted(aud, last, right=True)  # first audio token after the block's last token
+    inside = after - torch.searchsorted(aud, first)
+    at = after.clamp(max=n - 1)
+    key = aud - torch.arange(n, device=aud.device)  # constant along a stretch of consecutive audio tokens
+    follows = (after < n) & (aud[at] == last + 1)
+    tail = torch.minimum(torch.where(follows, torch.searchsorted(key, key[at], right=True) - after, 0),
+                         win_end[seq] - (last + 1))
+    n_audio = inside + tail
+    return n_audio > 0, n_audio, tail
+
+
+def _merge_audio_in_video(variant, tps, t, h, w, spg, first, n_audio, dtype):
+    """Positions (relative to the run's start) of Qwen3-Omni audio-in-video runs, all runs at once.
+
+    As the reference does, the video positions (offsets ``(t, h, w)`` in token order) and the audio
+    positions (offset ``a`` on all axes) of a run are merged by temporal offset, video first on ties
+    (a stable sort per run), and given to the run's tokens in order. The text after the run starts
+    one after the max of the merged sequence's last same-source stretch.
+
+    Returns ``(token index [E], offsets [3, E], run of each element [E], extent [m], max [m])``.
+    """
+    device = t.device
+    m = t.numel()
+    hw = h * w
+    size = t * hw
+    n_v, n_a = int(size.sum()), int(n_audio.sum())
+    runs = torch.arange(m, device=device)
+    vrun = torch.repeat_interleave(runs, size, output_size=n_v)
+    lv = torch.arange(n_v, device=device) - (torch.cumsum(size, 0) - size)[vrun]
+    hwv, wv = hw[vrun], w[vrun]
+    kv = torch.div(lv, hwv, rounding_mode="floor")
+    rem = lv - kv * hwv
+    jv = torch.div(rem, wv, rounding_mode="floor")
+    tv = _time_offsets(variant, kv, spg[vrun], tps)
+    arun = torch.repeat_interleave(runs, n_audio, output_size=n_a)
+    la = (torch.arange(n_a, device=device) - (torch.cumsum(n_audio, 0) - n_audio)[arun]).to(dtype)
+    off = torch.cat((torch.stack((tv.to(dtype), jv.to(dtype), (rem - jv * wv).to(dtype))), la.expand(3, -1)), dim=1)
+    run = torch.cat((vrun, arun))
+    o1 = torch.argsort(off[0], stable=True)
+    order = o1[torch.argsort(run[o1], stable=True)]  # by run, then temporal offset, video first on ties
+    off, run = off[:, order], run[order]
+    is_audio = order >= n_v
+    run_len = size + n_audio
+    run_end = torch.cumsum(run_len, 0)
+    e = torch.arange(n_v + n_a, device=device)
+    # the last stretch of each run coming from one source: after the last element of the other source
+    other = is_audio != is_audio[run_end - 1][run]
+    cut = torch.full((m,), -1, dtype=torch.long, device=device).scatter_reduce(0, run, torch.where(other, e, -1), "amax")
+    top = off.amax(0)
+    low = float("-inf") if dtype.is_floating_point else torch.iinfo(dtype).min
+    floor = torch.full((m,), low, dtype=dtype, device=device)
+    extent = floor.scatter_reduce(0, run, torch.where(e > cut[run], top, low), "amax") + 1
+    run_max = floor.scatter_reduce(0, run, top, "amax")
+    tok = first[run] + (e - (run_end - run_len)[run])
+    return tok, off, run, extent, run_max
 
 
 # ---------------------------------------------------------------------------------------------------
