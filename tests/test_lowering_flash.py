@@ -548,3 +548,38 @@ def test_key_padding_lowering_round_trips_any_pattern(rows, sq):
     k = torch.randn(*valid.shape, 1, 2)
     back = pad_keys(unpad_keys(k, low.key_index), low.key_index, *valid.shape)
     assert torch.equal(back, k * valid[..., None, None])
+
+
+@pytest.mark.parametrize("kind", ["fa2", "fa3"])
+def test_library_kernels_are_one_custom_op_node_under_compile_and_export(on_fake, kind):
+    """Without gradients the installed flash-attn runs as torch.ops.attnlib.flash_attention: one opaque node
+    (shapes from its fake implementation), the same numbers as eager, dense and varlen, with the LSE."""
+    import attnlib
+
+    install = on_fake
+    install(kind)
+    g = torch.Generator().manual_seed(0)
+    bf16 = torch.bfloat16
+    cases = [(torch.randn(2, 9, 4, 16, generator=g).to(bf16), torch.randn(2, 13, 2, 16, generator=g).to(bf16), Causal()),
+             (torch.randn(8, 4, 16, generator=g).to(bf16), torch.randn(10, 2, 16, generator=g).to(bf16),
+              BlockDiagonal([3, 5], [4, 6], causal=True))]
+    for q, k, mask in cases:
+        graphs = []
+
+        def counting(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        def fn(q, k, v):
+            return attnlib.attention(q, k, v, mask, backend="flash", return_lse=True)
+
+        torch._dynamo.reset()
+        assert attnlib.resolve_backend(q, k, k, mask, "flash", return_lse=True) == "flash"
+        with torch.no_grad():
+            out, lse = torch.compile(fn, fullgraph=True, backend=counting)(q, k, k)
+            want_out, want_lse = fn(q, k, k)
+        ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+        assert ops.count(torch.ops.attnlib.flash_attention.default) == 1
+        torch.testing.assert_close(out, want_out)
+        torch.testing.assert_close(lse, want_lse)
+    torch._dynamo.reset()

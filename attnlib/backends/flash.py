@@ -457,10 +457,7 @@ def _dense(impl: _Impl, q, k, v, plan: FlashDense, scale: float, return_lse: boo
         return out, (torch.full((b, hq, sq), _NEG_INF, device=q.device) if return_lse else None)
     if impl.kind == "torch":
         return _torch_dense(impl, q, k, v, plan, scale, return_lse)
-    kwargs = _window_kwargs(impl, plan.window_size, impl.params_dense)
-    kwargs.update(_lse_kwargs(impl, impl.params_dense, return_lse))
-    res = impl.dense(q, k, v, softmax_scale=scale, causal=plan.causal, **kwargs)
-    return _split_result(res, return_lse)
+    return _library_call(impl, q, k, v, None, None, sq, sk, scale, plan.causal, plan.window_size, return_lse)
 
 
 def _key_padding(impl: _Impl, q, k, v, plan: Plan, span: FlashKeyPadding, scale: float, return_lse: bool):
@@ -492,10 +489,65 @@ def _varlen(impl: _Impl, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: flo
     """THD in, ``(out [Tq, H, D], lse [H, Tq] | None)`` out."""
     if impl.kind == "torch":
         return _torch_varlen(impl, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, return_lse)
-    kwargs = _window_kwargs(impl, window, impl.params_varlen)
-    kwargs.update(_lse_kwargs(impl, impl.params_varlen, return_lse))
-    res = impl.varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal, **kwargs)
+    return _library_call(impl, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, return_lse)
+
+
+# ---------------------------------------------------------------------------------------------
+# the library kernels (FA2/FA3/FA4) as one torch.library custom op
+# ---------------------------------------------------------------------------------------------
+def _library_call(impl: _Impl, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool, window,
+                  return_lse: bool):
+    """Dense (``cu_q is None``, BSHD) or varlen (THD) call of the installed flash-attn.
+
+    Without gradients it goes through ``torch.ops.attnlib.flash_attention``: one opaque node with a fake
+    implementation under torch.compile / torch.export. With gradients the library's own autograd function
+    is called (flash-attn 2.7+ registers it as torch custom ops, so compiled training traces it too).
+    """
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _run_library(impl, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, tuple(window), return_lse)
+    out, lse = _flash_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, int(window[0]), int(window[1]), return_lse)
+    return out, (lse if return_lse else None)
+
+
+def _run_library(impl: _Impl, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, return_lse):
+    if cu_q is None:
+        kwargs = _window_kwargs(impl, window, impl.params_dense)
+        kwargs.update(_lse_kwargs(impl, impl.params_dense, return_lse))
+        res = impl.dense(q, k, v, softmax_scale=scale, causal=causal, **kwargs)
+    else:
+        kwargs = _window_kwargs(impl, window, impl.params_varlen)
+        kwargs.update(_lse_kwargs(impl, impl.params_varlen, return_lse))
+        res = impl.varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal, **kwargs)
     return _split_result(res, return_lse)
+
+
+def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple:
+    return (q.shape[1], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+@torch.library.custom_op("attnlib::flash_attention", mutates_args=())
+def _flash_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: Optional[torch.Tensor],
+              cu_k: Optional[torch.Tensor], max_q: int, max_k: int, scale: float, causal: bool, window_left: int,
+              window_right: int, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)``: LSE float32 ``[B, H, Sq]`` dense / ``[H, Tq]`` varlen, or an empty tensor."""
+    impl, reason = _detect()
+    if impl is None:
+        raise RuntimeError(reason)
+    out, lse = _run_library(impl, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, (window_left, window_right),
+                            return_lse)
+    if not return_lse:
+        return out, q.new_empty((0,), dtype=torch.float32)
+    want = _lse_shape(q, cu_q is not None)
+    if tuple(lse.shape) != want:
+        raise RuntimeError(f"{impl.label} returned an LSE of shape {tuple(lse.shape)}, expected {list(want)}")
+    return out, lse.float()
+
+
+@_flash_op.register_fake
+def _flash_fake(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right, return_lse):
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    lse_shape = _lse_shape(q, cu_q is not None) if return_lse else (0,)
+    return out, q.new_empty(lse_shape, dtype=torch.float32)
 
 
 def _window_kwargs(impl: _Impl, window, params: frozenset) -> dict:

@@ -111,7 +111,9 @@ class XformersBackend(Backend):
         call's tensors, and stride-0 stand-ins where forward would copy (no bias tensor, no state kept)."""
         xf, _ = _detect()
         spec = xformers_bias_spec(call.plan)
-        if spec.kind is BiasKind.EMPTY:
+        if spec.kind is BiasKind.EMPTY or torch.compiler.is_compiling():
+            # inside a compiled region xformers' Python dispatcher cannot be traced: a call none of its
+            # operators takes raises from xformers at run time instead of falling back
             return []
         return _xformers_reasons(xf, _lower(xf, call, spec, stand_ins=True), call)
 
@@ -445,7 +447,9 @@ def _lower(xf: _Xformers, call: AttentionCall, spec: XformersBiasSpec, *, stand_
         else:
             bias, empty = additive_bias(call.plan, b, hq, q.dtype, q.device)
     else:
-        bias = _bias_object(xf, spec, str(q.device))
+        # structured biases are objects: built here for xformers' autograd and dispatcher; the no-grad op
+        # rebuilds them inside from the typed spec (a compiled region never builds one)
+        bias = _bias_object(xf, spec, str(q.device)) if call.requires_grad or stand_ins else None
     hkv = k.shape[2]
     bmghk = False
     if hq != hkv:
@@ -540,6 +544,49 @@ class _MemEffWithLse(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+def _lse_layout(lse: torch.Tensor, spec: XformersBiasSpec, heads: int, seqlen_q: int) -> torch.Tensor:
+    """xformers' LSE in attnlib's layout: ``[H, Tq']`` (block-diagonal) or ``[B, H, Sq']``, float32."""
+    lse = lse.float()
+    return xformers_varlen_lse(lse, spec.q_seqlens, heads) if spec.kind.varlen else \
+        xformers_dense_lse(lse, heads, seqlen_q)
+
+
+def _op_spec(kind: str, q_seqlens: list, kv_seqlens: list, window: int) -> XformersBiasSpec:
+    return XformersBiasSpec(BiasKind(kind), tuple(q_seqlens) or None, tuple(kv_seqlens) or None,
+                            None if window < 0 else window)
+
+
+def _op_lse_shape(q: torch.Tensor, spec: XformersBiasSpec) -> tuple:
+    heads = q.shape[2] * (q.shape[3] if q.dim() == 5 else 1)
+    return (heads, sum(spec.q_seqlens)) if spec.kind.varlen else (q.shape[0], heads, q.shape[1])
+
+
+@torch.library.custom_op("attnlib::xformers_attention", mutates_args=())
+def _xformers_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor], kind: str,
+                 q_seqlens: list[int], kv_seqlens: list[int], window: int, scale: float,
+                 return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``memory_efficient_attention`` with the bias rebuilt from its typed description (custom ops take
+    tensors and plain values, not bias objects); ``(out, lse in attnlib's layout or an empty tensor)``."""
+    xf, reason = _detect()
+    if xf is None:
+        raise RuntimeError(reason)
+    spec = _op_spec(kind, q_seqlens, kv_seqlens, window)
+    attn_bias = bias if spec.kind is BiasKind.TENSOR else _bias_object(xf, spec, str(q.device))
+    if not return_lse:
+        out = xf.ops.memory_efficient_attention(q, k, v, attn_bias=attn_bias, scale=scale)
+        return out, q.new_empty((0,), dtype=torch.float32)
+    out, lse = xf.ops.memory_efficient_attention_forward_requires_grad(q, k, v, attn_bias=attn_bias, scale=scale)
+    heads = _op_lse_shape(q, spec)[-2 if not spec.kind.varlen else 0]
+    return out, _lse_layout(lse, spec, heads, q.shape[1]).contiguous()
+
+
+@_xformers_op.register_fake
+def _xformers_fake(q, k, v, bias, kind, q_seqlens, kv_seqlens, window, scale, return_lse):
+    spec = _op_spec(kind, q_seqlens, kv_seqlens, window)
+    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    return out, q.new_empty(_op_lse_shape(q, spec) if return_lse else (0,), dtype=torch.float32)
+
+
 def _no_key(call: AttentionCall):
     """No query sees any key: output 0, LSE -inf, no kernel call."""
     out = call.q.new_zeros(*call.q.shape[:-1], call.head_dim_v)
@@ -553,18 +600,21 @@ def _no_key(call: AttentionCall):
 def _run(xf: _Xformers, low: _Lowered, call: AttentionCall):
     spec = low.spec
     hq = call.heads_q
-    if call.return_lse:
-        out, lse = _MemEffWithLse.apply(low.q, low.k, low.v, low.bias, call.scale, xf.ops)
-    else:
-        out = xf.ops.memory_efficient_attention(low.q, low.k, low.v, attn_bias=low.bias, scale=call.scale)
-        lse = None
+    if call.requires_grad:              # xformers' own autograd (its backward operators)
+        if call.return_lse:
+            out, lse = _MemEffWithLse.apply(low.q, low.k, low.v, low.bias, call.scale, xf.ops)
+            lse = _lse_layout(lse, spec, hq, low.q.shape[1])
+        else:
+            out = xf.ops.memory_efficient_attention(low.q, low.k, low.v, attn_bias=low.bias, scale=call.scale)
+            lse = None
+    else:                               # one opaque custom-op node under torch.compile / torch.export
+        bias_t = low.bias if isinstance(low.bias, torch.Tensor) else None
+        out, lse = _xformers_op(low.q, low.k, low.v, bias_t, spec.kind.value, list(spec.q_seqlens or ()),
+                                list(spec.kv_seqlens or ()), -1 if spec.window is None else spec.window, call.scale,
+                                call.return_lse)
+        lse = lse if call.return_lse else None
     if low.bmghk:
         out = out.flatten(2, 3)
-    sq = out.shape[1]
-    if lse is not None:
-        lse = lse.float()
-        lse = xformers_varlen_lse(lse, spec.q_seqlens, hq) if spec.kind.varlen else \
-            xformers_dense_lse(lse, hq, sq)                     # [H, Tq'] or [B, H, Sq']
     if low.empty is not None:
         out = out.masked_fill(low.empty.transpose(1, 2).unsqueeze(-1), 0.0)
         if lse is not None:
