@@ -5,11 +5,12 @@ import torch
 from torch import nn
 
 from .inputs import default_scale, validate_call
+from .lse_gradient import with_lse_gradient
 from .masks import BlockDiagonal, Causal
 from .registry import canonical_name, select_backend
 
 
-def attention(q, k, v, mask=None, *, scale=None, backend=None, return_lse: bool = False):
+def attention(q, k, v, mask=None, *, scale=None, backend=None, return_lse: bool = False, parallel=None):
     """Scaled dot-product attention on the selected backend.
 
     Args:
@@ -24,13 +25,25 @@ def attention(q, k, v, mask=None, *, scale=None, backend=None, return_lse: bool 
             / auto.
         return_lse: also return the log-sum-exp of the scaled scores, float32 ``[B, Hq, Sq]`` (dense)
             or ``[Hq, Tq]`` (packed).
+        parallel: an ``attnlib.parallel.SequenceParallel``: q, k, v are this rank's sequence shards, the
+            mask describes the whole sequence, and out (and lse) are this rank's shards (docs/parallel.md).
 
     Returns:
         ``out`` in q's layout and dtype with last dim ``Dv`` (and ``lse`` if asked). A query row with
         no visible key returns 0 and LSE ``-inf``.
     """
+    if parallel is not None:
+        from .parallel import SequenceParallel
+
+        if not isinstance(parallel, SequenceParallel):
+            raise TypeError(f"parallel must be an attnlib.parallel.SequenceParallel, got {type(parallel).__name__}")
+        return parallel.attention(q, k, v, mask, scale=scale, backend=backend, return_lse=return_lse)
     call = validate_call(q, k, v, mask, scale, return_lse)
-    out, lse = select_backend(call, backend).forward(call)
+    chosen = select_backend(call, backend)
+    out, lse = chosen.forward(call)
+    if lse is not None and call.requires_grad and not chosen.lse_has_gradient:
+        # the kernel's LSE carries no gradient: attach the exact one (two out-only calls, in backward)
+        lse = with_lse_gradient(call.q, call.k, lse, call.mask, call.scale, chosen.name)
     if call.squeezed_batch:
         out = out.unsqueeze(0)
         lse = lse.unsqueeze(0) if lse is not None else None
@@ -61,7 +74,8 @@ class Attention(nn.Module):
         self.causal = bool(causal)
         self.backend = None if backend is None else canonical_name(backend)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, *, return_lse: bool = False):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, *, return_lse: bool = False,
+                parallel=None):
         if q.dim() >= 2 and (q.shape[-2] != self.num_heads or q.shape[-1] != self.head_size):
             raise ValueError(f"q must have {self.num_heads} heads of size {self.head_size} (Attention config), "
                              f"got shape {tuple(q.shape)}")
@@ -69,7 +83,8 @@ class Attention(nn.Module):
             raise ValueError(f"k must have num_kv_heads={self.num_kv_heads} heads, got shape {tuple(k.shape)}")
         if self.causal:
             mask = _make_causal(mask)
-        return attention(q, k, v, mask, scale=self.scale, backend=self.backend, return_lse=return_lse)
+        return attention(q, k, v, mask, scale=self.scale, backend=self.backend, return_lse=return_lse,
+                         parallel=parallel)
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_size={self.head_size}, num_kv_heads={self.num_kv_heads}, "

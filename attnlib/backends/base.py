@@ -82,6 +82,10 @@ class Backend:
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: which implementation runs (e.g. "flash-attn 2.8.3"); shown by ``attnlib info``
     implementation: str = ""
+    #: True when the returned LSE is differentiable (its gradient reaches q and k); otherwise the front
+    #: door attaches the exact gradient (``attnlib.lse_gradient``), so gradients through the LSE are right
+    #: on every backend
+    lse_has_gradient: ClassVar[bool] = False
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run in this process at all (package missing...); None if it can."""

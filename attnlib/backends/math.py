@@ -16,6 +16,7 @@ __all__ = ["MathBackend", "reference_attention"]      # reference_attention: re-
 
 class MathBackend(Backend):
     name = "math"
+    lse_has_gradient = True
     capabilities = Capabilities(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
                                 devices=frozenset({"cpu", "cuda", "mps", "xpu"}))
     implementation = "torch ops, float32/float64 accumulation"

@@ -36,6 +36,7 @@ _INTERPRET_HINT = "set TRITON_INTERPRET=1 before triton is imported to run the k
 
 class TritonBackend(Backend):
     name = "triton"
+    lse_has_gradient = True
     capabilities = Capabilities(
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
