@@ -13,6 +13,7 @@ import torch
 import attnlib
 from attnlib import Attention, BlockDiagonal, Causal, DenseMask, KeyPadding
 from attnlib.testing import assert_close_to_reference, reference_and_naive
+from tests.graphs import GraphRecorder
 
 G = torch.Generator().manual_seed(0)
 
@@ -181,17 +182,13 @@ def test_triton_kernels_are_one_custom_op_node_with_gradients(name):
         pytest.skip("triton cannot run here")
     mask, sq, sk = MASKS[name]
     q, k, v = _inputs(mask, sq, sk)
-    graphs = []
-
-    def count_ops(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
+    graphs = GraphRecorder()
 
     def fn(q, k, v):
         return attnlib.attention(q, k, v, mask, backend="triton", return_lse=True)
 
-    out, lse = torch.compile(fn, fullgraph=True, backend=count_ops)(q, k, v)
-    ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    out, lse = torch.compile(fn, fullgraph=True, backend=graphs)(q, k, v)
+    ops = graphs.ops(0)
     assert ops.count(torch.ops.attnlib.triton_attention_fwd.default) == 1
     ref_out, ref_lse = fn(q, k, v)
     torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
@@ -265,14 +262,10 @@ def _dynamic_inputs(name, mask, s):
 @pytest.mark.parametrize("name", list(DYNAMIC_MASKS))
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
 def test_dynamic_shapes_compile_once_for_five_lengths(backend, name):
-    graphs = []
-
-    def counting(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
+    graphs = GraphRecorder()
 
     compiled = torch.compile(lambda q, k, v, m: attnlib.attention(q, k, v, m, backend=backend, return_lse=True),
-                             dynamic=True, fullgraph=True, backend=counting)
+                             dynamic=True, fullgraph=True, backend=graphs)
     for s in LENGTHS:
         mask = DYNAMIC_MASKS[name](s)
         q, k, v = _dynamic_inputs(name, mask, s)
@@ -286,14 +279,10 @@ def test_dynamic_shapes_compile_once_for_five_lengths(backend, name):
 def test_flex_on_cpu_specializes_each_length_on_purpose():
     """flex on CPU compiles static shapes only (its C++ kernel is wrong under dynamic shapes, see
     attnlib.known_defects): inside a dynamic=True region each new length is its own graph, and right."""
-    graphs = []
-
-    def counting(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
+    graphs = GraphRecorder()
 
     compiled = torch.compile(lambda q, k, v: attnlib.attention(q, k, v, Causal(), backend="flex"), dynamic=True,
-                             fullgraph=True, backend=counting)
+                             fullgraph=True, backend=graphs)
     for s in (9, 17, 40):
         q, k, v = _dynamic_inputs("causal", None, s)
         torch.testing.assert_close(compiled(q, k, v), attnlib.attention(q, k, v, Causal(), backend="math"),
@@ -335,14 +324,10 @@ def test_the_host_read_trap_trips(no_host_reads):
 
 
 def test_default_compile_recompiles_once_for_new_lengths_and_never_for_new_mask_tensors():
-    graphs = []
-
-    def counting(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
+    graphs = GraphRecorder()
 
     compiled = torch.compile(lambda q, k, v, m: attnlib.attention(q, k, v, m, backend="sdpa"), fullgraph=True,
-                             backend=counting)
+                             backend=graphs)
     for s in LENGTHS:
         q, k, v = _dynamic_inputs("key_padding_causal", None, s)
         for _ in range(2):      # a new KeyPadding tensor each call

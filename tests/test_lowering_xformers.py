@@ -25,6 +25,7 @@ from attnlib.conformance import CASES, run_case
 from attnlib.inputs import validate_call
 from attnlib.plan import plan_for
 from attnlib.registry import get_backend
+from tests.graphs import assert_one_node_and_eager_numbers
 from fakes import causal_plans, install_modules, key_padding_plans, pretend_cuda, ranges, sweep_conformance
 
 K = BiasKind
@@ -644,8 +645,6 @@ def test_key_padding_bias_is_the_materialized_plan(drawn):
 def test_inference_calls_are_one_custom_op_node_under_compile(fake_xformers, lse_packed):
     """Without gradients xformers runs as torch.ops.attnlib.xformers_attention (the bias rebuilt inside the
     op from its typed description): one opaque node, the same numbers as eager, structured and tensor biases."""
-    import attnlib
-
     fake_xformers(lse_packed)
     g = torch.Generator().manual_seed(0)
     valid = torch.rand(2, 13, generator=g) > 0.3
@@ -655,22 +654,4 @@ def test_inference_calls_are_one_custom_op_node_under_compile(fake_xformers, lse
              (torch.randn(8, 4, 16, generator=g), torch.randn(10, 2, 16, generator=g),
               BlockDiagonal([3, 5], [4, 6], causal=True))]
     for q, k, mask in cases:
-        assert attnlib.resolve_backend(q, k, k, mask, "xformers", return_lse=True) == "xformers"
-        graphs = []
-
-        def counting(gm, example_inputs):
-            graphs.append(gm)
-            return gm.forward
-
-        def fn(q, k, v):
-            return attnlib.attention(q, k, v, mask, backend="xformers", return_lse=True)
-
-        torch._dynamo.reset()
-        with torch.no_grad():
-            out, lse = torch.compile(fn, fullgraph=True, backend=counting)(q, k, k)
-            want_out, want_lse = fn(q, k, k)
-        ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
-        assert ops.count(torch.ops.attnlib.xformers_attention.default) == 1
-        torch.testing.assert_close(out, want_out)
-        torch.testing.assert_close(lse, want_lse)
-    torch._dynamo.reset()
+        assert_one_node_and_eager_numbers("xformers", torch.ops.attnlib.xformers_attention.default, q, k, mask)
