@@ -18,9 +18,6 @@ import torch
 import torch.distributed as dist
 
 from ..masks import BlockDiagonal, Causal, DenseMask, KeyPadding
-from ..plan import plan_for
-from . import comm
-from .layout import total_from_sizes
 
 SKIP = object()
 
@@ -118,23 +115,6 @@ class _Tie(torch.autograd.Function):
 
 
 # -- the ring ----------------------------------------------------------------------------------------------
-def ring_attention(sp, q, k, v, mask, scale, backend, return_lse):
-    """Ring attention over the whole group of ``sp`` (``SequenceParallel(ring=n)``)."""
-    if not (q.dim() == k.dim() == v.dim() and q.dim() in (3, 4)):
-        raise ValueError(f"q, k, v must all be BSHD [B, S, H, D] shards or all packed THD [T, H, D] shards; "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    packed = q.dim() == 3
-    qq, kk, vv = (t.unsqueeze(0) if packed else t for t in (q, k, v))
-    sizes = comm.all_gather_sizes([qq.shape[1], kk.shape[1]], q.device, sp.group)
-    sq = total_from_sizes(sp.layout, [s[0] for s in sizes])
-    sk = total_from_sizes(sp.layout, [s[1] for s in sizes])
-    out, lse = ring_core(qq, kk, vv, plan_for(mask, sq, sk), lambda m: sp.ranges(sq, m), lambda m: sp.ranges(sk, m),
-                         sp.rank, sp.world_size, sp.group, scale, backend)
-    if packed:
-        out, lse = out[0], lse[0]
-    return (out, lse) if return_lse else out
-
-
 def ring_core(qq, kk, vv, plan, q_ranges_of, k_ranges_of, r, n, group, scale, backend):
     """The ring on BSHD shards: ``qq`` holds the global query ranges ``q_ranges_of(r)`` (concatenated),
     ``kk``/``vv`` the key ranges ``k_ranges_of(r)``; member ``m`` of the ring (group rank ``m``) holds
