@@ -157,7 +157,7 @@ class PackedAttentionMoT(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, seqlens: Sequence[int], positions: torch.Tensor,
                 cache: BagelKVCache | None = None, *, causal: bool, gen: torch.Tensor | None = None,
-                update_cache: bool = True) -> torch.Tensor:
+                update_cache: bool = True, parallel=None) -> torch.Tensor:
         """Attend the packed new tokens of ``len(seqlens)`` sequences to their caches and themselves.
 
         Args:
@@ -170,6 +170,10 @@ class PackedAttentionMoT(nn.Module):
             gen: ``[T]`` bool, True where the generation expert serves the token (VAE tokens); None
                 means the understanding expert for every token.
             update_cache: append the new keys/values to ``cache`` (False for denoising steps).
+            parallel: an ``attnlib.parallel.SequenceParallel``. Inputs, cache and result stay whole on every
+                rank; each rank projects its shard of the new tokens, the new keys/values are all-gathered
+                once (the cache needs them whole anyway), and the attention runs sequence-parallel over
+                the packed ``[cache_b, new_b]`` keys. Equal to one process.
 
         Returns ``[T, hidden]``.
         """
@@ -186,10 +190,18 @@ class PackedAttentionMoT(nn.Module):
 
         if gen is not None:
             gen = gen.to(x.device)
+        total = x.shape[0]
+        positions = positions.to(x.device)
+        if parallel is not None:
+            x, positions = parallel.shard(x, 0), parallel.shard(positions, 0)
+            gen = None if gen is None else parallel.shard(gen, 0)
         q, k, v = self._qkv(x, gen)
-        cos, sin = self.rotary.cos_sin(positions.to(x.device))
+        cos, sin = self.rotary.cos_sin(positions)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
+        if parallel is not None:      # the whole new keys/values: for the cache and the key sequence
+            k = parallel.gather(k, 0, total=total, sum_gradients=True)
+            v = parallel.gather(v, 0, total=total, sum_gradients=True)
 
         if cache is None:
             keys, values, kv_lens = k, v, seqlens
@@ -206,5 +218,9 @@ class PackedAttentionMoT(nn.Module):
                 for b in range(len(seqlens)):
                     cache.store(b, ks[b], vs[b])
         mask = BlockDiagonal(seqlens, kv_lens, causal=causal)
-        o = self.attn(q, keys.to(q.dtype), values.to(q.dtype), mask)
-        return self._out(o.flatten(1), gen)
+        keys, values = keys.to(q.dtype), values.to(q.dtype)
+        if parallel is not None:
+            keys, values = parallel.shard(keys, 0), parallel.shard(values, 0)
+        o = self.attn(q, keys, values, mask, parallel=parallel)
+        out = self._out(o.flatten(1), gen)
+        return out if parallel is None else parallel.gather(out, 0, total=total)

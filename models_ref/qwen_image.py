@@ -139,21 +139,32 @@ class QwenImageAttention(nn.Module):
         self.to_add_out = nn.Linear(inner, dim)
         self.attn = attnlib.Attention(num_heads, head_dim, backend=backend)
 
-    def forward(self, hidden_states, encoder_hidden_states, key_padding: KeyPadding | None = None, rope=None):
-        """``(img_out, txt_out)``. ``rope``: ``(cos, sin)`` of the joint ``[text, image]`` sequence."""
+    def forward(self, hidden_states, encoder_hidden_states, key_padding: KeyPadding | None = None, rope=None,
+                parallel=None):
+        """``(img_out, txt_out)``. ``rope``: ``(cos, sin)`` of the joint ``[text, image]`` rows given
+        (text first). ``parallel``: a ``SequenceParallel``; then ``hidden_states`` is this rank's shard of
+        the image tokens (and ``rope`` covers ``[text, this shard]``), the text is whole on every rank,
+        ``key_padding`` describes the whole joint sequence, and ``img_out`` is this rank's shard."""
         s_txt = encoder_hidden_states.shape[1]
         split = (-1, self.head_dim)
-        q = torch.cat([self.norm_added_q(self.add_q_proj(encoder_hidden_states).unflatten(-1, split)),
-                       self.norm_q(self.to_q(hidden_states).unflatten(-1, split))], dim=1)
-        k = torch.cat([self.norm_added_k(self.add_k_proj(encoder_hidden_states).unflatten(-1, split)),
-                       self.norm_k(self.to_k(hidden_states).unflatten(-1, split))], dim=1)
-        v = torch.cat([self.add_v_proj(encoder_hidden_states).unflatten(-1, split),
-                       self.to_v(hidden_states).unflatten(-1, split)], dim=1)
+        tq = self.norm_added_q(self.add_q_proj(encoder_hidden_states).unflatten(-1, split))
+        tk = self.norm_added_k(self.add_k_proj(encoder_hidden_states).unflatten(-1, split))
+        tv = self.add_v_proj(encoder_hidden_states).unflatten(-1, split)
+        iq = self.norm_q(self.to_q(hidden_states).unflatten(-1, split))
+        ik = self.norm_k(self.to_k(hidden_states).unflatten(-1, split))
+        iv = self.to_v(hidden_states).unflatten(-1, split)
         if rope is not None:
             cos, sin = rope
-            q = apply_rotary(q, cos, sin, interleaved=True)
-            k = apply_rotary(k, cos, sin, interleaved=True)
-        out = self.attn(q, k, v, key_padding).flatten(2)          # [B, S_txt + S_img, H * D]
+            (tc, ic), (ts, is_) = cos.split((s_txt, cos.shape[0] - s_txt)), sin.split((s_txt, sin.shape[0] - s_txt))
+            tq, tk = (apply_rotary(x, tc, ts, interleaved=True) for x in (tq, tk))
+            iq, ik = (apply_rotary(x, ic, is_, interleaved=True) for x in (iq, ik))
+        if parallel is None:
+            cat = lambda a, b: torch.cat([a, b], dim=1)  # noqa: E731
+            out = self.attn(cat(tq, iq), cat(tk, ik), cat(tv, iv), key_padding)
+        else:
+            out = parallel.joint_attention(iq, ik, iv, tq, tk, tv, key_padding, joint_strategy="front",
+                                           scale=self.attn.scale, backend=self.attn.backend)
+        out = out.flatten(2)                                     # [B, S_txt + S_img(local), H * D]
         return self.to_out[0](out[:, s_txt:]), self.to_add_out(out[:, :s_txt])
 
 
@@ -187,15 +198,17 @@ class QwenImageTransformerBlock(nn.Module):
         self.img_mlp = _FeedForward(dim)
         self.txt_mlp = _FeedForward(dim)
 
-    def forward(self, hidden_states, encoder_hidden_states, key_padding, temb, rope=None, modulate_index=None):
-        """Returns ``(encoder_hidden_states, hidden_states)`` like diffusers' block."""
+    def forward(self, hidden_states, encoder_hidden_states, key_padding, temb, rope=None, modulate_index=None,
+                parallel=None):
+        """Returns ``(encoder_hidden_states, hidden_states)`` like diffusers' block. ``parallel``: see
+        :meth:`QwenImageAttention.forward` (``modulate_index`` then covers this rank's image tokens)."""
         img_mod1, img_mod2 = self.img_mod(temb).chunk(2, dim=-1)
         txt_temb = temb.chunk(2, dim=0)[0] if self.zero_cond_t else temb
         txt_mod1, txt_mod2 = self.txt_mod(txt_temb).chunk(2, dim=-1)
 
         img_in, img_gate1 = _modulate(self.img_norm1(hidden_states), img_mod1, modulate_index)
         txt_in, txt_gate1 = _modulate(self.txt_norm1(encoder_hidden_states), txt_mod1)
-        img_attn, txt_attn = self.attn(img_in, txt_in, key_padding, rope)
+        img_attn, txt_attn = self.attn(img_in, txt_in, key_padding, rope, parallel)
         hidden_states = hidden_states + img_gate1 * img_attn
         encoder_hidden_states = encoder_hidden_states + txt_gate1 * txt_attn
 
@@ -254,15 +267,24 @@ class QwenImageTransformer2DModel(nn.Module):
         self.norm_out = _AdaLayerNormContinuous(dim, eps=1e-6)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * self.out_channels)
 
-    def rope_tables(self, img_shapes, text_width: int, device):
-        """``(cos, sin)`` of the joint ``[text, image]`` sequence; text positions from the padded width."""
+    def rope_tables(self, img_shapes, text_width: int, device, parallel=None):
+        """``(cos, sin)`` of the joint ``[text, image]`` sequence; text positions from the padded width.
+        With ``parallel``, the image rows are this rank's shard."""
         (img_cos, img_sin), (txt_cos, txt_sin) = self.pos_embed(img_shapes, text_width, device=device)
+        if parallel is not None:
+            img_cos, img_sin = parallel.shard(img_cos, 0), parallel.shard(img_sin, 0)
         return torch.cat([txt_cos, img_cos]), torch.cat([txt_sin, img_sin])
 
     def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_hidden_states_mask: torch.Tensor | None, timestep: torch.Tensor, img_shapes,
-                additional_t_cond: torch.Tensor | None = None) -> torch.Tensor:
-        """The predicted ``[B, S_img, patch_size**2 * out_channels]`` (diffusers' ``.sample``)."""
+                additional_t_cond: torch.Tensor | None = None, parallel=None) -> torch.Tensor:
+        """The predicted ``[B, S_img, patch_size**2 * out_channels]`` (diffusers' ``.sample``).
+
+        ``parallel``: an ``attnlib.parallel.SequenceParallel``. The inputs and the result are whole on
+        every rank; inside, each rank keeps its shard of the image tokens (and of their RoPE rows and
+        modulation index), the text stays whole, and every block's joint attention runs
+        :meth:`~attnlib.parallel.SequenceParallel.joint_attention`. Equal to one process.
+        """
         if encoder_hidden_states.shape[0] != hidden_states.shape[0]:
             raise ValueError(f"batch sizes differ: hidden_states {hidden_states.shape[0]}, "
                              f"encoder_hidden_states {encoder_hidden_states.shape[0]}")
@@ -282,11 +304,19 @@ class QwenImageTransformer2DModel(nn.Module):
         temb = self.time_text_embed(timestep, hidden_states.dtype, additional_t_cond)
 
         text_width = encoder_hidden_states.shape[1]
-        rope = self.rope_tables(img_shapes, text_width, hidden_states.device)
-        key_padding = joint_key_padding(encoder_hidden_states_mask, hidden_states.shape[1])
+        s_img = hidden_states.shape[1]
+        key_padding = joint_key_padding(encoder_hidden_states_mask, s_img)
+        rope = self.rope_tables(img_shapes, text_width, hidden_states.device, parallel)
+        if parallel is not None:
+            hidden_states = parallel.shard(hidden_states, 1)
+            if modulate_index is not None:
+                modulate_index = parallel.shard(modulate_index, 1)
+            if key_padding is None:                    # the whole joint length, so no call exchanges lengths
+                parallel = parallel.with_seqlens(text_width + s_img)
         for block in self.transformer_blocks:
             encoder_hidden_states, hidden_states = block(hidden_states, encoder_hidden_states, key_padding, temb,
-                                                         rope, modulate_index)
+                                                         rope, modulate_index, parallel)
         if self.zero_cond_t:
             temb = temb.chunk(2, dim=0)[0]
-        return self.proj_out(self.norm_out(hidden_states, temb))
+        out = self.proj_out(self.norm_out(hidden_states, temb))
+        return out if parallel is None else parallel.gather(out, 1, total=s_img)

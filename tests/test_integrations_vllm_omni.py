@@ -207,7 +207,10 @@ def test_bad_metadata_raises_naming_the_field():
         layer(q, k, v, AttentionMetadata(attn_mask=torch.ones(1, 4), cu_seqlens_q=torch.tensor([0, 4])))
     with pytest.raises(ValueError, match="query heads"):
         Attention(2, D, False, None)(q, k, v)
-    with pytest.raises(TypeError, match="ring_degree"):
-        Attention(H, D, False, None, ring_degree=2)
+    with pytest.raises(ValueError, match="ring_degree"):
+        Attention(H, D, False, None, ring_degree=0)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        with pytest.raises(RuntimeError, match="init_process_group"):      # degrees need a process group
+            Attention(H, D, False, None, ring_degree=2)(q, k, v)
     with pytest.raises(NotImplementedError, match="custom_attention"):
         Attention(H, D, False, None, custom_attention=torch.nn.Identity())

@@ -42,8 +42,14 @@ tensor re-plans. Inference-mode tensors carry no version counter: their plans ar
 object (when it accepts weak references, as ``AttentionMetadata`` does), so refill such a tensor in
 place only together with a new metadata object.
 
-Sequence parallelism (Ulysses / ring) is out of scope: the layer is single-device; its parallelism
-keyword arguments are accepted and must leave parallelism off.
+Sequence parallelism: ``Attention(..., ulysses_degree=u, ring_degree=r)`` (or
+``sequence_parallel=SequenceParallel(...)``) runs the layer over an ``attnlib.parallel.SequenceParallel``
+of the default process group (``u * r`` ranks; created on the first forward). Then, as in vLLM-Omni,
+``query/key/value`` are this rank's shards of the sequence (``sp.shard``), ``joint_query/key/value``
+are whole and the same on every rank, and the output is this rank's shard (with joint tensors: the
+joint part whole, in the joint order). Masks describe the whole sequence: ``attn_mask`` 2-D over all
+keys (``[B, S_k]``) or 4-D ``[B, H, S_q, S_k]``, ``joint_attn_mask`` over the joint keys, ``cu_seqlens``
+of the whole packed sequence. ``skip_sequence_parallel=True`` keeps a layer local.
 """
 from __future__ import annotations
 
@@ -67,7 +73,7 @@ __all__ = ["Attention", "AttentionMetadata", "plan_for"]
 _JOINT_STRATEGIES = ("front", "rear")
 #: vLLM-Omni layer arguments about sequence parallelism / bookkeeping, harmless on one device
 _IGNORED_KWARGS = frozenset({"prefix", "role", "role_category", "qkv_layout", "scatter_idx", "gather_idx",
-                             "use_sync", "skip_sequence_parallel", "disable_kv_quant", "allow_fp32_fallback"})
+                             "use_sync", "disable_kv_quant", "allow_fp32_fallback"})
 
 
 @dataclass
@@ -258,8 +264,18 @@ class Attention(nn.Module):
     """vLLM-Omni-compatible attention layer: ``forward(query, key, value, attn_metadata=None)``, BSHD."""
 
     def __init__(self, num_heads: int, head_size: int, causal: bool, softmax_scale: float | None,
-                 num_kv_heads: int | None = None, *, backend: str | None = None, **kwargs):
+                 num_kv_heads: int | None = None, *, backend: str | None = None, ulysses_degree: int = 1,
+                 ring_degree: int = 1, sequence_parallel=None, skip_sequence_parallel: bool = False, **kwargs):
         super().__init__()
+        for name, val in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if sequence_parallel is not None and (ulysses_degree, ring_degree) != (1, 1):
+            raise ValueError("give sequence_parallel= or ulysses_degree/ring_degree, not both")
+        self.ulysses_degree, self.ring_degree = ulysses_degree, ring_degree
+        self._sp = None if skip_sequence_parallel else sequence_parallel
+        self._sp_wanted = not skip_sequence_parallel and (sequence_parallel is not None
+                                                          or ulysses_degree * ring_degree > 1)
         unknown = set(kwargs) - _IGNORED_KWARGS
         if "custom_attention" in kwargs and kwargs["custom_attention"] is not None:
             raise NotImplementedError("custom_attention (a model-owned kernel) is not supported by the attnlib layer")
@@ -278,6 +294,8 @@ class Attention(nn.Module):
         self.last_plan: MaskPlan | None = None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_metadata=None) -> torch.Tensor:
+        if self._sp_wanted:
+            return self._parallel_forward(query, key, value, attn_metadata)
         q, k, v, strategy = _join(attn_metadata, query, key, value)
         if q.shape[-2] != self.num_heads or k.shape[-2] != self.num_kv_heads:
             raise ValueError(f"expected {self.num_heads} query heads and {self.num_kv_heads} kv heads (layer config), "
@@ -298,6 +316,102 @@ class Attention(nn.Module):
             raise ValueError(f"cu_seqlens_q/k need packed tokens [T, H, D] or [1, T, H, D], got {tuple(q.shape)}")
         return plan.run(q, k, v, scale=self.softmax_scale, backend=self.backend)
 
+    @property
+    def sequence_parallel(self):
+        """The layer's ``SequenceParallel`` (created on first use from the degrees), or None."""
+        if self._sp is None and self._sp_wanted:
+            from ..parallel import SequenceParallel
+
+            self._sp = SequenceParallel(ulysses=self.ulysses_degree, ring=self.ring_degree)
+        return self._sp
+
+    def _parallel_forward(self, query, key, value, meta):
+        sp = self.sequence_parallel
+        jq, jk, jv = _get(meta, "joint_query"), _get(meta, "joint_key"), _get(meta, "joint_value")
+        joint = jq is not None or jk is not None or jv is not None
+        if joint and (jq is None or jk is None or jv is None):
+            raise ValueError("joint_query, joint_key and joint_value must be given together (or none of them)")
+        heads = (jq if joint else query).shape[-2], (jk if joint else key).shape[-2]
+        if heads != (self.num_heads, self.num_kv_heads) or query.shape[-2] != self.num_heads \
+                or key.shape[-2] != self.num_kv_heads:
+            raise ValueError(f"expected {self.num_heads} query heads and {self.num_kv_heads} kv heads (layer config), "
+                             f"got query {tuple(query.shape)} and key {tuple(key.shape)}")
+        kw = dict(scale=self.softmax_scale, backend=self.backend)
+        if not joint:
+            mask = _whole_mask(meta, self.causal, query, key)
+            self.last_plan = _plan_of(mask)
+            return sp.attention(query, key, value, mask, **kw)
+        strategy = _get(meta, "joint_strategy") or "front"
+        if strategy not in _JOINT_STRATEGIES:
+            raise ValueError(f"joint_strategy must be one of {_JOINT_STRATEGIES}, got {strategy!r}")
+        mask = _whole_joint_mask(meta, self.causal, strategy, sp, query, jk)
+        self.last_plan = _plan_of(mask)
+        return sp.joint_attention(query, key, value, jq, jk, jv, mask, joint_strategy=strategy, **kw)
+
     def extra_repr(self) -> str:
+        sp = "" if not self._sp_wanted else f", ulysses_degree={self.ulysses_degree}, ring_degree={self.ring_degree}"
         return (f"num_heads={self.num_heads}, head_size={self.head_size}, num_kv_heads={self.num_kv_heads}, "
-                f"causal={self.causal}, softmax_scale={self.softmax_scale:.4g}, backend={self.backend or 'auto'}")
+                f"causal={self.causal}, softmax_scale={self.softmax_scale:.4g}, backend={self.backend or 'auto'}{sp}")
+
+
+# -- sequence parallel: masks over the whole sequence ---------------------------------------------------------
+def _plan_of(mask) -> MaskPlan:
+    from ..masks import DenseMask
+
+    if mask is None:
+        return MaskPlan("none")
+    kind = {Causal: "causal", KeyPadding: "key_padding", DenseMask: "dense"}.get(type(mask), "packed")
+    return MaskPlan(kind, mask, reason="the whole sequence's 4-D attn_mask" if kind == "dense" else "")
+
+
+def _whole_mask(meta, causal: bool, query, key):
+    """The attnlib mask of the whole (sharded) sequence from the metadata: no dense plan, no host read."""
+    from ..masks import DenseMask
+
+    cu_q, cu_k = _get(meta, "cu_seqlens_q"), _get(meta, "cu_seqlens_k")
+    attn_mask = _get(meta, "attn_mask")
+    if cu_q is not None or cu_k is not None:
+        if attn_mask is not None:
+            raise NotImplementedError("attn_mask together with cu_seqlens_q/k is not supported")
+        return BlockDiagonal.from_cu_seqlens(cu_q if cu_q is not None else cu_k, cu_k, causal=causal)
+    if attn_mask is None:
+        return Causal() if causal else None
+    if attn_mask.dim() == 2:
+        if attn_mask.shape[0] != query.shape[0]:
+            raise ValueError(f"attn_mask must be [B={query.shape[0]}, S_k] over all keys of the whole sequence, got "
+                             f"{tuple(attn_mask.shape)}")
+        return KeyPadding(_as_valid(attn_mask, "attn_mask"), causal=causal)
+    if attn_mask.dim() == 4:
+        keep = attn_mask > torch.finfo(attn_mask.dtype).min / 2 if attn_mask.dtype.is_floating_point else \
+            _as_valid(attn_mask, "attn_mask")
+        if attn_mask.dtype.is_floating_point and not causal:
+            return DenseMask(attn_mask)
+        sq, sk = keep.shape[-2:]
+        return DenseMask(keep & Causal().materialize(sq, sk, keep.device) if causal else keep)
+    raise ValueError(f"attn_mask must be 2-D [B, S_k] or 4-D [B, H, S_q, S_k] over the whole sequence, got "
+                     f"{tuple(attn_mask.shape)}")
+
+
+def _whole_joint_mask(meta, causal: bool, strategy: str, sp, query, joint_key):
+    """The joint sequence's mask: ``joint_attn_mask [B, T]`` and ``attn_mask [B, S]`` (whole) joined in
+    ``strategy`` order as a KeyPadding; missing ones keep every key (the whole image length then comes
+    from one exchange of the local lengths unless ``attn_mask`` gives it)."""
+    attn_mask, joint_mask = _get(meta, "attn_mask"), _get(meta, "joint_attn_mask")
+    if _get(meta, "cu_seqlens_q") is not None or _get(meta, "cu_seqlens_k") is not None:
+        raise NotImplementedError("joint_query/key/value together with cu_seqlens_q/k is not supported")
+    if attn_mask is None and joint_mask is None:
+        return Causal() if causal else None
+    if (attn_mask is not None and attn_mask.dim() != 2) or (joint_mask is not None and joint_mask.dim() != 2):
+        raise ValueError("with joint tensors, attn_mask and joint_attn_mask must be 2-D [B, S] key masks")
+    B, T, dev = query.shape[0], joint_key.shape[1], query.device
+    if attn_mask is None:
+        s_img = sp._whole_lengths(query.shape[1], query.shape[1], None, dev)[0]
+        attn_mask = torch.ones(B, s_img, dtype=torch.bool, device=dev)
+    if joint_mask is None:
+        joint_mask = torch.ones(B, T, dtype=torch.bool, device=dev)
+    if joint_mask.shape != (B, T) or attn_mask.shape[0] != B:
+        raise ValueError(f"joint_attn_mask must be [B={B}, T={T}] and attn_mask [B={B}, S] over the whole image "
+                         f"sequence, got {tuple(joint_mask.shape)} and {tuple(attn_mask.shape)}")
+    attn_mask, joint_mask = _as_valid(attn_mask, "attn_mask"), _as_valid(joint_mask, "joint_attn_mask")
+    valid = torch.cat([joint_mask, attn_mask] if strategy == "front" else [attn_mask, joint_mask], dim=1)
+    return KeyPadding(valid, causal=causal)

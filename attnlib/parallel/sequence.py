@@ -104,7 +104,8 @@ class SequenceParallel:
         parts = [x.narrow(dim, a, b - a) for a, b in self.ranges(x.shape[dim])]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
-    def gather(self, x: torch.Tensor, dim: int = 1, total: int | None = None) -> torch.Tensor:
+    def gather(self, x: torch.Tensor, dim: int = 1, total: int | None = None, *,
+               sum_gradients: bool = False) -> torch.Tensor:
         """The whole sequence on every rank from each rank's shard ``x`` (the inverse of :meth:`shard`).
 
         Differentiable, with the convention that what follows the gather is the same on every rank
@@ -113,7 +114,9 @@ class SequenceParallel:
         functions of the gathered tensor, all-reduce (sum) its gradient first.
 
         ``total``: the whole length, when known (skips the exchange of the local lengths, a host
-        synchronization).
+        synchronization). ``sum_gradients=True``: ranks use the gathered tensor differently (e.g. each
+        takes another shard of a sequence built from it); the backward all-reduces (sums) the
+        gradient before taking this rank's slice.
         """
         dim = _dim(x, dim)
         if total is not None:
@@ -121,7 +124,8 @@ class SequenceParallel:
         else:
             sizes = [s[0] for s in comm.all_gather_sizes([x.shape[dim]], x.device, self.group)]
             sh = layout_sharding(self.layout, total_from_sizes(self.layout, sizes), self.world_size)
-        return _Gather.apply(x, dim, sh, self.group)
+        out = _Gather.apply(x, dim, sh, self.group)
+        return _SumGradient.apply(out, self.group) if sum_gradients else out
 
     # -- attention ---------------------------------------------------------------------------------
     def attention(self, q, k, v, mask=None, *, scale=None, backend=None, return_lse: bool = False):
@@ -291,6 +295,21 @@ class _Gather(torch.autograd.Function):
     def backward(ctx, grad):
         parts = [grad.narrow(ctx.dim, a, b - a) for a, b in ctx.ranges]
         return (parts[0] if len(parts) == 1 else torch.cat(parts, ctx.dim)).contiguous(), None, None, None
+
+
+class _SumGradient(torch.autograd.Function):
+    """Identity; backward: the gradient summed over the ranks of ``group``."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 class _GatherPieces(torch.autograd.Function):
