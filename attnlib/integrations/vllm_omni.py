@@ -405,7 +405,7 @@ def _whole_joint_mask(meta, causal: bool, strategy: str, sp, query, joint_key):
         raise ValueError("with joint tensors, attn_mask and joint_attn_mask must be 2-D [B, S] key masks")
     B, T, dev = query.shape[0], joint_key.shape[1], query.device
     if attn_mask is None:
-        s_img = sp._whole_lengths(query.shape[1], query.shape[1], None, dev)[0]
+        s_img = sp.whole_length(query.shape[1], dev)
         attn_mask = torch.ones(B, s_img, dtype=torch.bool, device=dev)
     if joint_mask is None:
         joint_mask = torch.ones(B, T, dtype=torch.bool, device=dev)

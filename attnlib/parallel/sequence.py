@@ -194,6 +194,14 @@ class SequenceParallel:
         return out, lse
 
     # -- whole lengths --------------------------------------------------------------------------------
+    def whole_length(self, local: int, device=None) -> int:
+        """The whole length of a sequence of which this rank holds ``local`` tokens (its :meth:`shard`):
+        one all-gather of the local lengths (a host synchronization)."""
+        if device is None:
+            device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend(self.group) == "nccl" else "cpu"
+        sizes = [s[0] for s in comm.all_gather_sizes([int(local)], device, self.group)]
+        return total_from_sizes(self.layout, sizes)
+
     def _whole_lengths(self, local_q: int, local_k: int, mask, device, joint: int = 0) -> tuple[int, int]:
         """The whole ``(S_q, S_k)``: from :meth:`with_seqlens`, else from the mask when it names both, else
         one all-gather of the local lengths (a host synchronization). ``joint``: replicated tokens
