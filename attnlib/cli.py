@@ -253,6 +253,138 @@ def cmd_check(args) -> int:
     return 1 if failures else 0
 
 
+def _parallel_plan(args):
+    """Validate ``attnlib check --parallel N``: ``(world, device, backends, unavailable, names)`` or ``UsageError``."""
+    import torch.distributed as dist
+
+    from .parallel import conformance as spc
+    from .registry import canonical_name
+
+    world = args.parallel
+    if world < 2:
+        raise UsageError(f"--parallel {world}: sequence parallelism needs at least 2 processes; use --parallel 2 "
+                         "or more (plain `attnlib check` checks single-process attention)")
+    if args.dtype:
+        raise UsageError("--dtype does not apply with --parallel: each sequence-parallel case has its own dtype")
+    if not args.timeout > 0:
+        raise UsageError(f"--timeout {args.timeout:g}: give the seconds the whole run may take (> 0)")
+    if not dist.is_available():
+        raise UsageError(f"--parallel: torch {torch.__version__} was built without torch.distributed")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    dev = args.device or ("cuda" if gpus >= world and dist.is_nccl_available() else "cpu")
+    if dev not in ("cpu", "cuda"):
+        raise UsageError(f"--device {dev!r}: use cpu or cuda")
+    if dev == "cuda" and gpus < world:
+        fewer = f"--parallel {gpus} or fewer, or " if gpus >= 2 else ""
+        raise UsageError(f"--device cuda --parallel {world}: NCCL needs one GPU per process and torch sees {gpus} "
+                         f"here; use {fewer}--device cpu (gloo)")
+    if dev == "cuda" and not dist.is_nccl_available():
+        raise UsageError("--device cuda --parallel: this torch has no NCCL; use --device cpu (gloo)")
+    if dev == "cpu" and not dist.is_gloo_available():
+        raise UsageError("--parallel on cpu needs the gloo backend, which this torch lacks")
+    rows = {r["name"]: r for r in list_backends()}
+    backends, unavailable = [], []
+    for n in args.backend or ():
+        try:
+            c = canonical_name(n)
+        except ValueError as e:
+            raise UsageError(f"--backend: {e}") from None
+        if c == "auto":
+            raise UsageError("--backend auto: name the backends to check (or leave --backend out for the cases' own)")
+        if rows[c]["available"]:
+            backends += [c] if c not in backends else []
+        elif rows[c] not in unavailable:
+            unavailable.append(rows[c])
+    matrix = spc.cases(world)
+    if args.case:
+        wrong = [c for c in args.case if c not in matrix]
+        if wrong:
+            raise UsageError(f"--case {', '.join(wrong)}: unknown with --parallel {world}; valid cases: "
+                             f"{', '.join(matrix)}")
+    return world, dev, backends, unavailable, args.case or None
+
+
+def _ratio_text(r: float) -> str:
+    return "inf" if r == float("inf") else f"{r:.3f}" if r < 10 else f"{r:.3g}"
+
+
+def _parallel_cell(res: dict) -> tuple[str, str]:
+    """``(cell text, status)`` of one rank's result; status ``ok``, ``FAIL`` or ``n/a``."""
+    if res.get("skipped"):
+        return "n/a", "n/a"
+    status = "ok" if res["ok"] else "FAIL"
+    if "ratio" in res:
+        return f"{_ratio_text(res['ratio'])} {res.get('worst', '')} {status}", status
+    assertion = res.get("error", "").startswith(("AssertionError", "CaseFailure"))
+    return (status if res["ok"] or assertion else "ERROR"), status
+
+
+def cmd_check_parallel(args) -> int:
+    """``attnlib check --parallel N``: the sequence-parallel matrix on N local processes."""
+    from .parallel import conformance as spc
+
+    try:
+        world, dev, backends, unavailable, names = _parallel_plan(args)
+    except UsageError as e:
+        print(f"attnlib check: {e}", file=sys.stderr)
+        return 2
+    for r in unavailable:
+        print(f"FAIL: {r['name']} was asked for and cannot run here: {r['reason']}")
+    if unavailable and not backends:
+        print("FAILED: no backend to check")
+        return 1
+    dist_backend = "nccl" if dev == "cuda" else "gloo"
+    t0 = time.perf_counter()
+    print(f"attnlib check --parallel {world}: sequence parallelism (Ulysses, ring, hybrid) on {world} local "
+          f"processes ({dist_backend}, {dev}), vs the float64 reference (tolerance: attnlib.testing)")
+    sys.stdout.flush()          # before the children write anything
+    matrix, results = spc.run_matrix(world, names=names, backends=backends or None, device=dev,
+                                     timeout_s=args.timeout, dist_backend=dist_backend)
+    print()
+    cells_of = {name: [_parallel_cell(results[r][name]) for r in range(world)] for name in matrix}
+    cw = max([len("case")] + [len(n) for n in matrix])
+    sw = max([len("strategy")] + [len(spc.strategy(o, world)) for o in matrix.values()])
+    rw = max([14] + [len(text) for cells in cells_of.values() for text, _ in cells])
+    header = (f"{'case':{cw}s} {'strategy':{sw}s} {'backend':8s} {'dtype':5s} "
+              + " ".join(f"{'rank ' + str(r):>{rw}s}" for r in range(world)) + f" {'s':>6s}")
+    print(header)
+    print("-" * len(header))
+    failed = skipped = 0
+    for name, opt in matrix.items():
+        attn = opt.get("kind", "attn") == "attn"
+        per_rank = [results[r][name] for r in range(world)]
+        cells = cells_of[name]
+        statuses = {s for _, s in cells}
+        failed += "FAIL" in statuses
+        skipped += statuses == {"n/a"}
+        backend = opt["backend"] if attn else "-"
+        dtype = dtype_name(opt.get("dtype", torch.float32)) if attn else "-"
+        secs = max(res.get("s", 0.0) for res in per_rank)
+        print(f"{name:{cw}s} {spc.strategy(opt, world):{sw}s} {backend:8s} {dtype:5s} "
+              + " ".join(f"{text:>{rw}s}" for text, _ in cells) + f" {secs:6.2f}")
+        for r, res in enumerate(per_rank):
+            if not res["ok"]:
+                lines = res.get("error", "").strip().splitlines() or ["(no message)"]
+                shown = lines if args.verbose else lines[:1]
+                print(f"    rank {r}: " + "\n    ".join(shown))
+        first = per_rank[0]
+        if first.get("skipped") and args.verbose:
+            print(f"    [{first['skipped']}]")
+        for msg in first.get("fallbacks", ()):
+            print(f"    [rank 0: {msg}]")
+    print()
+    print("cells: per rank, the worst max|error| / tolerance over out, lse (the *_lse cases), dq, dk, dv and which "
+          "one (> 1 fails); ok/FAIL for shard/gather and the expected errors; n/a: the backend cannot serve the "
+          "call (`-v` says why)")
+    dt = time.perf_counter() - t0
+    failures = failed + len(unavailable)
+    ran = len(matrix) - skipped
+    print()
+    print(f"{'FAILED' if failures or not ran else 'PASSED'}: {failed} failing case(s) of {len(matrix)} on {world} "
+          f"processes, {ran} checked, {skipped} n/a, {dt:.1f}s")
+    return 1 if failures or not ran else 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="attnlib", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -275,6 +407,12 @@ def main(argv=None) -> int:
                         "default 8, 0 for none)")
     c.add_argument("--seed", type=int, default=0, help="seed of the --fuzz cases (default 0)")
     c.add_argument("-v", "--verbose", action="store_true", help="print why a backend skips a case")
+    c.add_argument("--parallel", type=int, metavar="N",
+                   help="instead: the sequence-parallel matrix (Ulysses, ring, hybrid; forward, LSE and gradients vs "
+                        "float64) on N local processes: gloo on cpu, NCCL on cuda (one GPU per process); --backend "
+                        "runs every case on that backend, --case picks cases")
+    c.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                   help="with --parallel: stop the processes after S seconds (default 300)")
     args = p.parse_args(argv)
     if args.cmd == "info":
         tables = [(args.capabilities, capability_matrix), (args.aliases, alias_table),
@@ -283,6 +421,8 @@ def main(argv=None) -> int:
             print("\n\n".join(make() for asked, make in tables if asked))
             return 0
         return cmd_info(args)
+    if args.parallel is not None:
+        return cmd_check_parallel(args)
     args.dtype = args.dtype or ["fp32", "bf16", "fp16"]
     return cmd_check(args)
 

@@ -122,3 +122,26 @@ def test_check_prints_the_models_section_through_the_entry_point():
                            "--case", "full", "--fuzz", "0"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "\nmodels (reference blocks" in proc.stdout and "qwen_image" in proc.stdout
+
+
+def test_check_parallel_runs_the_sequence_parallel_cases(capsys):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    assert cli.main(["check", "--parallel", "2", "--device", "cpu", "--case", "causal_uneven_sdpa_lse",
+                     "--case", "ring_blockdiag_cfg_kv_sdpa_lse"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("causal_uneven_sdpa_lse", "ring_blockdiag_cfg"))]
+    assert len(rows) == 2 and all(line.count(" ok") == 2 for line in rows), out
+    assert "ulysses=2" in rows[0] and "ring=2" in rows[1]
+    assert "PASSED: 0 failing case(s) of 2 on 2 processes" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--parallel", "1"], "--parallel 1: sequence parallelism needs at least 2 processes"),
+    (["--parallel", "2", "--case", "bogus"], "--case bogus: unknown with --parallel 2; valid cases: none_even_math"),
+    (["--parallel", "2", "--dtype", "fp32"], "--dtype does not apply with --parallel"),
+])
+def test_check_parallel_usage_errors(args, needle, capsys):
+    assert cli.main(["check", *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
