@@ -351,7 +351,7 @@ def cmd_check_parallel(args) -> int:
     print("-" * len(header))
     failed = skipped = 0
     for name, opt in matrix.items():
-        attn = opt.get("kind", "attn") == "attn"
+        attn = opt.get("kind", "attn") in spc.ATTENTION_KINDS
         per_rank = [results[r][name] for r in range(world)]
         cells = cells_of[name]
         statuses = {s for _, s in cells}

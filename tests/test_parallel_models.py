@@ -1,8 +1,7 @@
 """Sequence parallelism at the model level, in spawned gloo processes (attnlib.parallel.conformance.spawn).
 
-* ``joint``: ``SequenceParallel.joint_attention`` (text replicated, image sharded, front/rear) under
-  Ulysses, ring and the hybrid, against the float64 reference of the whole joint sequence (out, LSE,
-  the text and image gradients), under the tolerance policy.
+(The attention-level matrix, ``SequenceParallel.joint_attention`` included, is tests/test_parallel.py.)
+
 * ``qwen_image`` / ``bagel``: the reference model blocks under SP equal one process: the SP run's
   error against the float64 one-process model is within the policy of the one-process run's error in
   the same dtype (forward, and the input gradients for QwenImage).
@@ -27,9 +26,6 @@ CASES: dict[int, dict[str, dict]] = {2: {}, 4: {}}
 for _world in (2, 4):
     _strategies = ("ulysses", "ring") + (("hybrid",) if _world == 4 else ())
     for _st in _strategies:
-        for _js in ("front", "rear"):
-            CASES[_world][f"joint_{_st}_{_js}_keypad"] = dict(kind="joint", sp=_st, strategy=_js, mask=True)
-            CASES[_world][f"joint_{_st}_{_js}_hint"] = dict(kind="joint", sp=_st, strategy=_js, mask=False, hint=True)
         if _st != "ulysses" or _world == 2:      # the tiny QwenImage has 2 heads: no Ulysses over 4 ranks
             CASES[_world][f"qwen_image_{_st}_cfg_padded"] = dict(kind="qwen_image", sp=_st)
             CASES[_world][f"qwen_image_{_st}_zero_cond_t"] = dict(kind="qwen_image", sp=_st, zero_cond_t=True)
@@ -59,52 +55,6 @@ def _check(actual, ref64, naive, what, dtype, magnitude=0.0):
     c = compare(actual, ref64, naive, dtype, what, magnitude)
     assert c.passed, f"{what}: max error {c.error:.3g} > tolerance {c.tol:.3g} (one-process {dtype} error {c.naive:.3g})"
     return c.error / c.tol if c.tol else 0.0
-
-
-def _joint(opt, ctx):
-    from attnlib import KeyPadding
-    from attnlib.testing import gradient_magnitudes
-
-    g = torch.Generator().manual_seed(7)
-    B, T, S, H, D = 2, 5, 11, 4, 8
-    text = [torch.randn(B, T, H, D, generator=g) for _ in range(3)]
-    image = [torch.randn(B, S, H, D, generator=g) for _ in range(3)]
-    front = opt["strategy"] == "front"
-    mask = None
-    if opt["mask"]:
-        tvalid = torch.rand(B, T, generator=g) > 0.3
-        tvalid[:, 0] = True
-        ones = torch.ones(B, S, dtype=torch.bool)
-        mask = KeyPadding(torch.cat([tvalid, ones] if front else [ones, tvalid], 1))
-    sp = _sp(opt["sp"], ctx.world)
-    if opt.get("hint"):
-        sp = sp.with_seqlens(T + S)
-    text_in = [t.clone().requires_grad_() for t in text]
-    img_in = [sp.shard(t, 1).detach().requires_grad_() for t in image]
-    out, lse = sp.joint_attention(*img_in, *text_in, mask, joint_strategy=opt["strategy"], return_lse=True,
-                                  backend="sdpa")
-    mine = out.shape[1] - T
-    o_t, o_i = (out[:, :T], out[:, T:]) if front else (out[:, mine:], out[:, :mine])
-    l_t, l_i = (lse[..., :T], lse[..., T:]) if front else (lse[..., mine:], lse[..., :mine])
-    cat = (lambda a, b, d=1: torch.cat([a, b], d)) if front else (lambda a, b, d=1: torch.cat([b, a], d))
-    out_all = cat(o_t, sp.gather(o_i, 1))
-    lse_all = cat(l_t, sp.gather(l_i, -1), -1)
-    dout = torch.randn(out_all.shape, generator=g)
-    (out_all * dout).sum().backward()
-
-    whole = [cat(a, b) for a, b in zip(text, image)]
-    ref_in = [t.double().requires_grad_() for t in whole]
-    ref_out, ref_lse = attention64(*ref_in, mask)
-    (ref_out * dout.double()).sum().backward()
-    nv_in = [t.clone().requires_grad_() for t in whole]
-    nv_out, nv_lse = attention64(*nv_in, mask, dtype=torch.float32)
-    (nv_out * dout).sum().backward()
-    worst = [_check(out_all, ref_out, nv_out, "out", torch.float32), _check(lse_all, ref_lse, nv_lse, "lse", torch.float32)]
-    mags = gradient_magnitudes(*whole, dout, D ** -0.5)
-    for i, name in enumerate(("dq", "dk", "dv")):
-        got = cat(text_in[i].grad, sp.gather(img_in[i].grad, 1))     # the text gradient: whole on every rank
-        worst.append(_check(got, ref_in[i].grad, nv_in[i].grad, name, torch.float32, mags[name]))
-    return {"worst": max(worst)}
 
 
 def _one_process_and_sp(fn, ctx, dtype=torch.float32):
@@ -288,7 +238,7 @@ def _group_hybrid(opt, ctx):
     return {"worst": _check(got, ref, nv, "out", torch.float32)}
 
 
-_KINDS = {"joint": _joint, "qwen_image": _qwen_image, "bagel": _bagel, "vllm": _vllm, "lengths": _lengths,
+_KINDS = {"qwen_image": _qwen_image, "bagel": _bagel, "vllm": _vllm, "lengths": _lengths,
           "group_hybrid": _group_hybrid}
 
 

@@ -279,6 +279,10 @@ _FIXED = {
         "causal_bf16_sdpa_lse": dict(b=1, s=9, hq=4, hkv=2, mask="causal", backend="sdpa", lse=True,
                                      dtype=torch.bfloat16),
         "module_causal_sdpa": dict(b=1, s=9, hq=4, hkv=2, mask="causal", backend="sdpa", module=True),
+        "joint_front_keypad_sdpa_lse": dict(kind="joint", b=2, t=5, s=11, hq=4, hkv=2, strategy="front",
+                                            mask="keypad", backend="sdpa", lse=True),
+        "joint_rear_known_length_math": dict(kind="joint", b=1, t=3, s=8, hq=2, hkv=2, strategy="rear",
+                                             mask="none", backend="math", known_length=True),
         "roundtrip": dict(kind="roundtrip"),
         "err_heads_not_divisible": dict(kind="raises", what="heads", hq=3),
         "err_bad_degree": dict(kind="raises", what="degree", ulysses=3),
@@ -296,6 +300,10 @@ _FIXED = {
         "blockdiag_cfg_kv_sdpa_lse": dict(lens=[5, 6], kv_lens=[7, 5], hq=4, hkv=1, mask="blockdiag",
                                           backend="sdpa", lse=True),
         "dense_per_head_math": dict(b=1, s=7, hq=4, hkv=2, mask="dense", backend="math"),
+        "joint_front_keypad_sdpa_lse": dict(kind="joint", b=2, t=5, s=11, hq=4, hkv=1, strategy="front",
+                                            mask="keypad", backend="sdpa", lse=True),
+        "joint_rear_keypad_math_lse": dict(kind="joint", b=1, t=6, s=3, hq=4, hkv=2, strategy="rear",
+                                           mask="keypad", backend="math", lse=True),
         "roundtrip": dict(kind="roundtrip"),
         "err_heads_not_divisible": dict(kind="raises", what="heads", hq=6),
     },
@@ -333,6 +341,10 @@ def _generated(n: int) -> dict[str, dict]:
         "causal_bf16_sdpa_lse": dict(b=1, s=2 * n + 1, hq=n, hkv=1, mask="causal", backend="sdpa", lse=True,
                                      dtype=bf16),
         "module_causal_sdpa": dict(b=1, s=2 * n + 1, hq=n, hkv=1, mask="causal", backend="sdpa", module=True),
+        "joint_front_keypad_sdpa_lse": dict(kind="joint", b=2, t=n + 1, s=3 * n + 1, hq=n, hkv=1, strategy="front",
+                                            mask="keypad", backend="sdpa", lse=True),
+        "joint_rear_known_length_math": dict(kind="joint", b=1, t=n - 1, s=2 * n + 1, hq=n, hkv=n, strategy="rear",
+                                             mask="none", backend="math", known_length=True),
         "roundtrip": dict(kind="roundtrip"),
         "err_heads_not_divisible": dict(kind="raises", what="heads", hq=n + 1),
         "err_bad_degree": dict(kind="raises", what="degree", ulysses=n + 1),
@@ -348,6 +360,10 @@ def _hybrid_degree(n: int) -> int | None:
     return None
 
 
+#: the case kinds that compare attention against the reference (they run under every strategy)
+ATTENTION_KINDS = ("attn", "joint")
+
+
 def cases(world: int) -> dict[str, dict]:
     """The sequence-parallel matrix for ``world`` ranks, ``{name: options}`` (``world >= 2``).
 
@@ -360,12 +376,12 @@ def cases(world: int) -> dict[str, dict]:
     base = {k: dict(v) for k, v in _FIXED[world].items()} if world in _FIXED else _generated(world)
     out = dict(base)
     for name, opt in base.items():
-        if opt.get("kind", "attn") == "attn":
+        if opt.get("kind", "attn") in ATTENTION_KINDS:
             out["ring_" + name] = dict(opt, ring=True)
     u = _hybrid_degree(world)
     if u is not None:
         for name, opt in base.items():
-            if opt.get("kind", "attn") == "attn":
+            if opt.get("kind", "attn") in ATTENTION_KINDS:
                 out["hybrid_" + name] = dict(opt, hybrid=u)
     return out
 
@@ -373,7 +389,7 @@ def cases(world: int) -> dict[str, dict]:
 def strategy(opt: Mapping, world: int) -> str:
     """How a case splits the work, for a table: ``ulysses=N``, ``ring=N``, ``ulysses=u x ring=r``, ..."""
     kind = opt.get("kind", "attn")
-    if kind != "attn":
+    if kind not in ATTENTION_KINDS:
         return "shard/gather" if kind == "roundtrip" else "errors"
     layout = "" if opt.get("layout", "contiguous") == "contiguous" else f" {opt['layout']}"
     if opt.get("ring"):
@@ -485,14 +501,7 @@ def _attn(name, opt, ctx: RankContext) -> dict:
     q, k, v, mask, thd = build_inputs(opt, gen)
     seq_dim = 0 if thd else 1
     want_lse = opt.get("lse", False)
-    if opt.get("ring"):
-        kw = {"ring": world}
-    elif opt.get("hybrid"):
-        u = int(opt["hybrid"])
-        kw = {"ulysses": u, "ring": world // u}
-    else:
-        kw = {}
-    sp = SequenceParallel(layout=opt.get("layout", "contiguous"), **kw)
+    sp = SequenceParallel(layout=opt.get("layout", "contiguous"), **_strategy_kwargs(opt, world))
     dmask = _mask_on(mask, dev)
 
     leaves = [t.detach().to(dev).requires_grad_() for t in (q, k, v)]
@@ -533,20 +542,97 @@ def _attn(name, opt, ctx: RankContext) -> dict:
     mags = gradient_magnitudes(q, k, v, g, q.shape[-1] ** -0.5)
     for what, got_g, r, nv in zip(("dq", "dk", "dv"), grads, ref_in, nv_in):
         comps.append(compare(got_g, r.grad, nv.grad, q.dtype, what, mags[what]))
-    ratios = [c.error / c.tol if c.tol else math.inf for c in comps]
-    i = max(range(len(comps)), key=ratios.__getitem__)
-    result = {"ratio": ratios[i], "worst": comps[i].what, "error_abs": comps[i].error, "tol": comps[i].tol}
-    if fb.messages():
-        result["fallbacks"] = fb.messages()
-    failed = [c for c in comps if not c.passed]
-    if failed:
-        raise CaseFailure("; ".join(f"{c.what}: max error {c.error:.3g} > tolerance {c.tol:.3g} (naive "
-                                    f"{q.dtype} error {c.naive:.3g})" for c in failed), **result)
+    result = _verdict(comps, q.dtype, fb.messages())
     held = sum(b - a for a, b in sp.ranges(out.shape[seq_dim]))
     if out_local.shape[seq_dim] != held:
         raise CaseFailure(f"the local output holds {out_local.shape[seq_dim]} tokens, sp.ranges says {held}",
                           **result)
     return result
+
+
+def _strategy_kwargs(opt, world) -> dict:
+    if opt.get("ring"):
+        return {"ring": world}
+    if opt.get("hybrid"):
+        u = int(opt["hybrid"])
+        return {"ulysses": u, "ring": world // u}
+    return {}
+
+
+def _verdict(comps, dtype, fallbacks) -> dict:
+    """The worst comparison as the case's result; :class:`CaseFailure` when any comparison fails."""
+    ratios = [c.error / c.tol if c.tol else math.inf for c in comps]
+    i = max(range(len(comps)), key=ratios.__getitem__)
+    result = {"ratio": ratios[i], "worst": comps[i].what, "error_abs": comps[i].error, "tol": comps[i].tol}
+    if fallbacks:
+        result["fallbacks"] = fallbacks
+    failed = [c for c in comps if not c.passed]
+    if failed:
+        raise CaseFailure("; ".join(f"{c.what}: max error {c.error:.3g} > tolerance {c.tol:.3g} (naive "
+                                    f"{dtype} error {c.naive:.3g})" for c in failed), **result)
+    return result
+
+
+def _joint(name, opt, ctx: RankContext) -> dict:
+    """``SequenceParallel.joint_attention``: a replicated text stream and a sharded image stream, against the
+    reference on the whole joint sequence (out, LSE, and the gradients of text and image q, k, v)."""
+    from ..masks import KeyPadding
+    from ..testing import compare, gradient_magnitudes
+    from . import SequenceParallel
+
+    dev = torch.device(ctx.device)
+    reference = resolve_target(ctx.shared.get("reference") or DEFAULT_REFERENCE)
+    gen = torch.Generator().manual_seed(4321)
+    b, t, s, hq, hkv, d = opt["b"], opt["t"], opt["s"], opt["hq"], opt["hkv"], 8
+    dtype = opt.get("dtype", torch.float32)
+    text = [torch.randn(b, t, h, d, generator=gen).to(dtype) for h in (hq, hkv, hkv)]
+    image = [torch.randn(b, s, h, d, generator=gen).to(dtype) for h in (hq, hkv, hkv)]
+    front = opt["strategy"] == "front"
+
+    def joined(a, x, dim=1):
+        return torch.cat([a, x] if front else [x, a], dim)
+
+    mask = None
+    if opt["mask"] == "keypad":
+        text_valid = torch.rand(b, t, generator=gen) > 0.3
+        text_valid[:, 0] = True
+        mask = KeyPadding(joined(text_valid, torch.ones(b, s, dtype=torch.bool)))
+    want_lse = opt.get("lse", False)
+    sp = SequenceParallel(layout=opt.get("layout", "contiguous"), **_strategy_kwargs(opt, ctx.world))
+    if opt.get("known_length"):
+        sp = sp.with_seqlens(t + s)
+    text_in = [x.detach().to(dev).requires_grad_() for x in text]
+    image_in = [sp.shard(x.to(dev), 1).detach().requires_grad_() for x in image]
+    with _Fallbacks() as fb:
+        got = sp.joint_attention(*image_in, *text_in, _mask_on(mask, dev), joint_strategy=opt["strategy"],
+                                 backend=opt["backend"], return_lse=want_lse)
+        out, lse = got if want_lse else (got, None)
+        mine = out.shape[1] - t
+        cut = (t, mine) if front else (mine, t)
+        o_text, o_image = out.split(cut, 1) if front else out.split(cut, 1)[::-1]
+        out_all = joined(o_text, sp.gather(o_image, 1, total=s))
+        g = torch.randn(out_all.shape, generator=gen).to(dtype)
+        (out_all * g.to(dev)).sum().backward()
+        lse_all = None
+        if want_lse:
+            l_text, l_image = lse.split(cut, -1) if front else lse.split(cut, -1)[::-1]
+            lse_all = joined(l_text, sp.gather(l_image, -1, total=s), -1).cpu()
+        # the text's gradient is whole on every rank; the image's is this rank's shard
+        grads = [joined(a.grad, sp.gather(x.grad, 1, total=s)).cpu() for a, x in zip(text_in, image_in)]
+    whole = [joined(a, x) for a, x in zip(text, image)]
+    ref_in = [x.double().requires_grad_() for x in whole]
+    ref_out, ref_lse = reference(*ref_in, mask, packed=False)
+    (ref_out * g.double()).sum().backward()
+    nv_in = [x.detach().clone().requires_grad_() for x in whole]
+    nv_out, nv_lse = reference(*nv_in, mask, packed=False, dtype=dtype)
+    (nv_out * g).sum().backward()
+    comps = [compare(out_all.detach().cpu(), ref_out, nv_out, dtype, "out")]
+    if want_lse:
+        comps.append(compare(lse_all, ref_lse, nv_lse, dtype, "lse"))
+    mags = gradient_magnitudes(*whole, g, d ** -0.5)
+    for what, got_g, r, nv in zip(("dq", "dk", "dv"), grads, ref_in, nv_in):
+        comps.append(compare(got_g, r.grad, nv.grad, dtype, what, mags[what]))
+    return _verdict(comps, dtype, fb.messages())
 
 
 def _roundtrip(ctx: RankContext) -> None:
@@ -621,11 +707,13 @@ def run_case(name: str, opt: Mapping, ctx: RankContext):
     kind = opt.get("kind", "attn")
     if kind == "attn":
         return _attn(name, opt, ctx)
+    if kind == "joint":
+        return _joint(name, opt, ctx)
     if kind == "roundtrip":
         return _roundtrip(ctx)
     if kind == "raises":
         return _raises(opt, ctx)
-    raise ValueError(f"case {name!r}: kind={kind!r} is unknown (attn, roundtrip, raises)")
+    raise ValueError(f"case {name!r}: kind={kind!r} is unknown (attn, joint, roundtrip, raises)")
 
 
 def run_matrix(world: int, *, names=None, backends=None, reference: str = DEFAULT_REFERENCE, device: str = "cpu",
@@ -645,7 +733,7 @@ def run_matrix(world: int, *, names=None, backends=None, reference: str = DEFAUL
     if backends:
         run = {}
         for n, o in matrix.items():
-            if o.get("kind", "attn") != "attn":
+            if o.get("kind", "attn") not in ATTENTION_KINDS:
                 run[n] = o
                 continue
             for b in backends:
