@@ -36,6 +36,7 @@ for _world in (2, 4):
         CASES[_world][f"vllm_{_st}_attn_mask"] = dict(kind="vllm", sp=_st, meta="attn_mask")
         CASES[_world][f"vllm_{_st}_cu_seqlens"] = dict(kind="vllm", sp=_st, meta="cu_seqlens", causal=True)
     CASES[_world]["lengths_known_no_exchange"] = dict(kind="lengths")
+    CASES[_world]["readme_example"] = dict(kind="readme")
 CASES[4]["group_hybrid_non_default"] = dict(kind="group_hybrid")
 
 
@@ -238,7 +239,26 @@ def _group_hybrid(opt, ctx):
     return {"worst": _check(got, ref, nv, "out", torch.float32)}
 
 
-_KINDS = {"qwen_image": _qwen_image, "bagel": _bagel, "vllm": _vllm, "lengths": _lengths,
+def _readme(opt, ctx):
+    """The README's sequence-parallel snippet runs as written and equals the one-process call."""
+    import pathlib
+
+    import attnlib
+    from attnlib import Causal
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = text.index("```python\nfrom attnlib.parallel import SequenceParallel") + len("```python\n")
+    code = text[start:text.index("```", start)]
+    g = torch.Generator().manual_seed(11)
+    q, k, v = torch.randn(2, 16, 8, 64, generator=g), torch.randn(2, 80, 2, 64, generator=g), \
+        torch.randn(2, 80, 2, 64, generator=g)
+    namespace = {"attnlib": attnlib, "Causal": Causal, "q": q, "k": k, "v": v, "torch": torch}
+    exec(compile(code, "README-parallel", "exec"), namespace)
+    err = (namespace["out"] - attnlib.attention(q, k, v, Causal())).abs().max().item()
+    assert err < 1e-5, f"the README's sequence-parallel example differs from one process by {err:.3g}"
+
+
+_KINDS = {"readme": _readme, "qwen_image": _qwen_image, "bagel": _bagel, "vllm": _vllm, "lengths": _lengths,
           "group_hybrid": _group_hybrid}
 
 
