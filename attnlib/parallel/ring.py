@@ -9,8 +9,9 @@ skipped (no compute: the causal future blocks). Partial results merge with the f
 The next K/V transfer is posted before each step's compute (they overlap). Backward is autograd through
 the steps: the K/V hand-off is a differentiable ring shift (its backward sends the K/V gradients back to
 the rank they came from, synchronously), every step's LSE carries its exact gradient (on backends whose
-kernels return it without one, ``attnlib.attention`` attaches it: two extra attention calls in backward),
-and the chain of shifts is tied to the output so every rank runs the same communication in the same order.
+kernels return it without one, ``attnlib.attention`` attaches it: two extra attention calls in backward,
+one of them with its own backward), and the chain of shifts is tied to the output so every rank runs the
+same communication in the same order.
 """
 from __future__ import annotations
 

@@ -412,7 +412,7 @@ def _ulysses(sp, qq, kk, vv, mask, qsh: Sharding, ksh: Sharding, scale, backend,
         vv = vv.repeat_interleave(expanded // hkv, dim=2)
     local_mask = _head_slice_mask(mask, sp.rank % u, hq, u)
     if sp.ring > 1:
-        return _hybrid(sp, qq, kk, vv, local_mask, qsh, ksh, scale, backend)
+        return _hybrid(sp, qq, kk, vv, local_mask, qsh, ksh, scale, backend, want_lse)
     q_sizes, k_sizes = qsh.sizes, ksh.sizes
     inv_q, inv_k = qsh.inverse(), ksh.inverse()
     qf = _seq_to_heads(qq, q_sizes, u, sp.group, inv_q)
@@ -440,7 +440,7 @@ def _member_ranges(sh: Sharding, u: int, ring_member: int) -> tuple[tuple[int, i
     return tuple(out) if out else ((0, 0),)
 
 
-def _hybrid(sp, qq, kk, vv, mask, qsh: Sharding, ksh: Sharding, scale, backend):
+def _hybrid(sp, qq, kk, vv, mask, qsh: Sharding, ksh: Sharding, scale, backend, want_lse):
     """Ulysses inside each group of ``ulysses`` consecutive ranks, ring across the groups."""
     from ..plan import plan_for
     from .ring import ring_core
@@ -454,5 +454,7 @@ def _hybrid(sp, qq, kk, vv, mask, qsh: Sharding, ksh: Sharding, scale, backend):
     out, lse = ring_core(qh, kh, vh, plan_for(mask, qsh.total, ksh.total), lambda m: _member_ranges(qsh, u, m),
                          lambda m: _member_ranges(ksh, u, m), i, sp.ring, sp.ring_group, scale, backend)
     out = _heads_to_seq(out, gq, j, u, sp.ulysses_group, None)
+    if not want_lse:
+        return out, None
     lse = _heads_to_seq(lse.permute(0, 2, 1).unsqueeze(-1), gq, j, u, sp.ulysses_group, None)[..., 0].permute(0, 2, 1)
     return out, lse
