@@ -37,6 +37,8 @@ for _world in (2, 4):
         CASES[_world][f"vllm_{_st}_cu_seqlens"] = dict(kind="vllm", sp=_st, meta="cu_seqlens", causal=True)
     CASES[_world]["lengths_known_no_exchange"] = dict(kind="lengths")
     CASES[_world]["readme_example"] = dict(kind="readme")
+    for _st in _strategies:
+        CASES[_world][f"lse_in_the_loss_{_st}"] = dict(kind="lse_loss", sp=_st)
 CASES[4]["group_hybrid_non_default"] = dict(kind="group_hybrid")
 
 
@@ -258,7 +260,38 @@ def _readme(opt, ctx):
     assert err < 1e-5, f"the README's sequence-parallel example differs from one process by {err:.3g}"
 
 
-_KINDS = {"readme": _readme, "qwen_image": _qwen_image, "bagel": _bagel, "vllm": _vllm, "lengths": _lengths,
+def _lse_loss(opt, ctx):
+    """A loss that uses the returned LSE too: its gradient flows back through every strategy."""
+    import attnlib
+    from attnlib import KeyPadding
+    from attnlib.testing import gradient_magnitudes
+
+    sp = _sp(opt["sp"], ctx.world)
+    g = torch.Generator().manual_seed(21)
+    q, k, v = torch.randn(2, 9, 4, 8, generator=g), torch.randn(2, 9, 2, 8, generator=g), torch.randn(2, 9, 2, 8, generator=g)
+    valid = torch.rand(2, 9, generator=g) > 0.3
+    valid[:, 0] = True
+    mask = KeyPadding(valid, causal=True)
+    dout, dl = torch.randn(2, 9, 4, 8, generator=g), torch.randn(2, 4, 9, generator=g)
+    local = [sp.shard(t).requires_grad_() for t in (q, k, v)]
+    out, lse = attnlib.attention(*local, mask, parallel=sp, return_lse=True, backend="sdpa")
+    out, lse = sp.gather(out), sp.gather(lse, -1)
+    ((out * dout).sum() + (lse * dl).sum()).backward()
+    grads = [sp.gather(t.grad) for t in local]
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    ro, rl = attention64(*ref, mask)
+    ((ro * dout.double()).sum() + (rl * dl.double()).sum()).backward()
+    nv = [t.clone().requires_grad_() for t in (q, k, v)]
+    no, nl = attention64(*nv, mask, dtype=torch.float32)
+    ((no * dout).sum() + (nl * dl).sum()).backward()
+    mags = gradient_magnitudes(q, k, v, dout, 8 ** -0.5)
+    worst = [_check(out, ro, no, "out", torch.float32), _check(lse, rl, nl, "lse", torch.float32)]
+    for name, got, r, n in zip(("dq", "dk", "dv"), grads, ref, nv):
+        worst.append(_check(got, r.grad, n.grad, name, torch.float32, mags[name]))
+    return {"worst": max(worst)}
+
+
+_KINDS = {"lse_loss": _lse_loss, "readme": _readme, "qwen_image": _qwen_image, "bagel": _bagel, "vllm": _vllm, "lengths": _lengths,
           "group_hybrid": _group_hybrid}
 
 

@@ -6,12 +6,12 @@ when the slice is expressible (``None``, ``Causal`` bottom-right / top-left, ``K
 ``BlockDiagonal``), else an exact ``DenseMask`` of the slice; a slice in which no query sees a key is
 skipped (no compute: the causal future blocks). Partial results merge with the float32 LSE rule.
 
-The next K/V transfer is posted before each step's compute (they overlap). Backward is autograd through
-the steps: the K/V hand-off is a differentiable ring shift (its backward sends the K/V gradients back to
-the rank they came from, synchronously), every step's LSE carries its exact gradient (on backends whose
-kernels return it without one, ``attnlib.attention`` attaches it: two extra attention calls in backward,
-one of them with its own backward), and the chain of shifts is tied to the output so every rank runs the
-same communication in the same order.
+The next K/V transfer is posted before each step's compute (they overlap). Backward is one pass around
+the ring again: each step's block gradient comes from the merged output and LSE (the flash-attention
+backward rule: ``P = exp(s - lse)``, ``dS = P * (dP - rowsum(dout * out) + dlse)``), computed in float32
+in chunks of query rows under the step's slice of the plan, and each K/V block's gradient accumulator
+travels with it and returns to its owner after the last step. Only q, k, v, out and lse are kept for
+backward (not the steps).
 """
 from __future__ import annotations
 
@@ -70,26 +70,7 @@ def _tiles(p) -> bool:
     return (q0, k0) == (p.seqlen_q, p.seqlen_k)
 
 
-# -- autograd pieces ---------------------------------------------------------------------------------------
-class _RingShift(torch.autograd.Function):
-    """The block received from the previous rank (already in ``received``: the exchange was posted before
-    the step's compute) as a function of the block ``x`` this rank sent on; backward: the gradient of
-    ``received`` goes back to the previous rank, and ours comes from the next one."""
-
-    @staticmethod
-    def forward(ctx, x, received, group, rank, n):
-        ctx.meta = (x.numel(), group, rank, n)
-        return received
-
-    @staticmethod
-    def backward(ctx, grad):
-        numel, group, rank, n = ctx.meta
-        reqs, back = _post_exchange(grad.contiguous(), numel, (rank - 1) % n, (rank + 1) % n, group)
-        for req in reqs:
-            req.wait()
-        return back, None, None, None, None
-
-
+# -- the ring ----------------------------------------------------------------------------------------------
 def _post_exchange(x, recv_numel, dst, src, group):
     """Post ``isend(x -> dst)`` and ``irecv(src)``; returns the requests and the receive buffer."""
     out = x.new_empty(recv_numel)
@@ -99,75 +80,183 @@ def _post_exchange(x, recv_numel, dst, src, group):
     return dist.batch_isend_irecv(ops), out
 
 
-class _Tie(torch.autograd.Function):
-    """``out`` unchanged; makes ``anchor`` reachable in backward (zero gradient) so the ring's backward
-    communication runs on every rank even where the last visiting block was skipped."""
-
-    @staticmethod
-    def forward(ctx, out, anchor):
-        ctx.anchor_shape = anchor.shape
-        ctx.anchor_meta = (anchor.dtype, anchor.device)
-        return out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, grad):
-        dtype, device = ctx.anchor_meta
-        return grad, torch.zeros(ctx.anchor_shape, dtype=dtype, device=device)
+def _wait(reqs):
+    for req in reqs:
+        req.wait()
 
 
-# -- the ring ----------------------------------------------------------------------------------------------
+class _Spec:
+    """What both passes of the ring need besides the tensors."""
+
+    def __init__(self, plan, q_ranges_of, k_ranges_of, r, n, group, scale, backend):
+        self.plan, self.r, self.n, self.group, self.scale, self.backend = plan, r, n, group, scale, backend
+        self.q_ranges = q_ranges_of(r)
+        self.k_ranges = [k_ranges_of(m) for m in range(n)]
+        self.k_sizes = [sum(z - a for a, z in rs) for rs in self.k_ranges]
+
+    def steps(self, src):
+        """``(local q offset, q range, local k offset, k range, step mask)`` of every non-empty slice."""
+        local_q = 0
+        for i, (q0, q1) in enumerate(self.q_ranges):
+            local_k = 0
+            for k0, k1 in self.k_ranges[src]:
+                p = self.plan.restrict((q0, q1), (k0, k1))
+                m = step_mask(p)
+                if m is not SKIP:
+                    yield i, local_q, (q0, q1), local_k, (k0, k1), m, p
+                local_k += k1 - k0
+            local_q += q1 - q0
+
+
 def ring_core(qq, kk, vv, plan, q_ranges_of, k_ranges_of, r, n, group, scale, backend):
     """The ring on BSHD shards: ``qq`` holds the global query ranges ``q_ranges_of(r)`` (concatenated),
     ``kk``/``vv`` the key ranges ``k_ranges_of(r)``; member ``m`` of the ring (group rank ``m``) holds
     ``k_ranges_of(m)``. Returns this member's ``(out [B, s, H, Dv], lse float32 [B, H, s])``."""
+    spec = _Spec(plan, q_ranges_of, k_ranges_of, r, n, group, scale, backend)
+    return _Ring.apply(qq, kk, vv, spec)
+
+
+class _Ring(torch.autograd.Function):
+    """Forward: the steps, merged by LSE. Backward: one block backward per step from the merged output
+    and LSE (``P = exp(s - lse)``, ``dS = P (dP - rowsum(dout * out) + dlse)``), with the K/V blocks
+    travelling the ring again and their gradient accumulators travelling with them back to their owner."""
+
+    @staticmethod
+    def forward(ctx, qq, kk, vv, spec):
+        out, lse = _ring_forward(qq, kk, vv, spec)
+        ctx.save_for_backward(qq, kk, vv, out, lse)
+        ctx.spec = spec
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        qq, kk, vv, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(qq, kk, vv, out, lse, dout, dlse, ctx.spec)
+        return dq, dk, dv, None
+
+
+def _ring_forward(qq, kk, vv, spec):
     from ..api import attention
 
     b, _, hkv, d = kk.shape
     dv = vv.shape[-1]
-    k_sizes = [sum(z - a for a, z in k_ranges_of(m)) for m in range(n)]
-    q_ranges = q_ranges_of(r)
-    kv = torch.cat([kk.reshape(-1), vv.reshape(-1)])
-    parts = [[] for _ in q_ranges]                    # per local query range: (out, lse) of each step
-    for t in range(n):
-        src = (r - t) % n
-        if t + 1 < n:            # hand our current block on, get the next one: posted before this step's compute
-            nxt_src = (r - t - 1) % n
-            sent = kv.detach().contiguous()
-            reqs, received = _post_exchange(sent, b * k_sizes[nxt_src] * hkv * (d + dv), (r + 1) % n, (r - 1) % n,
-                                            group)
-        ks = k_sizes[src]
-        kb = kv[:b * ks * hkv * d].view(b, ks, hkv, d)
-        vb = kv[b * ks * hkv * d:].view(b, ks, hkv, dv)
-        local_k = 0
-        k_pieces = []
-        for k0, k1 in k_ranges_of(src):
-            k_pieces.append((k0, k1, local_k))
-            local_k += k1 - k0
-        local_q = 0
-        for i, (q0, q1) in enumerate(q_ranges):
-            for k0, k1, lk in k_pieces:
-                m = step_mask(plan.restrict((q0, q1), (k0, k1)))
-                if m is SKIP:
-                    continue
-                qs = qq[:, local_q:local_q + q1 - q0]
-                ksl, vsl = kb[:, lk:lk + k1 - k0], vb[:, lk:lk + k1 - k0]
-                o, lse = attention(qs, ksl, vsl, m, scale=scale, backend=backend, return_lse=True)
-                parts[i].append((o, lse))
-            local_q += q1 - q0
-        if t + 1 < n:
-            for req in reqs:
-                req.wait()
-            kv = _RingShift.apply(kv, received, group, r, n) if kv.requires_grad else received
-    outs, lses = [], []
-    for (q0, q1), got in zip(q_ranges, parts):
-        o, l = _merge(got, b, q1 - q0, qq.shape[2], dv, qq)
-        outs.append(o)
-        lses.append(l)
+    r, n = spec.r, spec.n
+    kv = torch.cat([kk.reshape(-1), vv.reshape(-1)]).detach()
+    parts = [[] for _ in spec.q_ranges]                 # per local query range: (out, lse) of each step
+    with torch.no_grad():
+        for t in range(n):
+            src = (r - t) % n
+            if t + 1 < n:        # hand our current block on, get the next one: posted before this step's compute
+                reqs, received = _post_exchange(kv, b * spec.k_sizes[(r - t - 1) % n] * hkv * (d + dv),
+                                                (r + 1) % n, (r - 1) % n, spec.group)
+            ks = spec.k_sizes[src]
+            kb = kv[:b * ks * hkv * d].view(b, ks, hkv, d)
+            vb = kv[b * ks * hkv * d:].view(b, ks, hkv, dv)
+            for i, lq, (q0, q1), lk, (k0, k1), m, _ in spec.steps(src):
+                o, l = attention(qq[:, lq:lq + q1 - q0], kb[:, lk:lk + k1 - k0], vb[:, lk:lk + k1 - k0], m,
+                                 scale=spec.scale, backend=spec.backend, return_lse=True)
+                parts[i].append((o, l))
+            if t + 1 < n:
+                _wait(reqs)
+                kv = received
+        outs, lses = [], []
+        for (q0, q1), got in zip(spec.q_ranges, parts):
+            o, l = _merge(got, b, q1 - q0, qq.shape[2], dv, qq)
+            outs.append(o)
+            lses.append(l)
     out = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
     lse = torch.cat(lses, -1) if len(lses) > 1 else lses[0]
-    if kv.requires_grad:
-        out = _Tie.apply(out, kv)
     return out, lse
+
+
+#: the largest [B, H, rows, keys] float32 block the backward materializes at once (bytes)
+_BLOCK_BYTES = 1 << 28
+
+
+def _ring_backward(qq, kk, vv, out, lse, dout, dlse, spec):
+    from ..inputs import default_scale
+
+    b, _, hq, d = qq.shape
+    hkv, dv = kk.shape[2], vv.shape[-1]
+    r, n = spec.r, spec.n
+    scale = default_scale(d) if spec.scale is None else float(spec.scale)
+    dq = torch.zeros(qq.shape, dtype=torch.float32, device=qq.device)
+    if dout is None:
+        dout = torch.zeros(out.shape, dtype=out.dtype, device=out.device)
+    do = dout.float()
+    delta = (do * out.float()).sum(-1).permute(0, 2, 1)                     # [B, H, s]: rowsum(dout * out)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    kv = torch.cat([kk.reshape(-1), vv.reshape(-1)]).detach()
+    dkv = torch.zeros(kv.numel(), dtype=torch.float32, device=kv.device)   # travels with its block
+    for t in range(n):
+        src = (r - t) % n
+        if t + 1 < n:
+            reqs, received = _post_exchange(kv, b * spec.k_sizes[(r - t - 1) % n] * hkv * (d + dv),
+                                            (r + 1) % n, (r - 1) % n, spec.group)
+        ks = spec.k_sizes[src]
+        kb = kv[:b * ks * hkv * d].view(b, ks, hkv, d)
+        vb = kv[b * ks * hkv * d:].view(b, ks, hkv, dv)
+        dkb = dkv[:b * ks * hkv * d].view(b, ks, hkv, d)
+        dvb = dkv[b * ks * hkv * d:].view(b, ks, hkv, dv)
+        for _, lq, (q0, q1), lk, (k0, k1), _, p in spec.steps(src):
+            qs, ke = slice(lq, lq + q1 - q0), slice(lk, lk + k1 - k0)
+            _block_backward(qq[:, qs], kb[:, ke], vb[:, ke], do[:, qs], lse[..., qs], delta[..., qs], p, scale,
+                            dq[:, qs], dkb[:, ke], dvb[:, ke])
+        # the block's gradient goes on with it; after the last step it returns to its owner
+        reqs_g, got_g = _post_exchange(dkv, b * spec.k_sizes[(r - t - 1) % n] * hkv * (d + dv),
+                                       (r + 1) % n, (r - 1) % n, spec.group)
+        _wait(reqs_g)
+        dkv = got_g
+        if t + 1 < n:
+            _wait(reqs)
+            kv = received
+    nk = b * spec.k_sizes[r] * hkv * d
+    dk = dkv[:nk].view(kk.shape).to(kk.dtype)
+    dvv = dkv[nk:].view(vv.shape).to(vv.dtype)
+    return dq.to(qq.dtype), dk, dvv
+
+
+def _block_backward(q, k, v, do, lse, delta, p, scale, dq, dk, dv):
+    """Accumulate one step's gradients into ``dq [B, sq, H, D]``, ``dk/dv [B, sk, Hkv, .]`` (float32 views)
+    from the merged ``lse``/``delta [B, H, sq]``, under the slice ``p`` of the plan; query rows in chunks."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    kf = k.float().repeat_interleave(g, dim=2) if g > 1 else k.float()     # [B, sk, H, D]
+    vf = v.float().repeat_interleave(g, dim=2) if g > 1 else v.float()
+    dense = p.dense
+    bias = dense.mask if dense is not None and dense.mask.dtype != torch.bool else None
+    keep = p.materialize(q.device)
+    while keep.dim() < 4:
+        keep = keep.unsqueeze(0)
+    if bias is not None:
+        while bias.dim() < 4:
+            bias = bias.unsqueeze(0)
+        bias = bias.to(q.device)
+    rows = max(1, _BLOCK_BYTES // max(1, b * hq * sk * 4))
+    dkx = torch.zeros(b, sk, hq, d, dtype=torch.float32, device=q.device)
+    dvx = torch.zeros(b, sk, hq, v.shape[-1], dtype=torch.float32, device=q.device)
+    for a in range(0, sq, rows):
+        z = min(sq, a + rows)
+        qc, doc = q[:, a:z].float(), do[:, a:z]
+        s = torch.einsum("bqhd,bkhd->bhqk", qc, kf) * scale
+        if bias is not None:
+            s = s + bias[..., a:z, :].float()
+        kc = keep[..., a:z, :]
+        lc = lse[..., a:z, None]
+        prob = torch.where(kc & torch.isfinite(lc), torch.exp(s - torch.where(torch.isfinite(lc), lc, 0.0)), 0.0)
+        dvx += torch.einsum("bhqk,bqhd->bkhd", prob, doc)
+        dp = torch.einsum("bqhd,bkhd->bhqk", doc, vf)
+        ds = prob * (dp - delta[..., a:z, None])
+        dq[:, a:z] += torch.einsum("bhqk,bkhd->bqhd", ds, kf) * scale
+        dkx += torch.einsum("bhqk,bqhd->bkhd", ds, qc) * scale
+    if g > 1:
+        dkx = dkx.view(b, sk, hkv, g, d).sum(3)
+        dvx = dvx.view(b, sk, hkv, g, -1).sum(3)
+    dk += dkx
+    dv += dvx
 
 
 def _merge(got, b, s, h, dv, like):
