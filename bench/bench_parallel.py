@@ -184,7 +184,8 @@ def exact_minimum(S, n, u, ring, hq, hkv, d=D, b=1, esize=ESIZE):
     Ulysses of degree u inside groups of u consecutive ranks (u = n: plain Ulysses; u = 1: plain ring),
     ring across the ``ring`` groups. Rank r with s_r tokens in a group of G tokens: forward q, k, v in
     ((u-1)/u of each, per head slice) and out back ((G - s_r) tokens of its heads); ring: the K/V blocks
-    of every group but the next (forward), the K/V-gradient blocks of every group but its own (backward).
+    of every group but the next (forward, and again in backward), and in backward the float32 K/V-gradient
+    accumulators of every group but its own (each travels from its second visitor back to its owner).
     """
     s = split(S, n)
     hkv_e = kv_heads_for(hkv, u)
@@ -193,7 +194,7 @@ def exact_minimum(S, n, u, ring, hq, hkv, d=D, b=1, esize=ESIZE):
     for r in range(n):
         i = r // u
         G = groups[i]
-        fwd = bwd = 0
+        fwd = bwd = grad32 = 0
         if u > 1:
             fwd += s[r] * (u - 1) * (hq // u) * d + 2 * s[r] * (u - 1) * (hkv_e // u) * d     # q, k, v in
             fwd += (G - s[r]) * (hq // u) * d                                                   # out back
@@ -201,18 +202,20 @@ def exact_minimum(S, n, u, ring, hq, hkv, d=D, b=1, esize=ESIZE):
             bwd += (G - s[r]) * (hq // u) * d + 2 * (G - s[r]) * (hkv_e // u) * d               # dq, dk, dv back
         if ring > 1:
             heads = hkv_e // u
-            fwd += sum(groups[m] for m in range(ring) if m != (i + 1) % ring) * heads * 2 * d
-            bwd += sum(groups[m] for m in range(ring) if m != i) * heads * 2 * d
-        out.append((fwd * b * esize, bwd * b * esize))
+            kv_blocks = sum(groups[m] for m in range(ring) if m != (i + 1) % ring) * heads * 2 * d
+            fwd += kv_blocks
+            bwd += kv_blocks
+            grad32 += sum(groups[m] for m in range(ring) if m != i) * heads * 2 * d
+        out.append((fwd * b * esize, bwd * b * esize + grad32 * b * 4))
     return out
 
 
 def doc_formula(S, n, u, ring, hq, hkv, d=D, b=1, esize=ESIZE):
-    """The formula of docs/parallel.md (mean over ranks), forward bytes = backward bytes."""
+    """The formulas of docs/parallel.md (mean over ranks): ``(forward bytes, backward bytes)``."""
     hkv_e = kv_heads_for(hkv, u)
     ulysses = (u - 1) / u * b * (S / n) * (hq * d + 2 * hkv_e * d + hq * d) if u > 1 else 0.0
     ring_t = (ring - 1) * b * (S / ring) * (hkv_e / u) * 2 * d if ring > 1 else 0.0
-    return (ulysses + ring_t) * esize
+    return (ulysses + ring_t) * esize, (ulysses + ring_t) * esize + ring_t * 4
 
 
 # =================================================================================================
@@ -315,7 +318,7 @@ def _bytes_rows(world, got):
             other = [sum(v for k2, v in pr[phase]["sent"].items() if k2.startswith("other")) for pr in per_rank]
             excess = [payload[r] - exact[r][p] for r in range(world)]
             row[phase] = dict(payload=statistics.mean(payload), sizes=statistics.mean(sizes),
-                              other=statistics.mean(other), doc=doc_formula(S, world, u, ring, H, hkv),
+                              other=statistics.mean(other), doc=doc_formula(S, world, u, ring, H, hkv)[p],
                               exact=statistics.mean(e[p] for e in exact), excess=excess,
                               ok=all(e == 0 for e in excess) and not any(other),
                               calls={op: statistics.mean(pr[phase]["calls"].get(op, 0) for pr in per_rank)

@@ -10,8 +10,9 @@ The next K/V transfer is posted before each step's compute (they overlap). Backw
 the ring again: each step's block gradient comes from the merged output and LSE (the flash-attention
 backward rule: ``P = exp(s - lse)``, ``dS = P * (dP - rowsum(dout * out) + dlse)``), computed in float32
 in chunks of query rows under the step's slice of the plan, and each K/V block's gradient accumulator
-travels with it and returns to its owner after the last step. Only q, k, v, out and lse are kept for
-backward (not the steps).
+travels with it from its second visitor on and returns to its owner after the last step (``n - 1``
+hand-offs, float32). Only q, k, v, out and lse are kept for backward (not the steps): the K/V blocks go
+around the ring once more instead.
 """
 from __future__ import annotations
 
@@ -189,74 +190,114 @@ def _ring_backward(qq, kk, vv, out, lse, dout, dlse, spec):
     if dlse is not None:
         delta = delta - dlse.float()
     kv = torch.cat([kk.reshape(-1), vv.reshape(-1)]).detach()
-    dkv = torch.zeros(kv.numel(), dtype=torch.float32, device=kv.device)   # travels with its block
+
+    def numel(m):
+        return b * spec.k_sizes[m] * hkv * (d + dv)
+
+    own = torch.zeros(kv.numel(), dtype=torch.float32, device=kv.device)   # our block's gradient, from us
+    travelling = None          # the accumulator of the block we work on, from the ranks that saw it before us
     for t in range(n):
         src = (r - t) % n
         if t + 1 < n:
-            reqs, received = _post_exchange(kv, b * spec.k_sizes[(r - t - 1) % n] * hkv * (d + dv),
-                                            (r + 1) % n, (r - 1) % n, spec.group)
+            reqs, received = _post_exchange(kv, numel((r - t - 1) % n), (r + 1) % n, (r - 1) % n, spec.group)
+        acc = own if t == 0 else (torch.zeros(numel(src), dtype=torch.float32, device=kv.device) if t == 1
+                                  else travelling)
         ks = spec.k_sizes[src]
         kb = kv[:b * ks * hkv * d].view(b, ks, hkv, d)
         vb = kv[b * ks * hkv * d:].view(b, ks, hkv, dv)
-        dkb = dkv[:b * ks * hkv * d].view(b, ks, hkv, d)
-        dvb = dkv[b * ks * hkv * d:].view(b, ks, hkv, dv)
+        dkb = acc[:b * ks * hkv * d].view(b, ks, hkv, d)
+        dvb = acc[b * ks * hkv * d:].view(b, ks, hkv, dv)
         for _, lq, (q0, q1), lk, (k0, k1), _, p in spec.steps(src):
             qs, ke = slice(lq, lq + q1 - q0), slice(lk, lk + k1 - k0)
+            exact = None if dlse is not None else (out[:, qs], dout[:, qs])
             _block_backward(qq[:, qs], kb[:, ke], vb[:, ke], do[:, qs], lse[..., qs], delta[..., qs], p, scale,
-                            dq[:, qs], dkb[:, ke], dvb[:, ke])
-        # the block's gradient goes on with it; after the last step it returns to its owner
-        reqs_g, got_g = _post_exchange(dkv, b * spec.k_sizes[(r - t - 1) % n] * hkv * (d + dv),
-                                       (r + 1) % n, (r - 1) % n, spec.group)
-        _wait(reqs_g)
-        dkv = got_g
+                            dq[:, qs], dkb[:, ke], dvb[:, ke], exact)
+        if t >= 1:    # on to the block's next visitor; after the last step that is its owner
+            reqs_g, travelling = _post_exchange(acc, numel((r - t - 1) % n), (r + 1) % n, (r - 1) % n, spec.group)
+            _wait(reqs_g)
         if t + 1 < n:
             _wait(reqs)
             kv = received
+    dkv = own if travelling is None else own + travelling
     nk = b * spec.k_sizes[r] * hkv * d
     dk = dkv[:nk].view(kk.shape).to(kk.dtype)
     dvv = dkv[nk:].view(vv.shape).to(vv.dtype)
     return dq.to(qq.dtype), dk, dvv
 
 
-def _block_backward(q, k, v, do, lse, delta, p, scale, dq, dk, dv):
+def _block_backward(q, k, v, do, lse, delta, p, scale, dq, dk, dv, exact_delta):
     """Accumulate one step's gradients into ``dq [B, sq, H, D]``, ``dk/dv [B, sk, Hkv, .]`` (float32 views)
-    from the merged ``lse``/``delta [B, H, sq]``, under the slice ``p`` of the plan; query rows in chunks."""
+    from the merged ``lse``/``delta [B, H, sq]``, under the slice ``p`` of the plan.
+
+    On the CPU, PyTorch's flash-attention backward kernel takes the merged output and LSE directly (it
+    recomputes ``rowsum(dout * out)`` itself, so only when no LSE gradient joins in: ``exact_delta``);
+    otherwise the float32 formula runs on chunks of query rows."""
     b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
-    kf = k.float().repeat_interleave(g, dim=2) if g > 1 else k.float()     # [B, sk, H, D]
-    vf = v.float().repeat_interleave(g, dim=2) if g > 1 else v.float()
-    dense = p.dense
-    bias = dense.mask if dense is not None and dense.mask.dtype != torch.bool else None
-    keep = p.materialize(q.device)
-    while keep.dim() < 4:
-        keep = keep.unsqueeze(0)
-    if bias is not None:
-        while bias.dim() < 4:
-            bias = bias.unsqueeze(0)
-        bias = bias.to(q.device)
+    kx = k.repeat_interleave(g, dim=2) if g > 1 else k                    # [B, sk, H, D]
+    vx = v.repeat_interleave(g, dim=2) if g > 1 else v
+    keep, bias = _slice_mask(p, q.device)
+    if exact_delta is not None and q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES:
+        out, dout = exact_delta
+        attn_mask = None
+        if keep is not None or bias is not None:
+            attn_mask = torch.zeros((), dtype=q.dtype, device=q.device) if bias is None else bias.to(q.dtype)
+            if keep is not None:
+                attn_mask = attn_mask.masked_fill(~keep, float("-inf"))
+            attn_mask = attn_mask.expand(b, hq, sq, sk)
+        safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))   # unseen rows: P = 0
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.transpose(1, 2), q.transpose(1, 2), kx.transpose(1, 2), vx.transpose(1, 2), out.transpose(1, 2),
+            safe.contiguous(), 0.0, False, attn_mask=attn_mask, scale=scale)
+        dq += gq.transpose(1, 2).float()
+        dkx, dvx = gk.transpose(1, 2).float(), gv.transpose(1, 2).float()
+    else:
+        dkx, dvx = _formula_backward(q, kx, vx, do, lse, delta, keep, bias, scale, dq)
+    if g > 1:
+        dkx = dkx.reshape(b, sk, hkv, g, d).sum(3)
+        dvx = dvx.reshape(b, sk, hkv, g, -1).sum(3)
+    dk += dkx
+    dv += dvx
+
+
+_CPU_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _slice_mask(p, device):
+    """``(keep, bias)`` of a plan slice, each None or broadcastable to ``[B, H, sq, sk]``: the bool
+    visibility (None when everything is visible) and the additive bias of a floating ``DenseMask``."""
+    if p.dense is not None and p.dense.mask.dtype != torch.bool:
+        bias = p.dense.mask.to(device)
+        return None, bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    if p.dense is None and p.key_valid is None and p.structure_full:
+        return None, None
+    keep = p.materialize(device)
+    return keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape)), None
+
+
+def _formula_backward(q, kx, vx, do, lse, delta, keep, bias, scale, dq):
+    """The float32 block backward on materialized chunks of query rows; returns ``(dk, dv)`` per query head."""
+    b, sq, hq, d = q.shape
+    sk = kx.shape[1]
+    kf, vf = kx.float(), vx.float()
     rows = max(1, _BLOCK_BYTES // max(1, b * hq * sk * 4))
     dkx = torch.zeros(b, sk, hq, d, dtype=torch.float32, device=q.device)
-    dvx = torch.zeros(b, sk, hq, v.shape[-1], dtype=torch.float32, device=q.device)
+    dvx = torch.zeros(b, sk, hq, vx.shape[-1], dtype=torch.float32, device=q.device)
     for a in range(0, sq, rows):
         z = min(sq, a + rows)
         qc, doc = q[:, a:z].float(), do[:, a:z]
         s = torch.einsum("bqhd,bkhd->bhqk", qc, kf) * scale
         if bias is not None:
             s = s + bias[..., a:z, :].float()
-        kc = keep[..., a:z, :]
         lc = lse[..., a:z, None]
-        prob = torch.where(kc & torch.isfinite(lc), torch.exp(s - torch.where(torch.isfinite(lc), lc, 0.0)), 0.0)
+        seen = torch.isfinite(lc) if keep is None else keep[..., a:z, :] & torch.isfinite(lc)
+        prob = torch.where(seen, torch.exp(s - torch.where(torch.isfinite(lc), lc, 0.0)), 0.0)
         dvx += torch.einsum("bhqk,bqhd->bkhd", prob, doc)
-        dp = torch.einsum("bqhd,bkhd->bhqk", doc, vf)
-        ds = prob * (dp - delta[..., a:z, None])
+        ds = prob * (torch.einsum("bqhd,bkhd->bhqk", doc, vf) - delta[..., a:z, None])
         dq[:, a:z] += torch.einsum("bhqk,bkhd->bqhd", ds, kf) * scale
         dkx += torch.einsum("bhqk,bqhd->bkhd", ds, qc) * scale
-    if g > 1:
-        dkx = dkx.view(b, sk, hkv, g, d).sum(3)
-        dvx = dvx.view(b, sk, hkv, g, -1).sum(3)
-    dk += dkx
-    dv += dvx
+    return dkx, dvx
 
 
 def _merge(got, b, s, h, dv, like):
