@@ -189,13 +189,18 @@ def _joined_mask(meta, strategy: str | None, key_len: int, k: torch.Tensor):
         return attn_mask  # already over the joint keys
     if (attn_mask is not None and attn_mask.dim() != 2) or (joint_mask is not None and joint_mask.dim() != 2):
         raise ValueError("with joint tensors, attn_mask and joint_attn_mask must be 2-D [B, S] key masks")
+    return _cat_key_masks(attn_mask, joint_mask, B, key_len, joint_len, strategy, k.device)
+
+
+def _cat_key_masks(attn_mask, joint_mask, batch: int, key_len: int, joint_len: int, strategy: str, device):
+    """``[B, key_len]`` and ``[B, joint_len]`` key masks (None = keep all) as one bool mask in joint order."""
     if attn_mask is None:
-        attn_mask = torch.ones(B, key_len, dtype=torch.bool, device=k.device)
+        attn_mask = torch.ones(batch, key_len, dtype=torch.bool, device=device)
     if joint_mask is None:
-        joint_mask = torch.ones(B, joint_len, dtype=torch.bool, device=k.device)
-    if attn_mask.shape[1] != key_len or joint_mask.shape[1] != joint_len:
-        raise ValueError(f"attn_mask covers {attn_mask.shape[1]} keys and joint_attn_mask {joint_mask.shape[1]}, but "
-                         f"key has {key_len} and joint_key {joint_len}")
+        joint_mask = torch.ones(batch, joint_len, dtype=torch.bool, device=device)
+    if tuple(attn_mask.shape) != (batch, key_len) or tuple(joint_mask.shape) != (batch, joint_len):
+        raise ValueError(f"attn_mask is {tuple(attn_mask.shape)} and joint_attn_mask {tuple(joint_mask.shape)}, but "
+                         f"key has [B={batch}, {key_len}] keys and joint_key [B={batch}, {joint_len}]")
     attn_mask, joint_mask = _as_valid(attn_mask, "attn_mask"), _as_valid(joint_mask, "joint_attn_mask")
     return torch.cat([joint_mask, attn_mask] if strategy == "front" else [attn_mask, joint_mask], dim=1)
 
@@ -403,15 +408,7 @@ def _whole_joint_mask(meta, causal: bool, strategy: str, sp, query, joint_key):
         return Causal() if causal else None
     if (attn_mask is not None and attn_mask.dim() != 2) or (joint_mask is not None and joint_mask.dim() != 2):
         raise ValueError("with joint tensors, attn_mask and joint_attn_mask must be 2-D [B, S] key masks")
-    B, T, dev = query.shape[0], joint_key.shape[1], query.device
-    if attn_mask is None:
-        s_img = sp.whole_length(query.shape[1], dev)
-        attn_mask = torch.ones(B, s_img, dtype=torch.bool, device=dev)
-    if joint_mask is None:
-        joint_mask = torch.ones(B, T, dtype=torch.bool, device=dev)
-    if joint_mask.shape != (B, T) or attn_mask.shape[0] != B:
-        raise ValueError(f"joint_attn_mask must be [B={B}, T={T}] and attn_mask [B={B}, S] over the whole image "
-                         f"sequence, got {tuple(joint_mask.shape)} and {tuple(attn_mask.shape)}")
-    attn_mask, joint_mask = _as_valid(attn_mask, "attn_mask"), _as_valid(joint_mask, "joint_attn_mask")
-    valid = torch.cat([joint_mask, attn_mask] if strategy == "front" else [attn_mask, joint_mask], dim=1)
+    dev = query.device
+    s_img = attn_mask.shape[-1] if attn_mask is not None else sp.whole_length(query.shape[1], dev)
+    valid = _cat_key_masks(attn_mask, joint_mask, query.shape[0], s_img, joint_key.shape[1], strategy, dev)
     return KeyPadding(valid, causal=causal)

@@ -94,19 +94,24 @@ class _Spec:
         self.q_ranges = q_ranges_of(r)
         self.k_ranges = [k_ranges_of(m) for m in range(n)]
         self.k_sizes = [sum(z - a for a, z in rs) for rs in self.k_ranges]
+        self._steps: dict = {}
 
     def steps(self, src):
-        """``(local q offset, q range, local k offset, k range, step mask)`` of every non-empty slice."""
-        local_q = 0
-        for i, (q0, q1) in enumerate(self.q_ranges):
-            local_k = 0
-            for k0, k1 in self.k_ranges[src]:
-                p = self.plan.restrict((q0, q1), (k0, k1))
-                m = step_mask(p)
-                if m is not SKIP:
-                    yield i, local_q, (q0, q1), local_k, (k0, k1), m, p
-                local_k += k1 - k0
-            local_q += q1 - q0
+        """``(query range index, local q offset, q range, local k offset, k range, step mask, plan slice)``
+        of every non-empty slice against member ``src``'s block; built once, read by forward and backward."""
+        if src not in self._steps:
+            out, local_q = [], 0
+            for i, (q0, q1) in enumerate(self.q_ranges):
+                local_k = 0
+                for k0, k1 in self.k_ranges[src]:
+                    p = self.plan.restrict((q0, q1), (k0, k1))
+                    m = step_mask(p)
+                    if m is not SKIP:
+                        out.append((i, local_q, (q0, q1), local_k, (k0, k1), m, p))
+                    local_k += k1 - k0
+                local_q += q1 - q0
+            self._steps[src] = out
+        return self._steps[src]
 
 
 def ring_core(qq, kk, vv, plan, q_ranges_of, k_ranges_of, r, n, group, scale, backend):
@@ -302,14 +307,14 @@ def _formula_backward(q, kx, vx, do, lse, delta, keep, bias, scale, dq):
 
 def _merge(got, b, s, h, dv, like):
     """``out = sum_i exp(lse_i - lse) * out_i``, ``lse = logsumexp_i lse_i`` in float32; rows that no step
-    saw stay 0 / -inf (and get zero, never NaN, gradients)."""
+    saw stay 0 / -inf. Runs without autograd (the ring's backward is its own)."""
     if not got:
         return (like.new_zeros(b, s, h, dv),
                 torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=like.device))
     if len(got) == 1:
         return got[0][0], got[0][1].float()
     lse = torch.stack([l.float() for _, l in got])                   # [n, B, H, s]
-    top = lse.detach().amax(0)
+    top = lse.amax(0)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     total = torch.exp(lse - top).sum(0)
     seen = total > 0

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from . import comm
-from .layout import LAYOUTS, Sharding, joint_sharding, layout_sharding, rank_ranges, split_sizes, total_from_sizes
+from .layout import LAYOUTS, Sharding, joint_sharding, layout_sharding, rank_ranges, total_from_sizes
 
 __all__ = ["SequenceParallel"]
 
@@ -173,7 +173,8 @@ class SequenceParallel:
         n = self.world_size
         sh = joint_sharding(self.layout, text, total - text, n, joint_strategy)
         self._known(total - text, q.shape[1], "q")     # this rank's image shard must be its layout part
-        t_sizes = split_sizes(text, n)
+        text_sh = layout_sharding("contiguous", text, n)          # the text's pieces, one per rank
+        t_sizes = text_sh.sizes
         t0 = sum(t_sizes[:self.rank])
         jq, jk, jv = (_ReplicatedSlice.apply(t, t0, t_sizes, self.group) for t in (joint_q, joint_k, joint_v))
 
@@ -184,12 +185,12 @@ class SequenceParallel:
         mine = t_sizes[self.rank]
         split = (mine, out.shape[1] - mine) if joint_strategy == "front" else (out.shape[1] - mine, mine)
         o_text, o_img = _text_first(out.split(split, 1), joint_strategy)
-        o_text = _GatherPieces.apply(o_text, 1, t_sizes, self.group)
+        o_text = _Gather.apply(o_text, 1, text_sh, self.group)
         out = cat(o_text, o_img)
         if not return_lse:
             return out
         l_text, l_img = _text_first(lse.split(split, -1), joint_strategy)
-        l_text = _GatherPieces.apply(l_text.contiguous(), 2, t_sizes, self.group)
+        l_text = _Gather.apply(l_text.contiguous(), 2, text_sh, self.group)
         lse = torch.cat([l_text, l_img] if joint_strategy == "front" else [l_img, l_text], -1)
         return out, lse
 
@@ -318,20 +319,6 @@ class _SumGradient(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
         return grad, None
-
-
-class _GatherPieces(torch.autograd.Function):
-    """Contiguous pieces of ``sizes`` (rank order) along ``dim`` -> the whole; backward: this rank's piece."""
-
-    @staticmethod
-    def forward(ctx, x, dim, sizes, group):
-        rank = dist.get_rank(group)
-        ctx.dim, ctx.start, ctx.size = dim, sum(sizes[:rank]), sizes[rank]
-        return torch.cat(comm.all_gather_padded(x, dim, sizes, group), dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.narrow(ctx.dim, ctx.start, ctx.size).contiguous(), None, None, None
 
 
 class _ReplicatedSlice(torch.autograd.Function):
