@@ -26,6 +26,7 @@ import torch
 from .backends.base import Backend, PlaceholderBackend
 from .errors import BackendUnavailableError
 from .inputs import AttentionCall, validate_call
+from .userframe import user_stacklevel
 from .settings import BACKEND as ENV_BACKEND, FALLBACK as ENV_FALLBACK, FALLBACK_POLICIES
 
 #: built-in backends: canonical name -> (module, class)
@@ -249,25 +250,6 @@ def fallback_policy() -> str:
     return value
 
 
-#: packages whose frames are not "the user's line" for a fallback warning
-_LIBRARY_PACKAGES = ("attnlib", "attnlib_kernels", "torch", "transformers", "diffusers", "vllm", "vllm_omni")
-
-
-def _user_stacklevel() -> int:
-    """The ``stacklevel`` that makes ``warnings.warn`` called from the caller of this function point at the
-    first frame outside attnlib and the libraries that host it (model code calling a transformers model
-    gets its own line, not transformers' or torch's module code)."""
-    import sys
-
-    frame, level = sys._getframe(2), 2      # 1: the function calling warnings.warn
-    while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        if module.split(".")[0] not in _LIBRARY_PACKAGES:
-            return level
-        frame, level = frame.f_back, level + 1
-    return 2
-
-
 def auto_order(device_type: str) -> tuple[str, ...]:
     """The auto-selection order on ``device_type``: ``AUTO_ORDER`` with each backend registered with
     ``auto_before`` inserted before the one it names (``attnlib info`` prints it)."""
@@ -313,7 +295,7 @@ def select_backend(call: AttentionCall, backend: str | None = None) -> Backend:
 
         comptime(_warn_at_trace_time)
     else:
-        _warn_once(key, message, _user_stacklevel() + 1)
+        _warn_once(key, message, user_stacklevel() + 1)
     return fallback
 
 

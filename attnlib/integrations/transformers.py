@@ -74,6 +74,7 @@ import torch.nn.functional as F
 
 from ..masks import BlockDiagonal, Causal, DenseMask, KeyPadding
 from ..registry import canonical_name
+from ..userframe import user_stacklevel
 from ._structure import MaskPlan, PackedPart, PlanCache, plan_from_dense
 
 __all__ = ["register", "attnlib_attention_forward", "make_attention_function", "translate", "last_plan",
@@ -576,7 +577,7 @@ def _with_weights(plan, q, k, v, scale, full_k: int):
         _weights_warned[0] = True
         warnings.warn(f"attn_implementation='{NAME}': output_attentions=True computes the attention weights on "
                       "attnlib's reference (math) path, which is slow; leave it off for speed", RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=user_stacklevel())
     B, Sk, Hkv = k.shape[0], k.shape[1], k.shape[2]
     one_hot = torch.eye(Sk, dtype=q.dtype, device=q.device)[None, :, None, :].expand(B, Sk, Hkv, Sk)
     weights = plan.run(q, k, one_hot, scale=scale, backend="math")              # [B, Sq, Hq, Sk]
