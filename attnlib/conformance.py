@@ -252,15 +252,15 @@ def run_case(backend: str, case: Case, dtype: torch.dtype, gqa: int = 1, *, devi
 
 
 def _grad_comparisons(out, q, k, v, mask, scale, packed, dtype, gen):
-    from .reference import reference_attention
+    from .reference import reference_for
 
     dout = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
     got = torch.autograd.grad(out, (q, k, v), dout)
     leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    ref_out, _ = reference_attention(*leaves64, mask, scale, packed=packed, compute_dtype=torch.float64)
+    ref_out, _ = reference_for(*leaves64, mask, scale, compute_dtype=torch.float64)
     ref = torch.autograd.grad(ref_out, leaves64, dout.double())
     leaves_lp = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    naive_out, _ = reference_attention(*leaves_lp, mask, scale, packed=packed, compute_dtype=dtype)
+    naive_out, _ = reference_for(*leaves_lp, mask, scale, compute_dtype=dtype)
     naive = torch.autograd.grad(naive_out, leaves_lp, dout)
     mags = gradient_magnitudes(q, k, v, dout, scale)
     return [compare(g, r, n, dtype, name, mags[name]) for g, r, n, name in zip(got, ref, naive, ("dq", "dk", "dv"))]

@@ -1,23 +1,32 @@
-"""The plan: the one place that says whether query ``i`` may see key ``j``.
+"""The plan: one description of an attention call, the only place that says whether query ``i`` sees
+key ``j`` and what score it gets.
 
-Every mask, for a call with ``Sq`` queries and ``Sk`` keys, becomes one :class:`Plan`, built on the host
-from Python ints (no device sync) and cached for structured masks. Its :class:`Block`\\ s tile the query
-axis; block ``b`` owns query rows ``[q_start, q_start + q_len)`` and key rows ``[k_start, k_start + k_len)``.
-Inside a block, with block-local indices ``i`` (query) and ``j`` (key), key ``j`` is visible iff
+Every mask, for a call with ``Sq`` queries and ``Sk`` keys, turns itself into one :class:`Plan`
+(``mask.plan(Sq, Sk)``; :func:`plan_for` also takes ``None``), built on the host from Python ints and
+cached for structured masks; the call then attaches its score modifiers and KV layout
+(:meth:`Plan.with_call`). Backends, the ring, the fused backward and the adapters read only plans.
 
-* ``0 <= j < k_len``, and
-* causal blocks: ``j <= i + offset`` (``offset`` is the diagonal: ``k_len - q_len`` bottom-right, ``0``
-  top-left, anything after :meth:`Plan.restrict`), and
-* with a window ``W``: ``j > i + offset - W`` (the ``W`` newest keys, the diagonal included), and
-* the plan's ``key_valid[b, j]`` (``KeyPadding``) and ``dense`` mask (``DenseMask``) where present.
+**Tiles.** A plan's :class:`Tile`\\ s are rectangles of the ``[Sq, Sk]`` grid: tile ``t`` covers query
+rows ``[q_start, q_start + q_len)`` and key rows ``[k_start, k_start + k_len)``. With tile-local indices
+``i`` (query) and ``j`` (key), ``i + offset`` is the key index aligned with query ``i`` (its position on
+the key timeline), and key ``j`` is visible iff
 
-Under these rules every query row of a structured plan sees one contiguous run of keys
-(:meth:`Plan.intervals`), and the rows that see no key form at most two runs per block
-(:meth:`Block.visible_rows`): they return output 0 and LSE ``-inf`` on every backend.
+* the tile is not causal, or ``j <= i + offset`` (and with a window ``W``: ``j > i + offset - W``), and
+* the plan's tensor restriction allows it: ``key_valid[b, j]`` (``KeyPadding``), the dense mask
+  (``DenseMask``), or the block layout (``BlockSparse``) — at most one of the three.
 
-``materialize()`` of every mask, each backend's lowering and the integrations read this module; the
-Triton kernels carry the same rule in device code (``attnlib_kernels._attn_fwd._visible``), and the tests
-check the two against each other.
+Tiles never overlap. Tiles with the same query range form a *group* (a row may see several key runs:
+chunked causal, sink + window); groups are disjoint along the query axis and sorted. A row in no tile
+sees no key: output 0, LSE ``-inf`` (with sinks: LSE = the sink) on every backend.
+
+**Score modifiers** (:class:`Modifiers`), in this order, with ``s = scale * q . k``: ``softcap``
+(``s <- c tanh(s / c)``), ALiBi (``s <- s - slope_h |i + offset - j|``, the distance to the aligned key),
+then the mask, then the softmax over the visible keys plus one sink logit per head (``sinks``, no value):
+the returned LSE includes the sink. **KV layout**: contiguous, or paged (:class:`PagedKv`: logical key
+``j`` of request ``r`` lives in page ``block_table[r, j // page_size]``).
+
+The Triton kernels carry the same rule in device code; tests compare every backend with an independent
+float64 oracle that re-derives visibility from the masks' public fields.
 """
 from __future__ import annotations
 
@@ -27,12 +36,26 @@ import torch
 
 from .caching import host_lru
 
-__all__ = ["Block", "Plan", "plan_for"]
+__all__ = ["Tile", "Plan", "Modifiers", "BlockLayout", "PagedKv", "NO_MODIFIERS", "plan_for", "full_plan",
+           "FEATURES"]
+
+#: every plan feature name a backend's capabilities can list (``Plan.features`` returns subsets)
+FEATURES = frozenset({
+    "causal", "window",            # causal tiles, windows (structure)
+    "multi_tile",                  # some row sees several key runs, or tiles are not one run per sequence
+    "block_diagonal",              # packed THD: several sequences along the token axis
+    "key_padding", "dense", "block_sparse",   # the tensor restriction
+    "softcap", "alibi", "sinks",   # score modifiers
+    "paged",                       # paged KV layout
+})
 
 
+# ---------------------------------------------------------------------------------------------------
+# tiles
+# ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Block:
-    """One diagonal block of a plan (see the module docstring for the visibility rule)."""
+class Tile:
+    """One rectangle of the plan (see the module docstring for the visibility rule)."""
 
     q_start: int
     q_len: int
@@ -43,7 +66,7 @@ class Block:
     window: int | None = None
 
     def key_span(self, i: int) -> tuple[int, int]:
-        """Block-local ``(first, last)`` keys query ``i`` sees (inclusive); ``first > last``: none."""
+        """Tile-local ``(first, last)`` keys query ``i`` sees (inclusive); ``first > last``: none."""
         if not self.causal:
             return (0, self.k_len - 1)
         last = min(i + self.offset, self.k_len - 1)
@@ -51,7 +74,7 @@ class Block:
         return (first, last)
 
     def visible_rows(self) -> tuple[int, int]:
-        """Block-local ``[start, stop)`` of the query rows that see at least one key (one run)."""
+        """Tile-local ``[start, stop)`` of the query rows that see at least one key of the tile (one run)."""
         if self.k_len == 0 or self.q_len == 0:
             return (0, 0)
         if not self.causal:
@@ -65,7 +88,7 @@ class Block:
 
     @property
     def full(self) -> bool:
-        """True when every query row of the block sees every key of the block."""
+        """Every query row of the tile sees every key of the tile."""
         if self.q_len == 0 or self.k_len == 0:
             return self.q_len == 0
         if not self.causal:
@@ -73,130 +96,450 @@ class Block:
         first, _ = self.key_span(self.q_len - 1)
         return self.offset >= self.k_len - 1 and first <= 0
 
+    @property
+    def bottom_right(self) -> bool:
+        """The causal diagonal (if any) sits at ``k_len - q_len``: the last row's aligned key is the last key."""
+        return self.offset == self.k_len - self.q_len
+
+    def visible_pairs(self) -> int:
+        """How many (query, key) pairs of the tile are visible by structure."""
+        if not self.causal:
+            return self.q_len * self.k_len
+        total = 0
+        for i in range(*self.visible_rows()):
+            first, last = self.key_span(i)
+            total += max(0, last - first + 1)
+        return total
+
     def shape_key(self) -> tuple:
-        """What two blocks must share to run as one batched call (sizes and mask, not positions)."""
-        return (self.q_len, self.k_len, self.causal, self.offset if self.causal else 0, self.window)
+        """What two tiles must share to run as one batched call: sizes, rule and aligned offset."""
+        return (self.q_len, self.k_len, self.causal, self.offset, self.window)
+
+    def clip(self, q0: int, q1: int, k0: int, k1: int) -> "Tile | None":
+        """This tile cut to global rows ``[q0, q1)`` and keys ``[k0, k1)``, re-based to ``(q0, k0)``; None if empty."""
+        a, b = max(self.q_start, q0), min(self.q_start + self.q_len, q1)
+        c, d = max(self.k_start, k0), min(self.k_start + self.k_len, k1)
+        if b <= a or d <= c:
+            return None
+        offset = self.offset + (a - self.q_start) - (c - self.k_start)
+        return Tile(a - q0, b - a, c - k0, d - c, self.causal, offset, self.window)
+
+
+def causal_tiles(q0: int, sq: int, k0: int, sk: int, offset: int, window: int | None = None,
+                 chunk=None, sink: int = 0) -> list[Tile]:
+    """The tiles of a causal rectangle: rows ``[q0, q0 + sq)``, keys ``[k0, k0 + sk)``, query ``i``
+    aligned with key ``i + offset`` (local), ``window`` (tokens, or chunks with ``chunk``), ``chunk`` (an
+    int, or a tuple of chunk lengths summing to ``sk``) and ``sink`` (keys ``j < sink`` stay visible to
+    every query that may see them causally). The masks' one implementation of these options."""
+    if sq == 0:
+        return []
+    if chunk is None:
+        if not sink or window is None:
+            return [Tile(q0, sq, k0, sk, True, offset, window)]
+        if sink >= sk:                    # every key is a sink: causal, no window
+            return [Tile(q0, sq, k0, sk, True, offset, None)]
+        n = sink                          # sink keys: causal, no window; the rest: causal with the window
+        return [Tile(q0, sq, k0, n, True, offset, None), Tile(q0, sq, k0 + n, sk - n, True, offset - n, window)]
+    bounds = _chunk_bounds(chunk, sk, offset + sq - 1)
+    tiles = []
+    for c in range(len(bounds) - 1):
+        # rows whose aligned position p = i + offset lies in chunk c
+        r0, r1 = max(0, bounds[c] - offset), min(sq, bounds[c + 1] - offset)
+        if r1 <= r0:
+            continue
+        end = min(bounds[c + 1], sk)                                  # causal across chunks
+        start = 0 if window is None else bounds[max(0, c - window + 1)]
+        if sink and start > 0:
+            n = min(sink, start)
+            tiles.append(Tile(q0 + r0, r1 - r0, k0, n, False, r0 + offset, None))
+        if end > start:
+            tiles.append(Tile(q0 + r0, r1 - r0, k0 + start, end - start, False, r0 + offset - start, None))
+    return tiles
+
+
+def _chunk_bounds(chunk, sk: int, last_position: int) -> tuple[int, ...]:
+    """Chunk boundaries from key 0 covering every aligned query position up to ``last_position``."""
+    if isinstance(chunk, int):
+        top = max(sk, last_position + 1)
+        return tuple(range(0, top, chunk)) + (-(-top // chunk) * chunk,)
+    bounds = [0]
+    for c in chunk:
+        bounds.append(bounds[-1] + c)
+    if last_position >= bounds[-1]:
+        raise ValueError(f"chunk lengths {tuple(chunk)} cover key positions 0..{bounds[-1] - 1}, but a query sits at "
+                         f"position {last_position}: give chunks for every query position (or an int chunk length)")
+    return tuple(bounds)
+
+
+# ---------------------------------------------------------------------------------------------------
+# tensor restrictions, modifiers, KV layout
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class BlockLayout:
+    """A block-sparse restriction: query ``i`` may see key ``j`` iff
+    ``layout[..., (i + q_origin) // bq, (j + k_origin) // bk]`` (bool ``[nQ, nK]``, ``[Hq, nQ, nK]`` or
+    ``[B, Hq, nQ, nK]``; host or device). The origins are non-zero only in restricted plans."""
+
+    layout: torch.Tensor
+    bq: int
+    bk: int
+    q_origin: int = 0
+    k_origin: int = 0
+    #: for a host (CPU) layout, read once when the mask was built: ``(idx, count, most)`` with ``idx`` int64
+    #: ``[L, nQ, most]`` the visible key blocks of each query block (ascending, padded), ``count`` ``[L, nQ]``,
+    #: ``most`` the largest count (``L``: the layout's flattened leading dims)
+    host: tuple | None = None
+
+    @property
+    def aligned(self) -> bool:
+        """Block coordinates start at the call's origin (not a restricted plan's slice)."""
+        return self.q_origin == 0 and self.k_origin == 0
+
+    def as4d(self) -> torch.Tensor:
+        t = self.layout
+        return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+
+    def grid(self, sq: int, sk: int, device=None) -> torch.Tensor:
+        """bool ``[B?, H?, Sq, Sk]``: the layout expanded to tokens (the call's coordinates)."""
+        lay = self.as4d() if device is None else self.as4d().to(device)
+        qi = (torch.arange(sq, device=lay.device) + self.q_origin) // self.bq
+        kj = (torch.arange(sk, device=lay.device) + self.k_origin) // self.bk
+        return lay[:, :, qi][:, :, :, kj]
+
+
+def host_blocks(layout: torch.Tensor) -> tuple:
+    """``(idx, count, most)`` of a CPU layout (see :attr:`BlockLayout.host`); reads it on the host."""
+    lay = layout.reshape(-1, layout.shape[-2], layout.shape[-1])
+    count = lay.sum(-1, dtype=torch.int64)
+    most = int(count.max()) if count.numel() else 0
+    order = torch.sort((~lay).to(torch.int8), dim=-1, stable=True).indices
+    return order[..., :most].contiguous(), count, most
+
+
+@dataclass(frozen=True, eq=False)
+class Modifiers:
+    """Score modifiers of a call: ``softcap`` (float > 0), ``alibi`` (float32 ``[Hq]`` or ``[B, Hq]``),
+    ``sinks`` (float ``[Hq]``, one extra logit per head that carries no value)."""
+
+    softcap: float | None = None
+    alibi: torch.Tensor | None = None
+    sinks: torch.Tensor | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.softcap is not None or self.alibi is not None or self.sinks is not None
+
+    def names(self) -> frozenset:
+        return frozenset(n for n, v in (("softcap", self.softcap), ("alibi", self.alibi), ("sinks", self.sinks))
+                         if v is not None)
+
+    def without_sinks(self) -> "Modifiers":
+        return self if self.sinks is None else (Modifiers(self.softcap, self.alibi) if
+                                                self.softcap is not None or self.alibi is not None else NO_MODIFIERS)
+
+    def heads(self, h0: int, h1: int) -> "Modifiers":
+        """The modifiers of query heads ``[h0, h1)`` (Ulysses)."""
+        alibi = None if self.alibi is None else self.alibi[..., h0:h1]
+        sinks = None if self.sinks is None else self.sinks[h0:h1]
+        return Modifiers(self.softcap, alibi, sinks)
+
+
+NO_MODIFIERS = Modifiers()
+
+
+@dataclass(frozen=True, eq=False)
+class PagedKv:
+    """A paged KV layout: ``k``/``v`` are page pools ``[num_pages, page_size, Hkv, D]``; logical key ``j`` of
+    request ``r`` (packed order: request 0's keys first) is slot ``j % page_size`` of page
+    ``block_table[r, j // page_size]``. ``kv_seqlens`` are the requests' key counts (host ints)."""
+
+    block_table: torch.Tensor
+    page_size: int
+    kv_seqlens: tuple
+
+    def pages_needed(self) -> tuple[int, ...]:
+        return tuple(-(-n // self.page_size) for n in self.kv_seqlens)
+
+    def slot_index(self) -> torch.Tensor:
+        """int64 ``[Tk]``: the flat pool slot (``page * page_size + offset``) of every logical key, computed
+        on the table's device from host-known positions (no host read of the table)."""
+        req, pos = _paged_positions(self.kv_seqlens, self.page_size, self.block_table.shape[1],
+                                    str(self.block_table.device))
+        pages = self.block_table.reshape(-1).index_select(0, req).to(torch.int64)
+        return pages * self.page_size + pos
+
+    def gather(self, pool: torch.Tensor) -> torch.Tensor:
+        """The logical keys (or values) ``[Tk, Hkv, D]`` gathered from a page pool (only visible pages read)."""
+        flat = pool.reshape(pool.shape[0] * pool.shape[1], *pool.shape[2:])
+        return flat.index_select(0, self.slot_index())
+
+
+@host_lru(64)
+def _paged_positions(kv_seqlens: tuple, page_size: int, max_pages: int, device: str):
+    """``(flat table index of each logical key's page, its slot in the page)`` as device int64 tensors."""
+    req, pos = [], []
+    for r, n in enumerate(kv_seqlens):
+        j = torch.arange(n)
+        req.append(r * max_pages + j // page_size)
+        pos.append(j % page_size)
+    cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.int64))
+    return cat(req).to(device), cat(pos).to(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the plan
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Group:
+    """Tiles sharing one query range ``[q_start, q_start + q_len)`` (sorted by key start)."""
+
+    q_start: int
+    q_len: int
+    tiles: tuple
 
 
 @dataclass(frozen=True, eq=False)
 class Plan:
-    """A mask lowered for one call shape: blocks tiling the query axis, plus per-key validity.
-
-    ``key_valid``: bool ``[B, Sk]`` (from ``KeyPadding``) or None; ``dense``: the ``DenseMask`` (an opaque
-    tensor, bool or additive) or None. ``packed``: the blocks come from a ``BlockDiagonal`` (THD layout).
-    """
+    """One call's description (module docstring). ``packed``: several sequences along the token axis
+    (``BlockDiagonal``, THD tensors). ``key_valid`` bool ``[B, Sk]``, ``dense`` (bool or additive float,
+    broadcastable to ``[B, Hq, Sq, Sk]``) and ``sparse`` (:class:`BlockLayout`) restrict visibility; at
+    most one is set. ``mods``: score modifiers; ``kv``: the paged layout (None: contiguous)."""
 
     seqlen_q: int
     seqlen_k: int
-    blocks: tuple
+    tiles: tuple
     packed: bool = False
     key_valid: torch.Tensor | None = None
-    dense: object = None
+    dense: torch.Tensor | None = None
+    sparse: BlockLayout | None = None
+    modifiers: Modifiers | None = None
+    kv: PagedKv | None = None
+    #: structure-derived values (tiles only: shared by plans that differ in tensors, modifiers or layout)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
-    # -- structure --------------------------------------------------------------------------------
+    # -- per-call parts ---------------------------------------------------------------------------
     @property
-    def single(self) -> Block | None:
-        """The only block, when there is one (dense layouts always have one)."""
-        return self.blocks[0] if len(self.blocks) == 1 else None
+    def mods(self) -> Modifiers:
+        """The score modifiers (:data:`NO_MODIFIERS` when none)."""
+        return NO_MODIFIERS if self.modifiers is None else self.modifiers
 
+    def with_call(self, mods: Modifiers | None = None, kv: PagedKv | None = None) -> "Plan":
+        """This plan with the call's score modifiers and KV layout (the structure cache is shared)."""
+        mods = None if mods is None or not mods.any else mods
+        if mods is self.modifiers and kv is self.kv:
+            return self
+        return replace(self, modifiers=mods, kv=kv)
+
+    # -- structure -----------------------------------------------------------------------------------
     @property
     def structured(self) -> bool:
-        """True when visibility follows from the blocks alone (no key_valid / dense tensor)."""
-        return self.key_valid is None and self.dense is None
+        """Visibility follows from the tiles alone (no key_valid / dense / sparse tensor)."""
+        return self.key_valid is None and self.dense is None and self.sparse is None
+
+    @property
+    def single(self) -> Tile | None:
+        """The only tile, when the plan is one tile covering the whole call."""
+        if len(self.tiles) != 1:
+            return None
+        t = self.tiles[0]
+        return t if (t.q_start, t.q_len, t.k_start, t.k_len) == (0, self.seqlen_q, 0, self.seqlen_k) else None
 
     @property
     def structure_full(self) -> bool:
-        """The blocks alone hide nothing: one block, every query sees every key (tensors may still hide)."""
-        return len(self.blocks) == 1 and self.blocks[0].full and self.blocks[0].k_len == self.seqlen_k \
-            and self.blocks[0].q_len == self.seqlen_q
+        """The tiles alone hide nothing: one tile over the whole call that every row sees whole."""
+        t = self.single
+        return t is not None and t.full
 
     @property
     def full(self) -> bool:
         """Every query sees every key (no mask at all)."""
         return self.structured and self.structure_full
 
-    def empty_row_runs(self) -> tuple[tuple[int, int], ...]:
-        """Global ``[start, stop)`` runs of query rows that see no key by structure (Python ints).
+    def groups(self) -> tuple[Group, ...]:
+        """The tiles grouped by query range, in query order."""
+        got = self._cache.get("groups")
+        if got is None:
+            out: list = []
+            for t in self.tiles:
+                if out and (out[-1][0], out[-1][1]) == (t.q_start, t.q_len):
+                    out[-1][2].append(t)
+                else:
+                    out.append((t.q_start, t.q_len, [t]))
+            got = self._cache["groups"] = tuple(Group(a, n, tuple(ts)) for a, n, ts in out)
+        return got
 
-        Rows hidden only by ``key_valid`` / ``dense`` depend on tensor values: see :meth:`empty_rows_on`.
-        """
+    @property
+    def max_runs(self) -> int:
+        """The most key tiles any query row sees (1 for every classic mask; 2 for sink + window)."""
+        got = self._cache.get("max_runs")
+        if got is None:
+            got = 0
+            for g in self.groups():
+                got = max(got, len(g.tiles))
+            self._cache["max_runs"] = got
+        return got
+
+    def layers(self) -> tuple["Plan", ...]:
+        """Plans in which every row sees at most one tile (layer ``r``: the ``r``-th tile of each group),
+        for kernels that take one key run per row: their results merge by the LSE rule. Sinks are left
+        out (the merge applies them once)."""
+        mods = self.mods.without_sinks()
+        mods = mods if mods.any else None
+        if self.max_runs <= 1:
+            return (self,) if mods is self.modifiers else (replace(self, modifiers=mods),)
+        got = self._cache.get("layers")
+        if got is None:            # structure only: each layer's own cache is shared by every call
+            got = self._cache["layers"] = tuple(
+                Plan(self.seqlen_q, self.seqlen_k, tuple(g.tiles[r] for g in self.groups() if len(g.tiles) > r),
+                     self.packed) for r in range(self.max_runs))
+        return tuple(replace(s, key_valid=self.key_valid, dense=self.dense, sparse=self.sparse, modifiers=mods, kv=self.kv)
+                     for s in got)
+
+    @property
+    def features(self) -> frozenset:
+        """The capability names a backend needs to serve this plan (:data:`FEATURES`)."""
+        got = self._cache.get("features")
+        if got is None:
+            f = set()
+            if any(t.causal for t in self.tiles):
+                f.add("causal")
+            if any(t.window is not None for t in self.tiles):
+                f.add("window")
+            if self.packed:
+                f.add("block_diagonal")
+            if self.max_runs > 1:
+                f.add("multi_tile")
+            got = self._cache["features"] = frozenset(f)
+        extra = set(self.mods.names())
+        if self.key_valid is not None:
+            extra.add("key_padding")
+        if self.dense is not None:
+            extra.add("dense")
+        if self.sparse is not None:
+            extra.add("block_sparse")
+        if self.kv is not None:
+            extra.add("paged")
+        return got | extra if extra else got
+
+    def empty_row_runs(self) -> tuple[tuple[int, int], ...]:
+        """Global ``[start, stop)`` runs of rows that see no key by structure (Python ints). Rows hidden
+        only by a tensor restriction depend on its values: see :meth:`empty_rows_on`."""
         got = self._cache.get("empty_runs")
         if got is None:
-            runs = []
-            for b in self.blocks:
-                a, z = b.visible_rows()
-                for s, e in ((0, a), (z, b.q_len)):
-                    if e > s:
-                        s, e = s + b.q_start, e + b.q_start
-                        if runs and runs[-1][1] == s:
-                            runs[-1] = (runs[-1][0], e)
-                        else:
-                            runs.append((s, e))
+            seen = []
+            for g in self.groups():
+                rows = sorted((g.q_start + a, g.q_start + z) for a, z in (t.visible_rows() for t in g.tiles) if z > a)
+                seen += rows
+            seen.sort()
+            runs, pos = [], 0
+            for a, z in seen + [(self.seqlen_q, self.seqlen_q)]:
+                if a > pos:
+                    runs.append((pos, a))
+                pos = max(pos, z)
             got = self._cache["empty_runs"] = tuple(runs)
         return got
 
     @property
     def may_have_empty_rows(self) -> bool:
-        """False only when no query row can be empty (structure says so and no tensor hides keys)."""
+        """False only when no query row can be empty (the structure says so and no tensor hides keys)."""
         return bool(self.empty_row_runs()) or not self.structured
 
-    def runs(self) -> tuple[tuple[int, int, int, Block], ...]:
-        """Maximal runs of consecutive blocks with equal :meth:`Block.shape_key` (queries and keys
-        contiguous): ``(q_start, k_start, count, block)`` -- equal-length packing and CFG branches
-        become one batched call."""
+    def runs(self) -> tuple[tuple[int, int, int, int, Tile], ...]:
+        """Maximal runs of consecutive tiles (one per group) that can run as one batched call: equal
+        :meth:`Tile.shape_key`, consecutive query ranges, key starts a constant ``k_step`` apart
+        (``k_step == k_len``: contiguous, e.g. CFG branches; smaller: overlapping sliding windows, which
+        strided views serve without a copy). ``(q_start, k_start, count, k_step, tile)``. Single-run
+        plans only (see :meth:`layers`)."""
         got = self._cache.get("runs")
         if got is None:
             out = []
-            for b in self.blocks:
+            for t in self.tiles:
                 if out:
-                    q0, k0, n, first = out[-1]
-                    if (first.shape_key() == b.shape_key() and b.q_start == q0 + n * first.q_len
-                            and b.k_start == k0 + n * first.k_len):
-                        out[-1] = (q0, k0, n + 1, first)
-                        continue
-                out.append((b.q_start, b.k_start, 1, b))
+                    q0, k0, n, step, first = out[-1]
+                    if first.shape_key() == t.shape_key() and t.q_start == q0 + n * first.q_len:
+                        this = t.k_start - (k0 + (n - 1) * step if n > 1 else k0)
+                        if n == 1 and this >= 0 or n > 1 and this == step:
+                            out[-1] = (q0, k0, n + 1, this if n == 1 else step, first)
+                            continue
+                out.append((t.q_start, t.k_start, 1, t.k_len, t))
             got = self._cache["runs"] = tuple(out)
         return got
 
-    # -- tensors ------------------------------------------------------------------------------------
-    def intervals(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """int64 CPU ``(lo, hi)`` ``[Sq]``: by structure, row ``i`` sees keys ``lo[i] <= j <= hi[i]``
-        (global indices); rows that see none have ``lo = 0, hi = -1``. Cached."""
-        got = self._cache.get("intervals")
+    def varlen(self) -> "Varlen | None":
+        """The plan as variable-length sequences, the form varlen kernels take (flash-attn, xformers'
+        block-diagonal biases, attnlib's Triton kernels): tiles in query and key order (gaps become
+        sequences with no queries or no keys), all full, or all causal bottom-right with one window. None
+        when the plan has no such form. Cached."""
+        if "varlen" not in self._cache:
+            self._cache["varlen"] = _varlen(self)
+        return self._cache["varlen"]
+
+    def visible_pairs(self) -> int:
+        """Visible (query, key) pairs by structure (per batch row and head; tensors may hide more)."""
+        got = self._cache.get("pairs")
         if got is None:
-            got = self._cache["intervals"] = _intervals(self.blocks, self.seqlen_q)
+            got = self._cache["pairs"] = sum(t.visible_pairs() for t in self.tiles)
         return got
 
-    def intervals_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`intervals` on ``device`` (copied once per device, asynchronously)."""
+    # -- tensors ------------------------------------------------------------------------------------
+    def runs_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 CPU ``(lo, hi)`` ``[R, Sq]`` with ``R = max(1, max_runs)``: row ``i``'s ``r``-th visible key run
+        by structure is ``lo[r, i] <= j <= hi[r, i]`` (global); unused runs have ``lo = 0, hi = -1``. Cached."""
+        got = self._cache.get("intervals")
+        if got is None:
+            got = self._cache["intervals"] = _runs_table(self.groups(), self.seqlen_q, max(1, self.max_runs))
+        return got
+
+    def runs_table_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`runs_table` on ``device`` (copied once per device, asynchronously)."""
         device = torch.device(device)
         key = ("intervals", str(device))
         got = self._cache.get(key)
         if got is None:
-            lo, hi = self.intervals()
+            lo, hi = self.runs_table()
             got = (lo, hi) if device.type == "cpu" else (lo.to(device, non_blocking=True),
                                                           hi.to(device, non_blocking=True))
             self._cache[key] = got
         return got
 
+    def aligned_keys(self, device=None) -> torch.Tensor:
+        """int64 ``[Sq]``: the global key index aligned with each query row (``k_start + i_local + offset`` of
+        its tiles; 0 for rows in no tile): ALiBi's distance is ``aligned[i] - j``. Cached per device."""
+        device = torch.device("cpu" if device is None else device)
+        key = ("aligned", str(device))
+        got = self._cache.get(key)
+        if got is None:
+            a = torch.zeros(self.seqlen_q, dtype=torch.int64)
+            for g in self.groups():
+                t = g.tiles[0]
+                a[g.q_start:g.q_start + g.q_len] = torch.arange(g.q_len) + t.offset + t.k_start
+            got = self._cache[key] = a.to(device)
+        return got
+
     def structure_grid(self, device=None) -> torch.Tensor:
-        """bool ``[Sq, Sk]``: visibility by the blocks alone (cached per device)."""
+        """bool ``[Sq, Sk]``: visibility by the tiles alone (cached per device)."""
         device = torch.device("cpu" if device is None else device)
         key = ("grid", str(device))
         got = self._cache.get(key)
         if got is None:
-            lo, hi = self.intervals_on(device)
+            lo, hi = self.runs_table_on(device)
             j = torch.arange(self.seqlen_k, device=device)
-            got = self._cache[key] = (j >= lo[:, None]) & (j <= hi[:, None])
+            got = ((j >= lo[..., None]) & (j <= hi[..., None])).any(0)
+            self._cache[key] = got
         return got
 
     def materialize(self, device=None) -> torch.Tensor:
-        """bool, True = may attend: ``[Sq, Sk]`` for structured plans, ``[B, 1, Sq, Sk]`` with
-        ``key_valid``, broadcastable to ``[B, Hq, Sq, Sk]`` with a dense mask."""
+        """bool, True = may attend: ``[Sq, Sk]`` for structured plans; with a tensor restriction,
+        broadcastable to ``[B, Hq, Sq, Sk]`` (``[B, 1, Sq, Sk]`` with ``key_valid``)."""
         if self.dense is not None:
-            m = self.dense.mask if device is None else self.dense.mask.to(device)
-            return m if m.dtype == torch.bool else m > float("-inf")
+            m = self.dense if device is None else self.dense.to(device)
+            vis = m if m.dtype == torch.bool else m > float("-inf")
+            if self.structure_full:
+                return vis
+            return self.structure_grid(vis.device) & vis
+        if self.sparse is not None:
+            lay = self.sparse.grid(self.seqlen_q, self.seqlen_k, device)
+            return lay if self.structure_full else self.structure_grid(lay.device) & lay
         if self.key_valid is None:
             return self.structure_grid(device)
         valid = self.key_valid if device is None else self.key_valid.to(device)
@@ -204,24 +547,38 @@ class Plan:
             return valid[:, None, None, :].expand(-1, 1, self.seqlen_q, -1)
         return self.structure_grid(valid.device)[None, None] & valid[:, None, None, :]
 
-    def empty_rows_on(self, device) -> torch.Tensor | None:
-        """bool, broadcastable to ``[B, Hq, Sq]``: the rows that see no key; None when none can.
+    def bias(self, heads: int, device=None, dtype=torch.float32) -> torch.Tensor | None:
+        """The additive score bias of the plan (ALiBi and a float ``DenseMask``), broadcastable to
+        ``[B, Hq, Sq, Sk]``; None when there is none. Hidden keys are not marked here (see materialize)."""
+        out = None
+        if self.mods.alibi is not None:
+            slopes = self.mods.alibi.to(device=device, dtype=dtype)
+            slopes = slopes.reshape((1,) * (2 - slopes.dim()) + tuple(slopes.shape))[..., None, None]   # [B?, H, 1, 1]
+            dev = slopes.device
+            dist = (self.aligned_keys(dev)[:, None] - torch.arange(self.seqlen_k, device=dev)[None, :]).abs()
+            out = -slopes * dist.to(dtype)
+        if self.dense is not None and self.dense.dtype != torch.bool:
+            d = self.dense.to(device=device, dtype=dtype)
+            d = torch.where(d > float("-inf"), d, torch.zeros((), dtype=dtype, device=d.device))
+            d = d.reshape((1,) * (4 - d.dim()) + tuple(d.shape))
+            out = d if out is None else out + d
+        return out
 
-        Structured plans: from :meth:`empty_row_runs` (Python ints; the tensor is cached per device).
-        With ``key_valid``/``dense``: computed on the device (no host read).
-        """
-        if self.dense is not None:
+    def empty_rows_on(self, device) -> torch.Tensor | None:
+        """bool, broadcastable to ``[B, Hq, Sq]``: rows that see no key; None when none can.
+        Structured plans: from :meth:`empty_row_runs` (cached per device); with a tensor restriction:
+        computed on the device (no host read)."""
+        if self.dense is not None or self.sparse is not None:
             m = self.materialize(device)
-            while m.dim() < 4:
-                m = m.unsqueeze(0)
+            m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
             return ~m.any(dim=-1)
         if self.key_valid is not None:
             valid = self.key_valid.to(device)
             if self.structure_full:
                 return (~valid.any(dim=-1))[:, None, None]
-            lo, hi = self.intervals_on(valid.device)
+            lo, hi = self.runs_table_on(valid.device)
             csum = torch.nn.functional.pad(valid.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
-            count = csum[:, (hi + 1).clamp(min=0)] - csum[:, lo.clamp(max=self.seqlen_k)]   # [B, Sq]
+            count = (csum[:, (hi + 1).clamp(min=0)] - csum[:, lo.clamp(max=self.seqlen_k)]).clamp(min=0).sum(1)
             return (count <= 0)[:, None, :]
         if not self.empty_row_runs():
             return None
@@ -235,46 +592,51 @@ class Plan:
             got = self._cache[key] = rows.to(device)
         return got
 
-    # -- views ----------------------------------------------------------------------------------------
+    # -- views ---------------------------------------------------------------------------------------
     def restrict(self, q_range: tuple[int, int], k_range: tuple[int, int]) -> "Plan":
-        """The plan of the sub-call ``q[q0:q1]`` against ``k[k0:k1]`` (ring steps, chunked prefill):
-        the same visibility, in the slice's own coordinates."""
+        """The plan of the sub-call ``q[q0:q1]`` against ``k[k0:k1]`` (ring steps, chunked prefill): the same
+        visibility and ALiBi positions, in the slice's own coordinates. Keeps the modifiers."""
         q0, q1 = _check_range(q_range, self.seqlen_q, "q_range")
         k0, k1 = _check_range(k_range, self.seqlen_k, "k_range")
-        blocks = []
-        for b in self.blocks:
-            bq0, bq1 = max(b.q_start, q0), min(b.q_start + b.q_len, q1)
-            if bq1 <= bq0:
-                continue
-            bk0, bk1 = max(b.k_start, k0), min(b.k_start + b.k_len, k1)
-            bk1 = max(bk1, bk0)
-            dq, dk = bq0 - b.q_start, bk0 - b.k_start
-            blocks.append(Block(bq0 - q0, bq1 - bq0, min(bk0, k1) - k0, bk1 - bk0, b.causal,
-                                b.offset + dq - dk if b.causal else 0, b.window))
-        if not blocks:
-            blocks = [Block(0, 0, 0, 0)]
+        if self.kv is not None:
+            raise ValueError("a paged plan cannot be restricted: gather its keys first")
+        if (q0, q1, k0, k1) == (0, self.seqlen_q, 0, self.seqlen_k):
+            return self
+        tiles = tuple(c for c in (t.clip(q0, q1, k0, k1) for t in self.tiles) if c is not None)
         key_valid = None if self.key_valid is None else self.key_valid[:, k0:k1]
         dense = None
         if self.dense is not None:
-            from .masks import DenseMask
-
-            m = self.dense.mask
+            m = self.dense
             m4 = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
-            sq_ax = slice(q0, q1) if m4.shape[2] != 1 else slice(None)
-            sk_ax = slice(k0, k1) if m4.shape[3] != 1 else slice(None)
-            dense = DenseMask(m4[:, :, sq_ax, sk_ax])
-        return Plan(q1 - q0, k1 - k0, tuple(blocks), self.packed, key_valid, dense)
+            dense = m4[:, :, slice(q0, q1) if m4.shape[2] != 1 else slice(None),
+                       slice(k0, k1) if m4.shape[3] != 1 else slice(None)]
+        sparse = None if self.sparse is None else replace(self.sparse, q_origin=self.sparse.q_origin + q0,
+                                                          k_origin=self.sparse.k_origin + k0)
+        return Plan(q1 - q0, k1 - k0, tiles, self.packed, key_valid, dense, sparse, self.modifiers)
+
+    def restrict_heads(self, h0: int, h1: int, heads: int) -> "Plan":
+        """The plan of query heads ``[h0, h1)`` of ``heads`` (Ulysses): per-head tensors and modifiers sliced."""
+        dense = self.dense
+        if dense is not None and dense.dim() >= 3 and dense.shape[-3] == heads:
+            dense = dense[..., h0:h1, :, :]
+        sparse = self.sparse
+        if sparse is not None and sparse.layout.dim() >= 3 and sparse.layout.shape[-3] == heads:
+            sparse = replace(sparse, layout=sparse.layout[..., h0:h1, :, :])
+        return replace(self, dense=dense, sparse=sparse, modifiers=self.mods.heads(h0, h1))
 
     def describe(self) -> str:
-        """A human-readable account of the plan (one line per block run)."""
+        """A human-readable account of the plan (one line per run of tiles)."""
         kind = "packed" if self.packed else "dense"
-        lines = [f"Plan: {self.seqlen_q} queries x {self.seqlen_k} keys, {len(self.blocks)} block(s), {kind}"]
-        for q0, k0, n, b in self.runs():
-            what = "full" if not b.causal else (f"causal offset {b.offset}" +
-                                                (f", window {b.window}" if b.window is not None else ""))
-            span = f"q[{q0}:{q0 + n * b.q_len}] x k[{k0}:{k0 + n * b.k_len}]"
+        lines = [f"Plan: {self.seqlen_q} queries x {self.seqlen_k} keys, {len(self.tiles)} tile(s), {kind}"
+                 + (f", up to {self.max_runs} key runs per row" if self.max_runs > 1 else "")]
+        for q0, k0, n, step, t in self.runs():
+            what = (f"causal offset {t.offset}" + (f", window {t.window}" if t.window is not None else "")
+                    ) if t.causal else "full"
+            k_end = k0 + (n - 1) * step + t.k_len
+            span = f"q[{q0}:{q0 + n * t.q_len}] x k[{k0}:{k_end}]"
             count = f"{n} x " if n > 1 else ""
-            lines.append(f"  {span}: {count}{b.q_len}x{b.k_len} {what}")
+            slide = f" (keys step {step})" if n > 1 and step != t.k_len else ""
+            lines.append(f"  {span}: {count}{t.q_len}x{t.k_len} {what}{slide}")
         empty = self.empty_row_runs()
         if empty:
             shown = ", ".join(f"{s}:{e}" for s, e in empty[:8]) + (" ..." if len(empty) > 8 else "")
@@ -282,8 +644,23 @@ class Plan:
         if self.key_valid is not None:
             lines.append(f"  key validity: bool {list(self.key_valid.shape)} (per batch row)")
         if self.dense is not None:
-            m = self.dense.mask
-            lines.append(f"  dense mask: {m.dtype} {list(m.shape)}")
+            lines.append(f"  dense mask: {self.dense.dtype} {list(self.dense.shape)}")
+        if self.sparse is not None:
+            lay = self.sparse.layout
+            lines.append(f"  block layout: {lay.dtype} {list(lay.shape)} on {lay.device}, blocks "
+                         f"{self.sparse.bq}x{self.sparse.bk}")
+        mods = []
+        if self.mods.softcap is not None:
+            mods.append(f"softcap {self.mods.softcap:g}")
+        if self.mods.alibi is not None:
+            mods.append(f"ALiBi slopes {list(self.mods.alibi.shape)}")
+        if self.mods.sinks is not None:
+            mods.append(f"sinks {list(self.mods.sinks.shape)}")
+        if mods:
+            lines.append("  score modifiers: " + ", ".join(mods))
+        if self.kv is not None:
+            lines.append(f"  paged keys: {len(self.kv.kv_seqlens)} requests, page size {self.kv.page_size}, "
+                         f"block_table {list(self.kv.block_table.shape)}")
         return "\n".join(lines)
 
     def __repr__(self):
@@ -300,67 +677,117 @@ def _check_range(r, n: int, name: str) -> tuple[int, int]:
     return a, b
 
 
-def _intervals(blocks, sq: int) -> tuple[torch.Tensor, torch.Tensor]:
-    lo = torch.zeros(sq, dtype=torch.int64)
-    hi = torch.full((sq,), -1, dtype=torch.int64)
-    for b in blocks:
-        if b.q_len == 0 or b.k_len == 0:
-            continue
-        i = torch.arange(b.q_len, dtype=torch.int64)
-        if b.causal:
-            last = (i + b.offset).clamp(max=b.k_len - 1)
-            first = (i + b.offset - b.window + 1).clamp(min=0) if b.window is not None else torch.zeros_like(i)
-        else:
-            first, last = torch.zeros_like(i), torch.full_like(i, b.k_len - 1)
-        none = first > last
-        lo[b.q_start:b.q_start + b.q_len] = torch.where(none, 0, first + b.k_start)
-        hi[b.q_start:b.q_start + b.q_len] = torch.where(none, -1, last + b.k_start)
+def _runs_table(groups, sq: int, runs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lo = torch.zeros(runs, sq, dtype=torch.int64)
+    hi = torch.full((runs, sq), -1, dtype=torch.int64)
+    for g in groups:
+        i = torch.arange(g.q_len, dtype=torch.int64)
+        rows = slice(g.q_start, g.q_start + g.q_len)
+        for r, t in enumerate(g.tiles):
+            if t.k_len == 0:
+                continue
+            if t.causal:
+                last = (i + t.offset).clamp(max=t.k_len - 1)
+                first = (i + t.offset - t.window + 1).clamp(min=0) if t.window is not None else torch.zeros_like(i)
+            else:
+                first, last = torch.zeros_like(i), torch.full_like(i, t.k_len - 1)
+            none = first > last
+            lo[r, rows] = torch.where(none, 0, first + t.k_start)
+            hi[r, rows] = torch.where(none, -1, last + t.k_start)
     return lo, hi
 
 
+@dataclass(frozen=True, eq=False)
+class Varlen:
+    """Variable-length sequences: sequence ``s`` has queries ``q_seqlens[s]`` and keys ``kv_seqlens[s]``,
+    packed in order; ``causal`` (bottom-right per sequence) and ``window`` apply to all. ``cu_seqlens``
+    and max lengths are host values; :meth:`cu_on` caches device copies."""
+
+    q_seqlens: tuple
+    kv_seqlens: tuple
+    causal: bool
+    window: int | None
+    _device: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def max_seqlen_q(self) -> int:
+        return max(self.q_seqlens) if self.q_seqlens else 0
+
+    @property
+    def max_seqlen_k(self) -> int:
+        return max(self.kv_seqlens) if self.kv_seqlens else 0
+
+    def cu_on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """int32 ``(cu_seqlens_q, cu_seqlens_k)`` on ``device`` (cached; built inside a compiled region)."""
+        device = torch.device(device)
+        got = None if torch.compiler.is_compiling() else self._device.get(str(device))
+        if got is None:
+            cu = [torch.tensor([0] + _prefix(lens), dtype=torch.int32) for lens in (self.q_seqlens, self.kv_seqlens)]
+            got = tuple(t.to(device, non_blocking=True) for t in cu)
+            if not torch.compiler.is_compiling():
+                self._device[str(device)] = got
+        return got
+
+
+def _prefix(lens) -> list[int]:
+    out, total = [], 0
+    for n in lens:
+        total += n
+        out.append(total)
+    return out
+
+
+def _varlen(plan: Plan) -> Varlen | None:
+    if plan.max_runs > 1 or plan.sparse is not None or plan.dense is not None or plan.key_valid is not None:
+        return None
+    tiles = plan.tiles
+    causal = any(t.causal and not t.full for t in tiles)
+    windows = {t.window for t in tiles if t.causal and not t.full}
+    if len(windows) > 1:
+        return None
+    window = windows.pop() if windows else None
+    q_lens, k_lens, qp, kp = [], [], 0, 0
+    for t in tiles:
+        if t.q_start < qp or t.k_start < kp:
+            return None
+        if causal:
+            ok = (t.causal and t.bottom_right and t.window == window) or (
+                t.full and t.q_len == 1 and (window is None or window >= t.k_len))
+        else:
+            ok = t.full
+        if not ok:
+            return None
+        if t.q_start > qp or t.k_start > kp:             # rows or keys of no tile: a sequence that sees nothing
+            q_lens.append(t.q_start - qp)
+            k_lens.append(0)
+            if t.k_start > kp:
+                q_lens.append(0)
+                k_lens.append(t.k_start - kp)
+        q_lens.append(t.q_len)
+        k_lens.append(t.k_len)
+        qp, kp = t.q_start + t.q_len, t.k_start + t.k_len
+    q_lens += [plan.seqlen_q - qp, 0]                   # trailing rows and keys of no tile: apart
+    k_lens += [0, plan.seqlen_k - kp]
+    q_lens, k_lens = zip(*[(a, b) for a, b in zip(q_lens, k_lens) if a or b]) if q_lens else ((), ())
+    return Varlen(tuple(q_lens), tuple(k_lens), causal, window)
+
+
+def full_plan(seqlen_q: int, seqlen_k: int) -> Plan:
+    """Every query sees every key (``mask=None``); ALiBi aligns bottom-right (``offset = Sk - Sq``)."""
+    return _full_plan(int(seqlen_q), int(seqlen_k))
+
+
+@host_lru(256)
+def _full_plan(sq: int, sk: int) -> Plan:
+    return Plan(sq, sk, (Tile(0, sq, 0, sk, False, sk - sq),) if sq else ())
+
+
 def plan_for(mask, seqlen_q: int, seqlen_k: int) -> Plan:
-    """The plan of ``mask`` (``None`` or an ``attnlib.masks`` object) for ``Sq`` x ``Sk``.
-
-    Structured masks (``None``, ``Causal``, ``BlockDiagonal``) are cached per (mask, Sq, Sk); tensor
-    masks get a fresh (cheap) plan holding their tensor.
-    """
-    from .masks import BlockDiagonal, Causal, DenseMask, KeyPadding
-
-    if mask is None or isinstance(mask, (Causal, BlockDiagonal)):
-        return _structured_plan(mask, int(seqlen_q), int(seqlen_k))
-    if isinstance(mask, KeyPadding):
-        if mask.valid.shape[1] != seqlen_k:
-            raise ValueError(f"KeyPadding covers {mask.valid.shape[1]} keys, asked for {seqlen_k}")
-        block = Block(0, seqlen_q, 0, seqlen_k, mask.causal, seqlen_k - seqlen_q if mask.causal else 0, mask.window)
-        return Plan(seqlen_q, seqlen_k, (block,), False, key_valid=mask.valid)
-    if isinstance(mask, DenseMask):
-        return Plan(seqlen_q, seqlen_k, (Block(0, seqlen_q, 0, seqlen_k),), False, dense=mask)
-    raise TypeError(f"mask must be None or one of attnlib.masks (Causal, BlockDiagonal, KeyPadding, DenseMask), "
-                    f"got {type(mask).__name__}")
-
-
-@host_lru(1024)
-def _structured_plan(mask, sq: int, sk: int) -> Plan:
-    from .masks import BlockDiagonal
-
+    """The plan of ``mask`` (``None`` or an ``attnlib.masks`` object) for ``Sq`` x ``Sk``: ``mask.plan``."""
     if mask is None:
-        return Plan(sq, sk, (Block(0, sq, 0, sk),))
-    if isinstance(mask, BlockDiagonal):
-        if (sq, sk) != (mask.total_q, mask.total_k):
-            raise ValueError(f"BlockDiagonal covers {mask.total_q} query and {mask.total_k} key tokens, "
-                             f"asked for {sq}x{sk}")
-        blocks, q0, k0 = [], 0, 0
-        for lq, lk in zip(mask.q_seqlens, mask.kv_seqlens):
-            blocks.append(Block(q0, lq, k0, lk, mask.causal, lk - lq if mask.causal else 0, mask.window))
-            q0 += lq
-            k0 += lk
-        return Plan(sq, sk, tuple(blocks), packed=True)
-    return Plan(sq, sk, (Block(0, sq, 0, sk, True, mask.offset(sq, sk), mask.window),))
-
-
-@host_lru(1024)
-def block_plan(block: Block) -> Plan:
-    """The dense plan of one block on its own (``q_len`` x ``k_len``, at the origin): how backends that
-    run blocks one batched call at a time (:meth:`Plan.runs`) lower each of them."""
-    local = replace(block, q_start=0, k_start=0)
-    return Plan(block.q_len, block.k_len, (local,))
+        return full_plan(seqlen_q, seqlen_k)
+    make = getattr(mask, "plan", None)
+    if make is None:
+        raise TypeError(f"mask must be None or one of attnlib.masks (Causal, BlockDiagonal, KeyPadding, DenseMask, "
+                        f"BlockSparse), got {type(mask).__name__}; wrap a raw tensor as DenseMask(tensor)")
+    return make(int(seqlen_q), int(seqlen_k))

@@ -19,6 +19,8 @@ FLASH_IMPL = "ATTNLIB_FLASH_IMPL"
 FLEX_CPU_GUARD = "ATTNLIB_FLEX_CPU_GUARD"
 #: batch-invariant (bitwise deterministic) Triton attention kernels
 DETERMINISTIC = "ATTNLIB_DETERMINISTIC"
+#: extra checks of tensor contents on the device (page ids in range): a debugging aid
+DEBUG_CHECKS = "ATTNLIB_DEBUG_CHECKS"
 #: the Triton rotary / mRoPE kernels on CUDA
 ROTARY_KERNEL = "ATTNLIB_ROTARY_KERNEL"
 #: triton's own switch for its CPU interpreter (attnlib reads it, triton defines it)
@@ -65,6 +67,10 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "the `triton` backend's kernels run in deterministic mode (outputs batch-invariant bitwise); "
            "`torch.use_deterministic_algorithms(True)` does the same",
            "`1` on, anything else off"),
+    EnvVar(DEBUG_CHECKS, "`0` (off)",
+           "checks that need tensor contents run on the device without a host read (`block_table` page ids "
+           "inside the pool, via `torch._assert_async`); costs a little per call",
+           "`1` on, anything else off"),
     EnvVar(ROTARY_KERNEL, "`1` (on)",
            "CUDA rotary / mRoPE calls use attnlib's Triton kernels; `0` runs the torch implementation",
            "`0` off, anything else on"),
@@ -82,6 +88,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
 
 #: the names, for ``name in NAMES`` checks
 NAMES = frozenset(v.name for v in ENV_VARS)
+
+
+def debug_checks() -> bool:
+    """``$ATTNLIB_DEBUG_CHECKS`` is ``1``."""
+    return os.environ.get(DEBUG_CHECKS, "0") == "1"
 
 
 def markdown_table() -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import reference_attention
+from .reference import reference_for
 
 #: a backend may be this many times less accurate than the naive same-dtype implementation
 ERROR_RATIO = 2.0
@@ -97,11 +97,12 @@ def assert_close_to_reference(actual, reference, naive, dtype, what: str = "out"
     return c
 
 
-def reference_and_naive(q, k, v, mask, scale: float, *, packed: bool):
-    """``(ref64, naive)``: each an ``(out, lse)`` pair; ref in float64, naive in q's dtype."""
+def reference_and_naive(q, k, v, mask, scale: float, *, packed: bool | None = None, **modifiers):
+    """``(ref64, naive)``: each an ``(out, lse)`` pair; ref in float64, naive in q's dtype. ``modifiers``:
+    ``softcap``, ``alibi_slopes``, ``sinks``, ``block_table`` as for ``attnlib.attention``."""
     f64 = [t.detach().to(torch.float64) for t in (q, k, v)]
-    m64 = mask
-    ref = reference_attention(*f64, m64, scale, packed=packed, compute_dtype=torch.float64)
-    naive = reference_attention(q.detach(), k.detach(), v.detach(), mask, scale, packed=packed,
-                                compute_dtype=q.dtype)
+    mods = {n: (t.detach() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+            for n, t in modifiers.items()}
+    ref = reference_for(*f64, mask, scale, compute_dtype=torch.float64, **mods)
+    naive = reference_for(q.detach(), k.detach(), v.detach(), mask, scale, compute_dtype=q.dtype, **mods)
     return ref, naive

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import attnlib
-from attnlib.backends import ALL_MASK_FEATURES, Backend, Capabilities
+from attnlib.backends import ALL_FEATURES, Backend, Capabilities
 from attnlib.inputs import validate_call
-from attnlib.masks import BlockDiagonal, Causal, DenseMask, KeyPadding
-from attnlib.reference import reference_attention
+from attnlib.masks import BlockDiagonal, BlockSparse, Causal, DenseMask, KeyPadding
+from attnlib.reference import reference_for
 from attnlib.registry import get_backend
 from attnlib.testing import compare, gradient_magnitudes, reference_and_naive
 
@@ -39,17 +39,26 @@ BACKENDS = _backends()
 
 
 def _mask_for(feature: str):
-    """``(mask, packed)``: the smallest mask that needs ``feature`` (block_diagonal needs packed THD)."""
+    """``(mask, packed, modifiers)``: the smallest call that needs ``feature`` (block_diagonal needs packed THD)."""
     valid = torch.ones(B, S, dtype=torch.bool)
     valid[0, 11:] = False
-    dense = torch.rand(B, 1, S, S, generator=torch.Generator().manual_seed(1)) > 0.4
+    g = torch.Generator().manual_seed(1)
+    dense = torch.rand(B, 1, S, S, generator=g) > 0.4
+    layout = torch.rand(4, 4, generator=g) > 0.5
+    if feature == "paged":
+        return None, True, {}
+    mods = {"softcap": {"softcap": 2.0}, "alibi": {"alibi_slopes": torch.tensor([0.5, 0.25], device=DEVICE)},
+            "sinks": {"sinks": torch.tensor([0.3, -1.0], device=DEVICE)}}
+    if feature in mods:
+        return None, False, mods[feature]
     return {
-        "causal": (Causal(), False),
-        "top_left": (Causal(align="top_left"), False),
-        "window": (Causal(window=5), False),
-        "block_diagonal": (BlockDiagonal([5, 11]), True),
-        "key_padding": (KeyPadding(valid.to(DEVICE)), False),
-        "dense": (DenseMask(dense.to(DEVICE)), False),
+        "causal": (Causal(), False, {}),
+        "window": (Causal(window=5), False, {}),
+        "multi_tile": (Causal(window=3, sink=2), False, {}),
+        "block_diagonal": (BlockDiagonal([5, 11]), True, {}),
+        "key_padding": (KeyPadding(valid.to(DEVICE)), False, {}),
+        "dense": (DenseMask(dense.to(DEVICE)), False, {}),
+        "block_sparse": (BlockSparse(layout, 4), False, {}),
     }[feature]
 
 
@@ -66,7 +75,7 @@ def _inputs(dtype=torch.float32, *, hkv=H, dv=D, packed=False, grad=False, seed=
 def _claims(caps: Capabilities):
     """``(claim id, call kwargs)`` for each claim of ``caps``."""
     out = [(f"dtype={str(d)[6:]}", dict(dtype=d)) for d in ALL_DTYPES if d in caps.dtypes]
-    out += [(f"mask={f}", dict(feature=f)) for f in sorted(caps.masks)]
+    out += [(f"feature={f}", dict(feature=f)) for f in sorted(caps.served() - {"paged"})]
     if caps.gqa:
         out.append(("gqa", dict(hkv=1)))
     if caps.lse:
@@ -75,14 +84,12 @@ def _claims(caps: Capabilities):
         out.append((f"autograd-{DEVICE}", dict(grad=True)))
     if caps.head_dim_v_differs:
         out.append(("dv!=d", dict(dv=DV)))
-    if caps.packed:
-        out.append(("packed", dict(packed=True)))
     return out
 
 
 def _non_claims(caps: Capabilities):
     out = [(f"dtype={str(d)[6:]}", dict(dtype=d)) for d in ALL_DTYPES if d not in caps.dtypes]
-    out += [(f"mask={f}", dict(feature=f)) for f in sorted(ALL_MASK_FEATURES - caps.masks)]
+    out += [(f"feature={f}", dict(feature=f)) for f in sorted(ALL_FEATURES - caps.served())]
     if not caps.gqa:
         out.append(("gqa", dict(hkv=1)))
     if not caps.lse:
@@ -91,22 +98,21 @@ def _non_claims(caps: Capabilities):
         out.append((f"autograd-{DEVICE}", dict(grad=True)))
     if not caps.head_dim_v_differs:
         out.append(("dv!=d", dict(dv=DV)))
-    if not caps.packed:
-        out.append(("packed", dict(packed=True)))
     if caps.max_head_dim is not None:
         out.append(("head_dim>max", dict(d=caps.max_head_dim + 8)))
     return out
 
 
 def _call(dtype=torch.float32, feature=None, hkv=H, dv=D, lse=False, grad=False, packed=False, d=None):
-    mask = None
+    """``(q, k, v, mask, lse, modifiers)``"""
+    mask, mods = None, {}
     if feature is not None:
-        mask, packed = _mask_for(feature)
+        mask, packed, mods = _mask_for(feature)
     if d is not None:                                   # only the "too large a head dim" refusal
         q = k = v = torch.zeros(B, S, H, d, device=DEVICE, dtype=dtype)
     else:
         q, k, v = _inputs(dtype, hkv=hkv, dv=dv, packed=packed, grad=grad)
-    return q, k, v, mask, lse
+    return q, k, v, mask, lse, mods
 
 
 def _params(claims: bool):
@@ -122,13 +128,13 @@ def _params(claims: bool):
 
 @pytest.mark.parametrize("backend,kw", _params(claims=True))
 def test_each_claim_serves_and_matches_the_reference(backend, kw):
-    q, k, v, mask, lse = _call(**kw)
-    call = validate_call(q, k, v, mask, None, lse)
+    q, k, v, mask, lse, mods = _call(**kw)
+    call = validate_call(q, k, v, mask, None, lse, **mods)
     assert get_backend(backend).why_not(call) == [], f"{backend} claims {kw} but refuses it"
     dtype = q.dtype
-    res = attnlib.attention(q, k, v, mask, backend=backend, return_lse=lse)
+    res = attnlib.attention(q, k, v, mask, backend=backend, return_lse=lse, **mods)
     out, got_lse = res if lse else (res, None)
-    (ref, ref_lse), (naive, naive_lse) = reference_and_naive(q, k, v, mask, call.scale, packed=call.packed)
+    (ref, ref_lse), (naive, naive_lse) = reference_and_naive(q, k, v, mask, call.scale, **mods)
     checks = [compare(out, ref, naive, dtype, "out")]
     if lse:
         checks.append(compare(got_lse, ref_lse, naive_lse, torch.float32 if dtype == torch.float64 else dtype, "lse"))
@@ -136,11 +142,10 @@ def test_each_claim_serves_and_matches_the_reference(backend, kw):
         dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
         got = torch.autograd.grad(out, (q, k, v), dout)
         leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-        ref_g = torch.autograd.grad(reference_attention(*leaves64, mask, call.scale, packed=call.packed,
-                                                        compute_dtype=torch.float64)[0], leaves64, dout.double())
+        ref_g = torch.autograd.grad(reference_for(*leaves64, mask, call.scale, compute_dtype=torch.float64)[0],
+                                    leaves64, dout.double())
         leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-        naive_g = torch.autograd.grad(reference_attention(*leaves, mask, call.scale, packed=call.packed,
-                                                          compute_dtype=dtype)[0], leaves, dout)
+        naive_g = torch.autograd.grad(reference_for(*leaves, mask, call.scale, compute_dtype=dtype)[0], leaves, dout)
         mags = gradient_magnitudes(q, k, v, dout, call.scale)
         checks += [compare(g, r, n, dtype, w, mags[w]) for g, r, n, w in zip(got, ref_g, naive_g, ("dq", "dk", "dv"))]
     for c in checks:
@@ -149,8 +154,9 @@ def test_each_claim_serves_and_matches_the_reference(backend, kw):
 
 @pytest.mark.parametrize("backend,kw", _params(claims=False))
 def test_each_non_claim_is_refused(backend, kw):
-    q, k, v, mask, lse = _call(**kw)
-    assert get_backend(backend).why_not(validate_call(q, k, v, mask, None, lse)), f"{backend} serves {kw} unclaimed"
+    q, k, v, mask, lse, mods = _call(**kw)
+    assert get_backend(backend).why_not(validate_call(q, k, v, mask, None, lse, **mods)), \
+        f"{backend} serves {kw} unclaimed"
 
 
 def test_a_device_outside_the_claims_is_refused():
@@ -167,6 +173,7 @@ class _FakeCall:
         self.device, self.dtype = torch.device(dev), torch.float32
         self.head_dim = self.head_dim_v = D
         self.features, self.packed, self.heads_q, self.heads_kv = frozenset(), False, H, H
+        self.mask = None
         self.return_lse = self.requires_grad = False
 
 
@@ -175,17 +182,17 @@ class _Nothing(Backend):
 
     name = "claims_nothing"
     capabilities = Capabilities(devices=frozenset({DEVICE}), dtypes=frozenset({torch.float32}), max_head_dim=D,
-                                masks=frozenset(), packed=False, gqa=False, lse=False, autograd=False,
+                                features=frozenset(), gqa=False, lse=False, autograd=False,
                                 head_dim_v_differs=False)
 
 
 @pytest.mark.parametrize("cid,kw", _non_claims(_Nothing.capabilities), ids=lambda x: x if isinstance(x, str) else "")
 def test_every_field_refuses_when_not_claimed(cid, kw):
-    q, k, v, mask, lse = _call(**kw)
-    reasons = _Nothing().why_not(validate_call(q, k, v, mask, None, lse))
-    # one sentence per missing capability (a BlockDiagonal call is also packed; D > max also has Dv > max)
-    assert len(reasons) == (2 if cid in ("mask=block_diagonal", "head_dim>max") else 1), (cid, reasons)
-    q, k, v, mask, lse = _call()
+    q, k, v, mask, lse, mods = _call(**kw)
+    reasons = _Nothing().why_not(validate_call(q, k, v, mask, None, lse, **mods))
+    # one sentence per missing capability (D > max also has Dv > max)
+    assert len(reasons) == (2 if cid == "head_dim>max" else 1), (cid, reasons)
+    q, k, v, mask, lse, _ = _call()
     assert _Nothing().why_not(validate_call(q, k, v, mask, None, lse)) == []
 
 

@@ -11,7 +11,6 @@ import torch
 import attnlib
 from attnlib.conformance import CASES, DTYPES, HEADS, SLOW_ON_CPU, gqa_ratios, lse_dtype, run_case
 from attnlib.inputs import validate_call
-from attnlib.masks import mask_features
 from attnlib.registry import get_backend
 from attnlib.testing import compare
 
@@ -33,7 +32,7 @@ def _must_serve(backend: str, case, dtype, grad: bool) -> bool:
     if grad and (not caps.autograd_on(DEVICE) or (backend, DEVICE, "grad") in DOCUMENTED_EXCEPTIONS):
         return False
     q, k, v, mask = case.build(dtype, torch.device(DEVICE), 4, 2, torch.Generator().manual_seed(0))
-    return mask_features(mask) <= caps.masks and (not case.packed or caps.packed)
+    return validate_call(q, k, v, mask).features <= caps.served()
 
 
 def _grid(backend):

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+import attnlib
+
 from attnlib import Attention, BlockDiagonal, DenseMask, KeyPadding, attention
 
 
@@ -87,5 +89,16 @@ def test_attention_module_checks_its_head_config():
         Attention(num_heads=8, head_size=16, num_kv_heads=2)(q, k, v)
     with pytest.raises(ValueError, match="num_kv_heads=4"):
         Attention(num_heads=4, head_size=16, num_kv_heads=4)(q, k, v)
-    with pytest.raises(ValueError, match="cannot combine"):
-        Attention(4, 16, 2, causal=True)(q, k, v, KeyPadding(torch.ones(2, 7, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="cannot add causal attention to a DenseMask"):
+        Attention(4, 16, 2, causal=True)(q, k, v, DenseMask(torch.ones(7, 7, dtype=torch.bool)))
+
+
+def test_a_causal_module_makes_key_padding_causal():
+    """``Attention(causal=True)`` with ``KeyPadding(valid)`` runs ``KeyPadding(valid, causal=True)``."""
+    q, k, v = qkv()
+    valid = torch.ones(q.shape[0], k.shape[1], dtype=torch.bool)
+    valid[0, :2] = False
+    got = Attention(4, 16, 2, causal=True, backend="math")(q, k, v, KeyPadding(valid))
+    want = attnlib.attention(q, k, v, KeyPadding(valid, causal=True), backend="math")
+    assert torch.equal(got, want)
+    assert not torch.equal(got, attnlib.attention(q, k, v, KeyPadding(valid), backend="math"))

@@ -19,6 +19,7 @@ from attnlib.backends.flash import (KEY_PADDING_CAUSAL_REASON, FlashDense, Flash
                                     flash_window_size, lower, lower_key_padding, pad_head_dims, pad_keys, unpad_keys,
                                     varlen_lse_to_dense)
 from attnlib.inputs import validate_call
+from attnlib.dispatch import execute
 from attnlib.plan import plan_for
 from attnlib import registry
 from attnlib.registry import get_backend
@@ -37,7 +38,7 @@ def test_window_of_w_newest_keys_is_flash_window_w_minus_1_left_0_right():
 
 
 def _lowered(mask, sq, sk):
-    return lower(plan_for(mask, sq, sk), mask)
+    return lower(plan_for(mask, sq, sk))
 
 
 def test_bottom_right_causal_is_native_and_top_left_truncates_keys_when_keys_outnumber_queries():
@@ -50,7 +51,8 @@ def test_bottom_right_causal_is_native_and_top_left_truncates_keys_when_keys_out
     assert isinstance(bad, Refused) and "top_left" in bad.reason and "12" in bad.reason
     assert _lowered(Causal(align="top_left"), 12, 1) == FlashDense()     # one key: every row sees it
     mask = BlockDiagonal([3, 1], [4, 1], causal=True)
-    assert _lowered(mask, 4, 5) == FlashVarlen(mask)
+    low = _lowered(mask, 4, 5)
+    assert isinstance(low, FlashVarlen) and (low.varlen.q_seqlens, low.varlen.kv_seqlens) == ((3, 1), (4, 1))
 
 
 def test_restricted_plans_cut_keys_or_are_refused():
@@ -63,8 +65,9 @@ def test_restricted_plans_cut_keys_or_are_refused():
         why = lower(part)
         assert isinstance(why, Refused) and f"diagonal offset {part.single.offset}" in why.reason
     assert lower(whole.restrict((7, 8), (0, 6))) == FlashDense()      # the last row sees all 6 keys
-    packed = plan_for(BlockDiagonal([2, 2], causal=True), 4, 4).restrict((0, 2), (0, 4))
-    assert isinstance(lower(packed, BlockDiagonal([2, 2], causal=True)), Refused)
+    # a restricted packed plan is still variable-length sequences: the keys no row sees form their own
+    packed = lower(plan_for(BlockDiagonal([2, 2], causal=True), 4, 4).restrict((0, 2), (0, 4)))
+    assert isinstance(packed, FlashVarlen) and (packed.varlen.q_seqlens, packed.varlen.kv_seqlens) == ((2, 0), (2, 2))
 
 
 def test_key_padding_causal_runs_only_where_every_query_sees_the_same_key_positions():
@@ -405,7 +408,7 @@ def test_a_restricted_causal_plan_runs_and_matches_math_on_its_materialized_mask
     k = torch.randn(2, 8, 2, 16, dtype=torch.bfloat16)[:, slice(*k_range)]
     call = validate_call(q, k, k, Causal(window=window), None, True).replace(plan=plan)
     assert get_backend("flash").why_not(call) == []
-    out, lse = get_backend("flash").forward(call)
+    out, lse = call.restore(*execute(get_backend("flash"), call))
     ref, ref_lse = attnlib.attention(q, k, k, DenseMask(plan.materialize()), backend="math", return_lse=True)
     assert torch.allclose(out.float(), ref.float(), atol=2e-2)
     assert torch.allclose(lse, ref_lse, atol=2e-2) or torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
@@ -417,8 +420,10 @@ def test_block_diagonal_passes_the_masks_cached_cu_seqlens_and_python_int_max_le
     q = torch.randn(9, 4, 16, dtype=torch.bfloat16)
     k = torch.randn(31, 2, 16, dtype=torch.bfloat16)
     attnlib.attention(q, k, k, mask, backend="flash")
-    call = calls[-1]
-    assert call["cu_q"] is mask.cu_seqlens_q_on("cpu") and call["cu_k"] is mask.cu_seqlens_k_on("cpu")
+    attnlib.attention(q, k, k, mask, backend="flash")
+    first, call = calls[-2], calls[-1]
+    assert torch.equal(call["cu_q"], mask.cu_seqlens_q) and torch.equal(call["cu_k"], mask.cu_seqlens_k)
+    assert call["cu_q"] is first["cu_q"] and call["cu_k"] is first["cu_k"]     # built once, reused
     assert (call["max_q"], call["max_k"]) == (5, 20)
     assert call["causal"] is True and call["window"] == (3, 0)
 
@@ -512,7 +517,7 @@ def test_flash_lowering_reproduces_every_causal_plan_it_accepts(drawn):
     mask, plan, cut = drawn
     top_left = mask.align == "top_left"
     sq, sk = plan.seqlen_q, plan.seqlen_k
-    low = lower(plan, mask)
+    low = lower(plan)
     block = plan.single
     if isinstance(low, Refused):
         assert block.offset > block.k_len - block.q_len and not block.full
@@ -529,7 +534,7 @@ def test_flash_lowering_reproduces_every_causal_plan_it_accepts(drawn):
 def test_key_padding_lowering_reproduces_the_plan_or_refuses_with_the_sentence(drawn):
     mask, plan, _ = drawn
     valid, sq = mask.valid, plan.seqlen_q
-    low = lower(plan, mask)
+    low = lower(plan)
     if isinstance(low, Refused):
         assert mask.causal and low.reason == KEY_PADDING_CAUSAL_REASON
         spans = {plan.single.key_span(i) for i in range(sq)}

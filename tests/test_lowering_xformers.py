@@ -23,6 +23,7 @@ from attnlib.backends.xformers import (BiasKind, additive_bias, bias_alignment, 
                                        xformers_bias_spec, xformers_varlen_lse)
 from attnlib.conformance import CASES, run_case
 from attnlib.inputs import validate_call
+from attnlib.dispatch import execute
 from attnlib.plan import plan_for
 from attnlib.registry import get_backend
 from tests.graphs import assert_one_node_and_eager_numbers
@@ -66,7 +67,7 @@ def test_causal_window_bias_carries_the_same_window_count():
 def test_each_bias_kind_builds_its_exact_class_and_knows_if_it_is_varlen():
     ab = make_fake_xformers().ops.fmha.attn_bias
     for kind in BiasKind:
-        if kind in (K.TENSOR, K.EMPTY):
+        if kind in (K.TENSOR, K.EMPTY, K.TILES):
             with pytest.raises(ValueError):
                 kind.build(ab, None, torch.device("cpu"))
             continue
@@ -84,11 +85,11 @@ def test_block_diagonal_bias_types_and_queries_that_see_no_key_are_dropped():
     assert (win.kind, win.window) == (K.BLOCK_DIAGONAL_CAUSAL_LOCAL_BOTTOM_RIGHT, 4)
     # block 0 has 5 queries but 2 keys: its first 3 rows see nothing; block 2 has no keys at all
     short = spec_of(BlockDiagonal([5, 2, 3], [2, 4, 0], causal=True), 10, 6)
-    assert short.q_seqlens == (2, 2, 0) and short.kv_seqlens == (2, 4, 0)
+    assert short.q_seqlens == (2, 2) and short.kv_seqlens == (2, 4)          # block 2's rows: dropped
     assert short.kept_queries == ((3, 4),)
     assert kept_query_index(short.kept_queries, "cpu").tolist() == [3, 4, 5, 6]
     nokeys = spec_of(BlockDiagonal([2, 3], [0, 4]), 5, 4)
-    assert nokeys.q_seqlens == (0, 3) and nokeys.kept_queries == ((2, 3),)
+    assert nokeys.q_seqlens == (3,) and nokeys.kept_queries == ((2, 3),)      # block 0 sees no key: dropped
     assert spec_of(BlockDiagonal([2], [0]), 2, 0).kind is K.EMPTY
 
 
@@ -104,9 +105,9 @@ def test_restricted_plans_drop_rows_cut_keys_and_give_unseen_keys_blocks_of_no_q
     assert (spec.kind, spec.q_seqlens, spec.kv_seqlens) == (K.BLOCK_DIAGONAL_CAUSAL_BOTTOM_RIGHT, (2, 0, 0), (2, 1, 3))
     spec = xformers_bias_spec(plan_for(BlockDiagonal([2, 2], [3, 3]), 4, 6).restrict((2, 4), (0, 6)))
     assert (spec.kind, spec.q_seqlens, spec.kv_seqlens) == (K.BLOCK_DIAGONAL, (0, 2), (3, 3))
-    # block 1 keeps 3 rows over 2 keys with its diagonal at 0: no bottom-right form, a tensor bias
+    # block 1 keeps 3 rows over 2 keys with its diagonal at 0: no bottom-right form, one call per tile
     bd = plan_for(BlockDiagonal([3, 3], causal=True), 6, 6).restrict((1, 6), (1, 5))
-    assert xformers_bias_spec(bd).kind is K.TENSOR
+    assert xformers_bias_spec(bd).kind is K.TILES
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -531,7 +532,7 @@ def test_a_restricted_plan_runs_and_matches_math_on_its_materialized_mask(fake_x
         call = validate_call(q, k, k, None, None, True).replace(plan=plan)
         assert get_backend("xformers").why_not(call) == []
         calls.clear()
-        out, lse = get_backend("xformers").forward(call)
+        out, lse = call.restore(*execute(get_backend("xformers"), call))
         dense = plan.materialize()
         ref, ref_lse = (attnlib.attention(q[None], k[None], k[None], DenseMask(dense), backend="math", return_lse=True)
                         if packed else attnlib.attention(q, k, k, DenseMask(dense), backend="math", return_lse=True))

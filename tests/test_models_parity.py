@@ -45,7 +45,7 @@ class _NoBlockDiagonal(Backend):
 
     name = "test_models_no_packed"
     capabilities = Capabilities(devices=frozenset({"cpu"}), dtypes=frozenset({torch.float32, torch.float64}),
-                                masks=frozenset({"causal", "key_padding"}))
+                                features=frozenset({"causal", "key_padding"}))
     implementation = "math, minus BlockDiagonal"
 
     def forward(self, call):

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from attnlib.masks import BlockDiagonal, Causal, DenseMask, KeyPadding
-from attnlib.plan import Block, plan_for
+from attnlib.plan import Tile, plan_for
 from tests.reference64 import visibility
 
 lengths = st.integers(0, 9)
@@ -56,9 +56,9 @@ def test_plan_materialize_and_empty_rows_match_the_oracle(case):
         for s, e in plan.empty_row_runs():
             rows[s:e] = True
         assert torch.equal(rows, want_empty[0, 0])
-        lo, hi = plan.intervals()
+        lo, hi = plan.runs_table()
         j = torch.arange(sk)
-        assert torch.equal((j >= lo[:, None]) & (j <= hi[:, None]), want[0, 0])
+        assert torch.equal(((j >= lo[..., None]) & (j <= hi[..., None])).any(0), want[0, 0])
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
@@ -92,10 +92,10 @@ def test_dense_mask_plan_and_restrict():
 def test_structured_plans_are_cached_and_built_from_python_ints():
     a = plan_for(BlockDiagonal([3, 2], causal=True), 5, 5)
     assert plan_for(BlockDiagonal([3, 2], causal=True), 5, 5) is a
-    assert a.blocks == (Block(0, 3, 0, 3, True, 0, None), Block(3, 2, 3, 2, True, 0, None))
-    assert a.runs() == ((0, 0, 1, a.blocks[0]), (3, 3, 1, a.blocks[1]))
+    assert a.tiles == (Tile(0, 3, 0, 3, True, 0, None), Tile(3, 2, 3, 2, True, 0, None))
+    assert [(q0, k0, n) for q0, k0, n, _, _ in a.runs()] == [(0, 0, 1), (3, 3, 1)]
     cfg = plan_for(BlockDiagonal([4, 4], [6, 6]), 8, 12)
-    assert [(q0, k0, n) for q0, k0, n, _ in cfg.runs()] == [(0, 0, 2)]       # CFG branches: one batched call
+    assert [(q0, k0, n, step) for q0, k0, n, step, _ in cfg.runs()] == [(0, 0, 2, 6)]   # CFG branches: one batched call
     assert plan_for(Causal(), 1, 9).full and not plan_for(Causal(), 2, 9).full
 
 

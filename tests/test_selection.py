@@ -52,7 +52,7 @@ def test_unknown_backend_name_lists_the_valid_ones(qkv, monkeypatch):
 
 class _Fp64Only(Backend):
     name = "fp64only"
-    capabilities = Capabilities(dtypes=frozenset({torch.float64}), masks=frozenset())
+    capabilities = Capabilities(dtypes=frozenset({torch.float64}), features=frozenset())
 
     def forward(self, call):
         return attnlib.get_backend("math").forward(call)

@@ -1,7 +1,11 @@
-"""What every backend is: capabilities as data, reasons as sentences, and one ``forward``.
+"""What every backend is: capabilities as data, reasons as sentences, one ``forward`` and an optional fused
+``backward``.
 
 A backend module reads top to bottom: ``Capabilities``, ``unavailable_reason`` (environment),
-``extra_reasons`` (call-specific limits the table cannot express), mask lowering, the call.
+``extra_reasons`` (call-specific limits the table cannot express), lowering from the plan, the call.
+Backends see BSHD tensors only (packed calls have batch 1 and ``plan.packed``); the dispatch
+(:mod:`attnlib.dispatch`) does the rest: layouts, rows with no key, multi-tile plans on kernels that take
+one key run per row, sinks on kernels without them, paged keys for kernels that read contiguous ones.
 """
 from __future__ import annotations
 
@@ -11,9 +15,17 @@ from typing import ClassVar
 import torch
 
 from ..inputs import AttentionCall
+from ..plan import FEATURES
 
-#: every mask capability name (``attnlib.masks.mask_features`` produces subsets of these)
-ALL_MASK_FEATURES = frozenset({"causal", "top_left", "window", "block_diagonal", "key_padding", "dense"})
+#: every plan feature a backend can list (``attnlib.plan.Plan.features`` produces subsets of these)
+ALL_FEATURES = FEATURES
+#: the mask-shaped subset (what the classic capability matrix shows)
+ALL_MASK_FEATURES = frozenset({"causal", "window", "block_diagonal", "key_padding", "dense"})
+#: served for every backend that returns an LSE, by the dispatch: multi-tile plans as several calls merged
+#: with the LSE rule, sinks by rescaling with the LSE
+WITH_LSE = frozenset({"multi_tile", "sinks"})
+#: served for every backend by the dispatch: paged keys gathered (only the visible pages) into contiguous ones
+ALWAYS = frozenset({"paged"})
 
 _DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 
@@ -24,26 +36,38 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class Capabilities:
-    """What a backend can serve: every field is a claim ``tests/test_capabilities_truthful.py`` checks
-    by running it. ``reasons`` turns each mismatch with a call into one sentence; limits the fields
-    cannot express belong in ``Backend.extra_reasons``."""
+    """What a backend can serve: every field is a claim ``tests/test_capabilities_truthful.py`` checks by
+    running it. ``reasons`` turns each mismatch with a call into one sentence; limits the fields cannot
+    express belong in ``Backend.extra_reasons``.
+
+    ``features``: the plan features its ``forward`` handles itself (:data:`ALL_FEATURES`); with ``lse`` the
+    dispatch adds :data:`WITH_LSE`, and it always adds :data:`ALWAYS`. The flags say what the dispatch must
+    normalize after the kernel: ``exact_empty_rows`` (rows with no key already give 0 / -inf) and
+    ``isolates_padding`` (padded key slots are never read, so whatever they hold cannot leak; otherwise
+    the dispatch zeroes them first).
+    """
 
     devices: frozenset = frozenset({"cpu", "cuda"})
     dtypes: frozenset = frozenset({torch.float16, torch.bfloat16, torch.float32})
     max_head_dim: int | None = None      # for D and Dv; None: any
-    masks: frozenset = ALL_MASK_FEATURES
-    packed: bool = True                  # THD inputs (with BlockDiagonal)
+    features: frozenset = ALL_MASK_FEATURES
     gqa: bool = True                     # Hq != Hkv
     lse: bool = True                     # return_lse=True
     #: backward: True (on every device of ``devices``), False (nowhere) or the device types that have it
     autograd: bool | frozenset = True
     head_dim_v_differs: bool = True      # Dv != D
+    exact_empty_rows: bool = False
+    isolates_padding: bool = False
 
     def autograd_on(self, device_type: str) -> bool:
         """Whether calls whose inputs require grad are served on ``device_type``."""
         if isinstance(self.autograd, bool):
             return self.autograd and device_type in self.devices
         return device_type in self.autograd and device_type in self.devices
+
+    def served(self) -> frozenset:
+        """Every plan feature the backend serves, its own and the dispatch's."""
+        return self.features | ALWAYS | (WITH_LSE if self.lse else frozenset())
 
     def reasons(self, call: AttentionCall) -> list[str]:
         out = []
@@ -56,12 +80,11 @@ class Capabilities:
         for d, what in ((call.head_dim, "head_dim"), (call.head_dim_v, "head_dim_v")):
             if self.max_head_dim is not None and d > self.max_head_dim:
                 out.append(f"{what}={d} (supported: <= {self.max_head_dim})")
-        missing = call.features - self.masks
+        missing = call.features - self.served()
         if missing:
-            out.append(f"mask {type(call.mask).__name__} needs {', '.join(sorted(missing))} "
-                       f"(supported: {', '.join(sorted(self.masks)) or 'no mask'})")
-        if call.packed and not self.packed:
-            out.append("packed THD inputs are not supported")
+            what = type(call.mask).__name__ if call.mask is not None else "the call"
+            out.append(f"{what} needs {', '.join(sorted(missing))} "
+                       f"(supported: {', '.join(sorted(self.served())) or 'no mask'})")
         if call.heads_q != call.heads_kv and not self.gqa:
             out.append(f"GQA/MQA (Hq={call.heads_q}, Hkv={call.heads_kv}) is not supported")
         if call.return_lse and not self.lse:
@@ -82,9 +105,8 @@ class Backend:
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: which implementation runs (e.g. "flash-attn 2.8.3"); shown by ``attnlib info``
     implementation: str = ""
-    #: True when the returned LSE is differentiable (its gradient reaches q and k); otherwise the front
-    #: door attaches the exact gradient (``attnlib.lse_gradient``), so gradients through the LSE are right
-    #: on every backend
+    #: True when the returned LSE is differentiable (its gradient reaches q and k); otherwise the dispatch
+    #: differentiates the LSE with :meth:`backward`
     lse_has_gradient: ClassVar[bool] = False
 
     def unavailable_reason(self) -> str | None:
@@ -96,24 +118,59 @@ class Backend:
         return []
 
     def run_probes(self) -> None:
-        """Run (and cache) every environment probe ``why_not`` may consult, outside any compiled region:
-        the registry calls it once before the first selection, so compiled code only reads cached values.
+        """Run (and cache) every environment probe ``why_not`` may consult, outside any compiled region.
         Backends whose ``extra_reasons`` consult more probes than ``unavailable_reason`` extend it."""
         self.unavailable_reason()
 
     def why_not(self, call: AttentionCall) -> list[str]:
-        """Sentences saying why this backend cannot serve ``call``; empty means it can."""
+        """Sentences saying why this backend cannot serve ``call``; empty means it can. Call-specific limits
+        are asked of each part the dispatch hands the forward (:func:`native_parts`)."""
         env = self.unavailable_reason()
         if env:
             return [env]
-        return self.capabilities.reasons(call) + self.extra_reasons(call)
+        out = self.capabilities.reasons(call)
+        if out:
+            return out
+        for part in native_parts(call, self.capabilities):
+            for r in self.extra_reasons(part):
+                if r not in out:
+                    out.append(r)
+        return out
 
     def forward(self, call: AttentionCall) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Return ``(out, lse)``; ``lse`` is None unless ``call.return_lse``. Packed calls are THD."""
+        """``(out [B, Sq, Hq, Dv], lse float32 [B, Hq, Sq] or None)``; ``lse`` is None unless
+        ``call.return_lse``. Only plans whose features are in ``capabilities.features`` arrive here."""
         raise NotImplementedError
+
+    def backward(self, call: AttentionCall, out: torch.Tensor, lse: torch.Tensor, dout, dlse):
+        """Fused backward from the saved output and LSE: ``(dq, dk, dv)`` of ``call``'s keys for
+        ``dout``/``dlse`` (either may be None), where ``out``/``lse`` may be the merge of several calls
+        (the ring, multi-tile plans) and include sinks. Return ``NotImplemented`` to use the reference
+        formula (:func:`attnlib.reference.attention_backward`, float32 in chunks)."""
+        return NotImplemented
 
     def __repr__(self):
         return f"<attnlib backend {self.name!r}>"
+
+
+def native_parts(call: AttentionCall, caps: Capabilities) -> list[AttentionCall]:
+    """The calls the dispatch hands a backend's ``forward`` for ``call``: paged keys gathered unless it lists
+    ``paged`` (the plan then has contiguous keys), one call per layer of a multi-tile plan unless it lists
+    ``multi_tile``, sinks left out (and applied through the LSE) unless it lists ``sinks``. The one place
+    this rule lives: the dispatch and ``why_not`` both read it."""
+    plan = call.plan
+    feats = plan.features
+    if "paged" in feats and "paged" not in caps.features:
+        plan = plan.with_call(plan.mods, None)
+    layered = "multi_tile" in feats and "multi_tile" not in caps.features
+    sinks_here = plan.mods.sinks is not None and (layered or "sinks" not in caps.features)
+    if layered:
+        plans = plan.layers()
+    elif sinks_here:
+        plans = (plan.with_call(plan.mods.without_sinks(), plan.kv),)
+    else:
+        return [call] if plan is call.plan else [call.replace(plan=plan)]
+    return [call.replace(plan=p, return_lse=True) for p in plans]
 
 
 class PlaceholderBackend(Backend):

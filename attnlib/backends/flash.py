@@ -48,10 +48,9 @@ from ..caching import host_lru, probe
 
 from .. import settings
 from ..inputs import AttentionCall
-from ..masks import BlockDiagonal
-from ..plan import Block, Plan, plan_for
-from .base import ALL_MASK_FEATURES, Backend, Capabilities
-from .common import repeat_kv
+from ..plan import Plan, Tile, Varlen
+from .base import Backend, Capabilities
+from .common import repeat_kv, run_tiles
 
 ENV_IMPL = settings.FLASH_IMPL
 _NEG_INF = float("-inf")
@@ -191,7 +190,8 @@ class FlashBackend(Backend):
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16}),
         max_head_dim=256,
-        masks=ALL_MASK_FEATURES - {"dense"},
+        features=frozenset({"causal", "window", "block_diagonal", "key_padding"}),
+        isolates_padding=True,       # padded keys are gathered out (varlen over keys), never read
     )
 
     @property
@@ -216,9 +216,9 @@ class FlashBackend(Backend):
             if cap < need:
                 out.append(f"{impl.kind} needs a GPU of compute capability >= {need[0]}.{need[1]}, this one is "
                            f"{cap[0]}.{cap[1]}")
-        low = lower(call.plan, call.mask)
+        low = lower(call.plan)
         if isinstance(low, Refused):
-            if call.plan.dense is None:      # DenseMask: already refused by the capability table
+            if call.plan.dense is None and call.plan.sparse is None:   # already refused by the capability table
                 out.append(low.reason)
             return out
         if impl.kind == "torch":
@@ -233,24 +233,23 @@ class FlashBackend(Backend):
         impl, reason = _detect()
         if impl is None:
             raise RuntimeError(reason)
-        low = lower(call.plan, call.mask)
+        low = lower(call.plan)
         if isinstance(low, Refused):
             raise ValueError(low.reason)
+        if isinstance(low, FlashTiles):
+            return run_tiles(call, self.forward)
         d_v = call.head_dim_v
         q, k, v = pad_head_dims(call.q, call.k, call.v)
         if isinstance(low, FlashVarlen):
-            mask = low.mask
-            out, lse = _varlen(impl, q, k, v, mask.cu_seqlens_q_on(q.device), mask.cu_seqlens_k_on(q.device),
-                               mask.max_seqlen_q, mask.max_seqlen_k, call.scale, mask.causal,
-                               flash_window_size(mask.window), call.return_lse)
+            vl = low.varlen
+            cu_q, cu_k = vl.cu_on(q.device)
+            out, lse = _varlen(impl, q[0], k[0], v[0], cu_q, cu_k, vl.max_seqlen_q, vl.max_seqlen_k, call.scale,
+                               vl.causal, flash_window_size(vl.window), call.return_lse)
+            out, lse = out.unsqueeze(0), (lse.unsqueeze(0) if lse is not None else None)
         elif isinstance(low, FlashKeyPadding):
             out, lse = _key_padding(impl, q, k, v, call.plan, low, call.scale, call.return_lse)
         else:
-            if call.packed:
-                q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
             out, lse = _dense(impl, q, k, v, low, call.scale, call.return_lse)
-            if call.packed:
-                out, lse = out[0], (lse[0] if lse is not None else None)
         if out.shape[-1] != d_v:
             out = out[..., :d_v]
         if lse is not None:
@@ -286,9 +285,16 @@ class FlashKeyPadding:
 
 @dataclass(frozen=True)
 class FlashVarlen:
-    """BlockDiagonal: varlen with the mask's own cached ``cu_seqlens`` and Python-int max lengths."""
+    """Packed sequences: varlen with the plan's own sequences (:meth:`attnlib.plan.Plan.varlen`): cached
+    ``cu_seqlens`` and Python-int max lengths."""
 
-    mask: BlockDiagonal
+    varlen: Varlen
+
+
+@dataclass(frozen=True)
+class FlashTiles:
+    """Tiles no single flash call takes (chunked causal, restricted packed plans): one dense call per run of
+    equal tiles (strided views)."""
 
 
 @dataclass(frozen=True)
@@ -298,7 +304,7 @@ class Refused:
     reason: str
 
 
-FlashLowering = Union[FlashDense, FlashKeyPadding, FlashVarlen, Refused]
+FlashLowering = Union[FlashDense, FlashKeyPadding, FlashVarlen, FlashTiles, Refused]
 
 KEY_PADDING_CAUSAL_REASON = ("KeyPadding(causal=True): flash's varlen-over-keys lowering cannot keep key positions "
                              "(queries see different spans of keys); use triton, sdpa, flex or xformers")
@@ -309,27 +315,33 @@ def flash_window_size(window: Optional[int]) -> tuple[int, int]:
     return (-1, -1) if window is None else (window - 1, 0)
 
 
-def lower(plan: Plan, mask=None) -> FlashLowering:
-    """How the call whose plan is ``plan`` (and mask ``mask``) runs on flash-attn. Pure Python, cheap:
-    ``why_not`` and ``forward`` both call it."""
+def lower(plan: Plan) -> FlashLowering:
+    """How the call whose plan is ``plan`` runs on flash-attn. Pure Python, cheap: ``why_not`` and
+    ``forward`` both call it."""
     if plan.dense is not None:
         return Refused("DenseMask: flash-attn takes no mask tensor; use sdpa, xformers or flex")
-    if plan.packed:
-        if isinstance(mask, BlockDiagonal) and (plan.seqlen_q, plan.seqlen_k) == (mask.total_q, mask.total_k) \
-                and plan.blocks == plan_for(mask, mask.total_q, mask.total_k).blocks:
-            return FlashVarlen(mask)
-        return Refused("a packed plan that is not its BlockDiagonal's own blocks (a restricted plan): flash's "
-                       "varlen lowering passes the mask's cu_seqlens; use sdpa, xformers or flex")
-    block = plan.single
-    if block is None or (block.q_start, block.q_len, block.k_start, block.k_len) != \
-            (0, plan.seqlen_q, 0, plan.seqlen_k):
-        return Refused(f"a dense plan whose block does not cover the call ({plan.describe()})")
+    if plan.sparse is not None:
+        return Refused("BlockSparse: flash-attn takes no block layout; use triton, flex or sdpa")
+    tile = plan.single
+    if tile is not None and not plan.packed:
+        if plan.key_valid is not None:
+            return lower_key_padding_block(tile)
+        return lower_block(tile)
     if plan.key_valid is not None:
-        return lower_key_padding_block(block)
-    return lower_block(block)
+        return Refused(f"a key-padding plan whose tile does not cover the call ({plan.describe()})")
+    if not plan.tiles:
+        return FlashDense(key_stop=0)                       # no row sees a key
+    vl = plan.varlen() if plan.packed else None
+    if vl is not None:
+        return FlashVarlen(vl)
+    for t in plan.tiles:
+        low = lower_block(t)
+        if isinstance(low, Refused):
+            return low
+    return FlashTiles()
 
 
-def lower_block(block: Block) -> Union[FlashDense, Refused]:
+def lower_block(block: Tile) -> Union[FlashDense, Refused]:
     """The single block of a dense plan (no tensors) on flash-attn's bottom-right causal / window."""
     if not block.causal or block.full:
         return FlashDense()
@@ -351,7 +363,7 @@ def lower_block(block: Block) -> Union[FlashDense, Refused]:
                    f"is at offset {native}); use {use}")
 
 
-def lower_key_padding_block(block: Block) -> Union[FlashKeyPadding, Refused]:
+def lower_key_padding_block(block: Tile) -> Union[FlashKeyPadding, Refused]:
     """KeyPadding's block: served when every query sees the same span of key positions (always without
     causal; with causal: one-query decode, or a diagonal past every key), then varlen over that span."""
     start, stop = block.visible_rows()
@@ -606,7 +618,7 @@ def _torch_reasons(impl: _Impl, call: AttentionCall, low: FlashLowering) -> list
         windowed = low.window_size != (-1, -1)
     else:
         needs_varlen = True
-        windowed = isinstance(low, FlashVarlen) and low.mask.window is not None
+        windowed = isinstance(low, FlashVarlen) and low.varlen.window is not None
     if not needs_varlen:
         return []
     params = impl.params_varlen

@@ -66,7 +66,6 @@ import torch
 from .. import settings
 from ..caching import probe
 from ..inputs import AttentionCall
-from ..masks import BlockDiagonal, Causal, DenseMask, KeyPadding
 from ..plan import Plan
 from .base import Backend, Capabilities
 
@@ -187,6 +186,8 @@ class FlexBackend(Backend):
     capabilities = Capabilities(
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        features=frozenset({"causal", "window", "block_diagonal", "key_padding", "dense", "multi_tile",
+                            "block_sparse", "softcap", "alibi"}),
         autograd=frozenset({"cuda"}),  # torch's CPU flex kernel has no backward
     )
     implementation = (f"torch {torch.__version__} flex_attention + torch.compile "
@@ -239,7 +240,7 @@ class FlexBackend(Backend):
 
 _LOCK = threading.RLock()
 _STATS = {"block_masks": 0, "compiled_functions": 0, "graph_compiles": 0}
-_PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()
+_PLANS: "OrderedDict[tuple, _Lowered]" = OrderedDict()
 _COMPILED: "OrderedDict[tuple, Callable]" = OrderedDict()
 
 
@@ -260,29 +261,33 @@ def _lru_put(cache: OrderedDict, key, value, size: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# mask lowering: one _Plan per (mask, shape, device)
+# lowering: one _Lowered (block mask + mask_mod + score_mod) per plan, shape and device
 # ---------------------------------------------------------------------------------------------
 @dataclass
-class _Plan:
-    """A lowered mask. ``empty`` is bool broadcastable to ``[B, Hq, Sq]`` (or None: no empty row)."""
+class _Lowered:
+    """A plan in flex's terms. ``family`` names the mask_mod family (and with ``score`` the score_mod's)."""
 
     family: str
     block_mask: Any = None
     mask_mod: Callable | None = None
     score_mod: Callable | None = None
-    empty: torch.Tensor | None = None
-    #: interval family: CPU copies of lo/hi for the LSE pass's per-chunk key spans
+    #: CPU copies of the runs table (lo, hi) for the LSE pass's per-chunk key spans
     lo_hi_cpu: tuple | None = None
-    #: the user tensor this plan was built from (KeyPadding/DenseMask): identity-checked on every hit
-    anchor: torch.Tensor | None = None
+    #: the tensors this lowering was built from (key validity, dense mask, layout, ALiBi slopes):
+    #: identity-checked on every cache hit
+    anchors: tuple = ()
 
 
 # mask_mod / score_mod factories. Each family has one code object, so dynamo compiles a kernel once per
 # family and treats the closure tensors as inputs (shape guards only, never values). They are written with
 # broadcasting tensor ops, so the CPU LSE pass evaluates them on index grids too.
-def _interval_mod(lo: torch.Tensor, hi: torch.Tensor):
+def _runs_mod(lo: torch.Tensor, hi: torch.Tensor):
+    """Row q sees the key runs ``lo[r, q] <= kv <= hi[r, q]`` (``r < R``, a static size)."""
     def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx >= lo[q_idx]) & (kv_idx <= hi[q_idx])
+        m = (kv_idx >= lo[0, q_idx]) & (kv_idx <= hi[0, q_idx])
+        for r in range(1, lo.shape[0]):
+            m = m | ((kv_idx >= lo[r, q_idx]) & (kv_idx <= hi[r, q_idx]))
+        return m
     return mask_mod
 
 
@@ -292,9 +297,11 @@ def _key_padding_mod(valid: torch.Tensor):
     return mask_mod
 
 
-def _interval_valid_mod(lo: torch.Tensor, hi: torch.Tensor, valid: torch.Tensor):
+def _runs_valid_mod(lo: torch.Tensor, hi: torch.Tensor, valid: torch.Tensor):
+    runs = _runs_mod(lo, hi)
+
     def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx >= lo[q_idx]) & (kv_idx <= hi[q_idx]) & valid[b, kv_idx]
+        return runs(b, h, q_idx, kv_idx) & valid[b, kv_idx]
     return mask_mod
 
 
@@ -310,51 +317,67 @@ def _dense_finite_mod(bias4: torch.Tensor):
     return mask_mod
 
 
-def _dense_bias_score(bias4: torch.Tensor):
+def _block_sparse_mod(lo: torch.Tensor, hi: torch.Tensor, layout4: torch.Tensor, bq: int, bk: int, q0: int, k0: int):
+    """The runs and ``layout[b, h, (q + q0) // bq, (kv + k0) // bk]`` (``q0``/``k0``: a restricted plan's origin)."""
+    runs = _runs_mod(lo, hi)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return runs(b, h, q_idx, kv_idx) & layout4[b, h, (q_idx + q0) // bq, (kv_idx + k0) // bk]
+    return mask_mod
+
+
+def _score_mod(softcap: float | None, slopes: torch.Tensor | None, aligned: torch.Tensor | None,
+               bias4: torch.Tensor | None):
+    """softcap, then ALiBi (``- slope[b, h] * |aligned[q] - kv|``), then an additive dense bias; None if none."""
+    if softcap is None and slopes is None and bias4 is None:
+        return None
+
     def score_mod(score, b, h, q_idx, kv_idx):
-        return score + bias4[b, h, q_idx, kv_idx]
+        if softcap is not None:
+            score = softcap * torch.tanh(score / softcap)
+        if slopes is not None:
+            score = score - slopes[b, h] * (aligned[q_idx] - kv_idx).abs()
+        if bias4 is not None:
+            score = score + bias4[b, h, q_idx, kv_idx]
+        return score
     return score_mod
 
 
-def _mask_key(mask, batch: int, hq: int, sq: int, sk: int, device: torch.device, padded: tuple[int, int]):
-    """Cache key of a mask at a shape (and the padded shape the kernel sees). Tensor-holding masks key on
-    the tensor's id and version counter (the plan keeps the tensor alive, so the id cannot be reused while
-    the plan is cached, and an in-place edit bumps the version); the plan's ``anchor`` is identity-checked
-    on every hit too."""
-    dev = (device.type, device.index)
-    if mask is None or isinstance(mask, (Causal, BlockDiagonal)):
-        return ("interval", mask, sq, sk, padded, dev)
-    extra = (mask.causal, mask.window) if isinstance(mask, KeyPadding) else ()
-    t = mask.valid if isinstance(mask, KeyPadding) else mask.mask
+def _tensor_key(t):
+    """A tensor's cache identity: id and version counter (an in-place edit bumps the version; the lowering
+    keeps the tensor alive, so its id cannot be reused while cached)."""
+    if t is None:
+        return None
     try:
         version = t._version
     except RuntimeError:   # inference tensors have no version counter: identity only
         version = None
-    kind = "key_padding" if isinstance(mask, KeyPadding) else "dense"
-    return (kind, id(t), version, tuple(t.shape), t.dtype, batch, hq, sq, sk, padded, dev, *extra)
+    return (id(t), version, tuple(t.shape), t.dtype)
 
 
-def _anchor(mask):
-    if isinstance(mask, KeyPadding):
-        return mask.valid
-    if isinstance(mask, DenseMask):
-        return mask.mask
-    return None
+def _lowering_key(plan: Plan, batch: int, hq: int, device: torch.device, padded: tuple[int, int]):
+    """Cache key of a plan at a shape (and the padded shape the kernel sees): the tiles by value, the
+    tensors by identity, the modifiers."""
+    sparse = plan.sparse
+    sp = None if sparse is None else (_tensor_key(sparse.layout), sparse.bq, sparse.bk, sparse.q_origin,
+                                      sparse.k_origin)
+    return (plan.tiles, plan.seqlen_q, plan.seqlen_k, padded, (device.type, device.index), batch, hq,
+            _tensor_key(plan.key_valid), _tensor_key(plan.dense), sp, plan.mods.softcap, _tensor_key(plan.mods.alibi))
 
 
-def _plan(plan: Plan, mask, batch: int, hq: int, device: torch.device,
-          padded: tuple[int, int] | None = None) -> _Plan:
-    """The lowered mask for an ``Sq x Sk`` call whose kernel sees ``padded = (Sq', Sk')`` (>=) lengths:
-    padded query rows and keys are hidden; ``empty`` covers the real ``Sq`` rows only."""
-    sq, sk = plan.seqlen_q, plan.seqlen_k
-    padded = (sq, sk) if padded is None else padded
-    key = _mask_key(mask, batch, hq, sq, sk, device, padded)
-    lowered = _lru_get(_PLANS, key)
-    if lowered is not None and lowered.anchor is _anchor(mask):
-        return lowered
-    lowered = _build_plan(plan, batch, hq, device, *padded)
-    _lru_put(_PLANS, key, lowered, PLAN_CACHE_SIZE)
-    return lowered
+def _anchors(plan: Plan) -> tuple:
+    return (plan.key_valid, plan.dense, None if plan.sparse is None else plan.sparse.layout, plan.mods.alibi)
+
+
+def _lowered(plan: Plan, batch: int, hq: int, device: torch.device, padded: tuple[int, int]) -> _Lowered:
+    """The cached lowering of ``plan`` for a kernel that sees ``padded = (Sq', Sk')`` (>=) lengths."""
+    key = _lowering_key(plan, batch, hq, device, padded)
+    got = _lru_get(_PLANS, key)
+    if got is not None and all(a is b for a, b in zip(got.anchors, _anchors(plan))):
+        return got
+    got = _build(plan, batch, hq, device, *padded)
+    _lru_put(_PLANS, key, got, PLAN_CACHE_SIZE)
+    return got
 
 
 def _create_block_mask(mask_mod, b, h, sq: int, sk: int, device):
@@ -377,46 +400,63 @@ def _pad_dim(x: torch.Tensor, dim: int, to: int, value) -> torch.Tensor:
     return torch.cat([x, x.new_full(shape, value)], dim=dim)
 
 
-def _build_plan(plan: Plan, batch: int, hq: int, device: torch.device, psq: int | None = None,
-                psk: int | None = None) -> _Plan:
-    """Lower the call's plan to a BlockMask (+ score_mod): padded rows see nothing, padded keys are hidden."""
+def _as4d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+
+
+def _build(plan: Plan, batch: int, hq: int, device: torch.device, psq: int | None = None,
+           psk: int | None = None) -> _Lowered:
+    """Lower the plan to a BlockMask and mods: padded rows see nothing, padded keys are hidden."""
     sq, sk = plan.seqlen_q, plan.seqlen_k
     psq, psk = (sq if psq is None else psq), (sk if psk is None else psk)
-    empty = plan.empty_rows_on(device)        # structure: from Python ints; tensors: on the device
-    if plan.dense is None:
-        lo, hi = plan.intervals()             # hi <= sk - 1: padded keys are never visible
-        lo_k, hi_k = _pad_dim(lo, 0, psq, 0), _pad_dim(hi, 0, psq, -1)   # padded query rows see nothing
-        lo_d, hi_d = lo_k.to(device=device, dtype=torch.int32), hi_k.to(device=device, dtype=torch.int32)
-        if plan.key_valid is None:
-            mod = _interval_mod(lo_d, hi_d)
-            bm = _create_block_mask(mod, None, None, psq, psk, device)
-            return _Plan("interval", bm, mod, None, empty, (lo, hi))
-        valid = plan.key_valid
-        valid_p = _pad_dim(valid, 1, psk, False)
-        if plan.structure_full:
-            mod = _key_padding_mod(valid_p)
-            bm = _create_block_mask(mod, batch, None, psq, psk, device)
-            return _Plan("key_padding", bm, mod, None, empty, anchor=valid)
-        mod = _interval_valid_mod(lo_d, hi_d, valid_p)
-        bm = _create_block_mask(mod, batch, None, psq, psk, device)
-        return _Plan("key_padding_interval", bm, mod, None, empty, (lo, hi), anchor=valid)
-    mask = plan.dense                          # DenseMask
-    m = mask.mask
-    m4 = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
-    mb, mh = m4.shape[0], m4.shape[1]
-    hidden = False if mask.is_bool else _NEG_INF
-    if (psq, psk) != (sq, sk):
-        m4p = _pad_dim(_pad_dim(m4.expand(mb, mh, sq, sk), 2, psq, hidden), 3, psk, hidden)
-    else:
-        m4p = m4
-    full = m4p.expand(batch, hq, psq, psk)
-    if mask.is_bool:
-        mod = _dense_bool_mod(full)
+    lo, hi = plan.runs_table()                    # hi <= sk - 1: padded keys are never visible
+    lo_d = _pad_dim(lo, 1, psq, 0).to(device=device, dtype=torch.int32)
+    hi_d = _pad_dim(hi, 1, psq, -1).to(device=device, dtype=torch.int32)   # padded query rows see nothing
+    mods = plan.mods
+    slopes = aligned = None
+    if mods.alibi is not None:
+        slopes = _as4d(mods.alibi)[0, 0] if mods.alibi.dim() == 1 else mods.alibi
+        slopes = slopes.reshape(-1, hq).expand(batch, hq).to(device=device, dtype=torch.float32)
+        aligned = _pad_dim(plan.aligned_keys(), 0, psq, 0).to(device=device, dtype=torch.int32)
+    bias_full = None
+    if plan.dense is not None:
+        m4 = _as4d(plan.dense)
+        mb, mh = m4.shape[0], m4.shape[1]
+        hidden = False if m4.dtype == torch.bool else _NEG_INF
+        if (psq, psk) != (sq, sk):
+            m4 = _pad_dim(_pad_dim(m4.expand(mb, mh, sq, sk), 2, psq, hidden), 3, psk, hidden)
+        full = m4.expand(batch, hq, psq, psk)
+        if m4.dtype == torch.bool:
+            mod, family = _dense_bool_mod(full), "dense_bool"
+        else:
+            mod, family, bias_full = _dense_finite_mod(full), "dense_bias", full
         bm = _create_block_mask(mod, mb, mh, psq, psk, device)
-        return _Plan("dense_bool", bm, mod, None, empty, anchor=m)
-    mod = _dense_finite_mod(full)
-    bm = _create_block_mask(mod, mb, mh, psq, psk, device)
-    return _Plan("dense_bias", bm, mod, _dense_bias_score(full), empty, anchor=m)
+        return _Lowered(family, bm, mod, _score_mod(mods.softcap, slopes, aligned, bias_full), None, _anchors(plan))
+    if plan.sparse is not None:
+        sp = plan.sparse
+        lay = _as4d(sp.layout).to(device)
+        # padded rows and keys (and a restricted plan's origin) must land inside the layout: pad it, hidden
+        need_q = (psq - 1 + sp.q_origin) // sp.bq + 1 if psq else 0
+        need_k = (psk - 1 + sp.k_origin) // sp.bk + 1 if psk else 0
+        lay = _pad_dim(_pad_dim(lay, 2, max(need_q, lay.shape[2]), False), 3, max(need_k, lay.shape[3]), False)
+        mod = _block_sparse_mod(lo_d, hi_d, lay.expand(batch, hq, *lay.shape[2:]), sp.bq, sp.bk, sp.q_origin,
+                                sp.k_origin)
+        bm = _create_block_mask(mod, lay.shape[0], lay.shape[1], psq, psk, device)
+        return _Lowered("block_sparse", bm, mod, _score_mod(mods.softcap, slopes, aligned, None), (lo, hi),
+                        _anchors(plan))
+    score = _score_mod(mods.softcap, slopes, aligned, None)
+    if plan.key_valid is None:
+        mod = _runs_mod(lo_d, hi_d)
+        bm = _create_block_mask(mod, None, None, psq, psk, device)
+        return _Lowered("runs", bm, mod, score, (lo, hi), _anchors(plan))
+    valid_p = _pad_dim(plan.key_valid, 1, psk, False)
+    if plan.structure_full:
+        mod = _key_padding_mod(valid_p)
+        bm = _create_block_mask(mod, batch, None, psq, psk, device)
+        return _Lowered("key_padding", bm, mod, score, None, _anchors(plan))
+    mod = _runs_valid_mod(lo_d, hi_d, valid_p)
+    bm = _create_block_mask(mod, batch, None, psq, psk, device)
+    return _Lowered("key_padding_runs", bm, mod, score, (lo, hi), _anchors(plan))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,70 +548,78 @@ def _pad_last(x: torch.Tensor, to: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 def _forward(call: AttentionCall):
     q, k, v = call.q, call.k, call.v
-    if call.packed:   # THD -> BHSD with batch 1
-        qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    else:             # BSHD -> BHSD views
-        qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))          # BSHD -> BHSD views
     b, hq, sq, sk = qh.shape[0], call.heads_q, call.seqlen_q, call.seqlen_k
     dv = call.head_dim_v
     dev = q.device
-
-    if sq == 0 or sk == 0:
-        out = qh.new_zeros(b, hq, sq, dv)
-        lse = torch.full((b, hq, sq), _NEG_INF, device=dev) if call.return_lse else None
+    if sq == 0 or sk == 0 or not call.plan.tiles:
+        out = q.new_zeros(b, sq, hq, dv)
+        return out, (torch.full((b, hq, sq), _NEG_INF, device=dev) if call.return_lse else None)
+    if call.plan.packed:
+        vh = _finite_values(vh)
+    # the CPU shape guard: static shapes, lengths padded to a bucket (module docstring)
+    static = dev.type == "cpu" and cpu_guard_enabled()
+    psq, psk = (_bucket(sq), _bucket(sk, minimum=_MIN_KEY_BUCKET)) if static else (sq, sk)
+    compiling = torch.compiler.is_compiling()   # inside the caller's graph: no caches, locks or inner compile
+    low = (_build(call.plan, b, hq, dev, psq, psk) if compiling
+           else _lowered(call.plan, b, hq, dev, (psq, psk)))
+    lse_in_kernel = call.return_lse and dev.type != "cpu"
+    d_pad, dv_pad = _padded_head_dim(call.head_dim, dev, static), _padded_head_dim(dv, dev, static)
+    # flex bakes the scale (and a softcap) into the kernel: a new value compiles once, under its own key;
+    # head counts too: flex marks them static, so each count would recompile under a shared key
+    key = (dev.type, low.family, low.score_mod is not None, call.plan.max_runs, call.dtype, d_pad, dv_pad,
+           call.heads_q, call.heads_kv, lse_in_kernel, call.scale, call.plan.mods.softcap, static)
+    qk, kk, vk = qh, kh, vh
+    if static:   # padded, and one contiguous BHSD layout whether padded or not (strides are guarded too)
+        qk, kk, vk = (_pad_dim(t, 2, n, _PAD_VALUE).contiguous() for t, n in ((qh, psq), (kh, psk), (vh, psk)))
+    if d_pad != call.head_dim:
+        qk, kk = _pad_last(qk, d_pad), _pad_last(kk, d_pad)
+    args = (qk, kk, _pad_last(vk, dv_pad), low.score_mod, low.block_mask, call.scale, call.heads_q != call.heads_kv)
+    if compiling:
+        _bind_flex()
+        res = (_entry_lse if lse_in_kernel else _entry)(*args)
     else:
-        # the CPU shape guard: static shapes, lengths padded to a bucket (module docstring)
-        static = dev.type == "cpu" and cpu_guard_enabled()
-        psq, psk = (_bucket(sq), _bucket(sk, minimum=_MIN_KEY_BUCKET)) if static else (sq, sk)
-        compiling = torch.compiler.is_compiling()   # inside the caller's graph: no caches, locks or inner compile
-        plan = (_build_plan(call.plan, b, hq, dev, psq, psk) if compiling
-                else _plan(call.plan, call.mask, b, hq, dev, (psq, psk)))
-        lse_in_kernel = call.return_lse and dev.type != "cpu"
-        d_pad, dv_pad = _padded_head_dim(call.head_dim, dev, static), _padded_head_dim(dv, dev, static)
-        # flex bakes the scale into the kernel: a new scale value compiles once, under its own key
-        # head counts too: flex marks them static, so each count would recompile under a shared key
-        key = (dev.type, plan.family, call.dtype, d_pad, dv_pad, call.heads_q, call.heads_kv, lse_in_kernel,
-               call.scale, static)
-        qk, kk, vk = qh, kh, vh
-        if static:   # padded, and one contiguous BHSD layout whether padded or not (strides are guarded too)
-            qk, kk, vk = (_pad_dim(t, 2, n, _PAD_VALUE).contiguous() for t, n in ((qh, psq), (kh, psk), (vh, psk)))
-        if d_pad != call.head_dim:
-            qk, kk = _pad_last(qk, d_pad), _pad_last(kk, d_pad)
-        args = (qk, kk, _pad_last(vk, dv_pad), plan.score_mod, plan.block_mask, call.scale,
-                call.heads_q != call.heads_kv)
-        if compiling:
-            _bind_flex()
-            res = (_entry_lse if lse_in_kernel else _entry)(*args)
-        else:
-            res = _run_compiled(key, lse_in_kernel, static, args)
-        if lse_in_kernel:
-            out, lse = res
-            lse = lse.float()
-        else:
-            out, lse = res, None
-        if dv_pad != dv:
-            out = out[..., :dv]
-        if psq != sq:
-            out = out[:, :, :sq]
-            lse = lse[:, :, :sq] if lse is not None else None
-        if call.return_lse and lse is None:
-            with torch.no_grad():
-                lse = _lse_pass(qh, kh, plan, call.scale)
-        if plan.empty is not None:
-            out = out.masked_fill(plan.empty.unsqueeze(-1), 0.0)
-            if lse is not None:
-                lse = lse.masked_fill(plan.empty, _NEG_INF)
-
-    if call.packed:
-        return out[0].transpose(0, 1), (lse[0] if lse is not None else None)
+        res = _run_compiled(key, lse_in_kernel, static, args)
+    if lse_in_kernel:
+        out, lse = res
+        lse = lse.float()
+    else:
+        out, lse = res, None
+    if dv_pad != dv:
+        out = out[..., :dv]
+    if psq != sq:
+        out = out[:, :, :sq]
+        lse = lse[:, :, :sq] if lse is not None else None
+    if call.return_lse and lse is None:
+        with torch.no_grad():
+            lse = _lse_pass(qh, kh, low, call.scale)
+    if call.plan.packed:
+        out = _mark_nonfinite_values(out, call)
     return out.transpose(1, 2), lse
 
 
-def _lse_pass(qh: torch.Tensor, kh: torch.Tensor, plan: _Plan, scale: float) -> torch.Tensor:
+def _finite_values(vh: torch.Tensor) -> torch.Tensor:
+    """Values with non-finite entries zeroed: flex's kernel multiplies every key of a partly visible tile
+    (another sequence's too) by its weight, and ``0 * NaN`` is NaN. The rows that do see such a value
+    are marked after the call (:func:`_mark_nonfinite_values`)."""
+    return torch.where(torch.isfinite(vh), vh, torch.zeros((), dtype=vh.dtype, device=vh.device))
+
+
+def _mark_nonfinite_values(out: torch.Tensor, call: AttentionCall) -> torch.Tensor:
+    """``out`` (BHSD) with NaN in the rows that see a non-finite value (counted per key run)."""
+    bad = (~torch.isfinite(call.v).all(-1)).transpose(1, 2)                  # [B, Hkv, Sk]
+    bad = bad.repeat_interleave(call.gqa_ratio, 1) if call.gqa_ratio > 1 else bad
+    csum = torch.nn.functional.pad(bad.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
+    lo, hi = call.plan.runs_table_on(out.device)                            # [R, Sq]
+    count = (csum[..., (hi + 1).clamp(min=0)] - csum[..., lo.clamp(max=call.seqlen_k)]).clamp(min=0).sum(-2)
+    return out.masked_fill((count > 0).unsqueeze(-1), float("nan"))
+
+
+def _lse_pass(qh: torch.Tensor, kh: torch.Tensor, low: _Lowered, scale: float) -> torch.Tensor:
     """Exact float32 LSE ``[B, Hq, Sq]`` for the CPU path, in query chunks.
 
-    Each chunk's scores go through the plan's own score_mod/mask_mod evaluated on broadcast index grids,
-    so the LSE and the kernel's output see the same mask; for the ``interval`` family each chunk only
+    Each chunk's scores go through the lowering's own score_mod/mask_mod evaluated on broadcast index grids,
+    so the LSE and the kernel's output see the same scores and mask; with a runs table each chunk only
     multiplies against the span of keys its rows can see.
     """
     b, hq, sq, d = qh.shape
@@ -587,19 +635,19 @@ def _lse_pass(qh: torch.Tensor, kh: torch.Tensor, plan: _Plan, scale: float) -> 
     for a in range(0, sq, rows):
         e = min(sq, a + rows)
         k0, k1 = 0, sk
-        if plan.lo_hi_cpu is not None and not torch.compiler.is_compiling():   # CPU tensors: no device sync
-            lo, hi = plan.lo_hi_cpu
-            seen = hi[a:e] >= lo[a:e]
+        if low.lo_hi_cpu is not None and not torch.compiler.is_compiling():   # CPU tensors: no device sync
+            lo, hi = low.lo_hi_cpu
+            seen = hi[:, a:e] >= lo[:, a:e]
             if not bool(seen.any()):
                 continue          # every row of the chunk sees nothing: stays -inf
-            k0, k1 = int(lo[a:e][seen].min()), int(hi[a:e][seen].max()) + 1
+            k0, k1 = int(lo[:, a:e][seen].min()), int(hi[:, a:e][seen].max()) + 1
         s = torch.matmul(qg[:, :, :, a:e].float(), kh[:, :, None, k0:k1].float().transpose(-1, -2))
         s = s.reshape(b, hq, e - a, k1 - k0) * scale
         qi = torch.arange(a, e, device=dev).view(1, 1, -1, 1)
         ki = torch.arange(k0, k1, device=dev).view(1, 1, 1, -1)
-        if plan.score_mod is not None:
-            s = plan.score_mod(s, bi, hi_, qi, ki)
-        if plan.mask_mod is not None:
-            s = s.masked_fill(~plan.mask_mod(bi, hi_, qi, ki), _NEG_INF)
+        if low.score_mod is not None:
+            s = low.score_mod(s, bi, hi_, qi, ki)
+        if low.mask_mod is not None:
+            s = s.masked_fill(~low.mask_mod(bi, hi_, qi, ki), _NEG_INF)
         lse[:, :, a:e] = torch.logsumexp(s, dim=-1)
     return lse

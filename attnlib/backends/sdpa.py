@@ -1,37 +1,45 @@
 """``sdpa``: ``torch.nn.functional.scaled_dot_product_attention``.
 
-Lowering:
 Lowering reads the call's plan (:mod:`attnlib.plan`):
 
-- one causal block: ``is_causal=True`` only when the plan's diagonal offset is 0 (``Sq == Sk``, or
-  top-left); a plan where every query sees every key (one-query decode) needs no mask at all; anything
-  else gets the plan's bool grid (cached per plan and device). ``is_causal`` is never passed when it
-  would mean top-left for a bottom-right mask.
-- ``BlockDiagonal``: the plan's runs of equal blocks become one batched call on free views
-  (CFG branches, equal-length packing); other blocks are called one by one on views. No ``[T, T]`` mask.
-- ``KeyPadding``: a ``[B, 1, 1, Sk]`` bool mask (``[B, 1, Sq, Sk]`` with ``causal=True``).
-  ``DenseMask``: passed through.
+- one tile over the call: ``is_causal=True`` only when the tile's diagonal offset is 0 (``Sq == Sk``, or
+  top-left); a tile every query sees whole needs no mask at all; anything else gets the plan's bool grid
+  (cached per plan and device). ``is_causal`` is never passed when it would mean top-left for a
+  bottom-right mask.
+- several tiles (packed sequences, chunked causal): the plan's runs of equal tiles become one batched call
+  on views (CFG branches, equal-length packing, sliding frame windows through strided views); the other
+  tiles are called one by one on views. No ``[T, T]`` mask. (Rows that see several key runs arrive as
+  one call per layer from the dispatch.)
+- ``KeyPadding``: a ``[B, 1, 1, Sk]`` bool mask (``[B, 1, Sq, Sk]`` with ``causal=True``). ``DenseMask``:
+  passed through.
+- ``BlockSparse`` with a host layout: the visible key blocks of each query block are gathered and all
+  query blocks run as one batched call (work in proportion to the visible blocks); a device layout, or a
+  restricted plan, runs on its materialized bool mask (up to :data:`DENSE_CAP_BYTES`).
+- ALiBi: an additive float bias from the plan (up to :data:`DENSE_CAP_BYTES`); softcap: not served (no score
+  hook in SDPA): ``why_not`` says so and auto picks a backend that has one.
 - GQA: query heads folded into the query axis when the mask allows it (no K/V copies), else
   ``enable_gqa=True`` (K/V expanded only on the LSE path, whose kernels lack it).
-- Rows with no visible key: unmasked before the call (SDPA would give NaN), then zeroed (LSE -inf).
+- Rows with no visible key: unmasked before the call (SDPA would give NaN), then zeroed by the dispatch.
 - LSE: from the fused CPU flash kernel on CPU and the memory-efficient kernel on CUDA (one pass);
   a second pass over the scores only where neither applies.
+- Fused backward (the ring, merged multi-tile results, LSE gradients): PyTorch's CPU flash-attention
+  backward kernel from the saved output and LSE, for one-tile plans without softcap.
 """
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
 
 from ..caching import host_lru
-
 from ..inputs import AttentionCall
-from ..masks import BlockDiagonal
-from ..plan import Plan, block_plan
+from ..plan import Plan
 from .base import Backend, Capabilities
-from .common import repeat_kv, zero_rows
+from .common import NEG_INF, repeat_kv, run_tiles
 
-_NEG_INF = float("-inf")
+#: the largest dense mask or bias (bytes) this backend materializes (ALiBi, device block layouts)
+DENSE_CAP_BYTES = 1 << 30
+#: the dtypes PyTorch's CPU flash kernels take
+_CPU_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 class SdpaBackend(Backend):
@@ -39,79 +47,99 @@ class SdpaBackend(Backend):
     capabilities = Capabilities(
         devices=frozenset({"cpu", "cuda", "mps", "xpu"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+        features=frozenset({"causal", "window", "block_diagonal", "key_padding", "dense", "block_sparse", "alibi"}),
     )
     implementation = f"torch {torch.__version__} scaled_dot_product_attention"
 
+    def extra_reasons(self, call: AttentionCall) -> list[str]:
+        need = _dense_bytes(call)
+        if need > DENSE_CAP_BYTES:
+            return [f"this call would materialize a {need / 2**30:.1f} GiB mask or ALiBi bias (cap: "
+                    f"{DENSE_CAP_BYTES / 2**30:.0f} GiB, attnlib.backends.sdpa.DENSE_CAP_BYTES); use flex or triton"]
+        return []
+
     def forward(self, call: AttentionCall):
         plan = call.plan
-        if isinstance(call.mask, BlockDiagonal):
-            return _block_diagonal(call.q, call.k, call.v, plan, call.scale, call.return_lse)
-        q, k, v = call.q, call.k, call.v
-        if call.packed:
-            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-        out, lse = _dense(q, k, v, plan, call.scale, call.return_lse)
-        if call.packed:
-            out, lse = out[0], (lse[0] if lse is not None else None)
-        return out, lse
+        if plan.sparse is not None and plan.sparse.host is not None and plan.sparse.aligned:
+            return _block_sparse(call)
+        if plan.single is not None or not plan.structured or not plan.tiles:
+            return _dense(call.q, call.k, call.v, plan, call.scale, call.return_lse, call.empty_rows())
+        return run_tiles(call, lambda c: _dense(c.q, c.k, c.v, c.plan, c.scale, c.return_lse, c.empty_rows()))
+
+    def backward(self, call: AttentionCall, out, lse, dout, dlse):
+        plan = call.plan
+        if (call.device.type != "cpu" or call.dtype not in _CPU_FLASH_DTYPES or plan.mods.softcap is not None
+                or plan.single is None or plan.sparse is not None):
+            return NotImplemented
+        return _cpu_flash_backward(call, out, lse, dout, dlse)
+
+
+def _dense_bytes(call: AttentionCall) -> int:
+    """Bytes of the mask/bias this call would materialize beyond the structured ones (0 if none)."""
+    plan = call.plan
+    sq, sk = call.seqlen_q, call.seqlen_k
+    need = 0
+    if plan.mods.alibi is not None:
+        b = call.batch if plan.mods.alibi.dim() == 2 else 1
+        need += b * call.heads_q * sq * sk * call.q.element_size()
+    if plan.sparse is not None and (plan.sparse.host is None or not plan.sparse.aligned):
+        lay = plan.sparse.as4d()
+        need += lay.shape[0] * lay.shape[1] * sq * sk
+    return need
 
 
 # ---------------------------------------------------------------------------------------------
-# mask lowering, from the plan: (attn_mask, is_causal, empty_rows) for BHSD tensors
+# mask lowering, from the plan: (attn_mask, is_causal) for BHSD tensors
 # ---------------------------------------------------------------------------------------------
 @host_lru(256)
 def _structured_lowering(plan: Plan, device: torch.device):
-    """One block, no tensors. Returns ``(attn_mask | None, is_causal, empty_rows | None)``."""
-    block = plan.single
+    """One tile, no tensors. Returns ``(attn_mask | None, is_causal)``."""
+    tile = plan.single
     if plan.structure_full:
-        return None, False, None        # e.g. one-token decode against a cache
-    if block.causal and block.offset == 0 and block.window is None and block.k_len == plan.seqlen_k:
-        return None, True, None         # torch's is_causal is the top-left diagonal
+        return None, False        # e.g. one-token decode against a cache
+    if tile.causal and tile.offset == 0 and tile.window is None:
+        return None, True         # torch's is_causal is the top-left diagonal
     keep = plan.structure_grid(device)
     empty = plan.empty_rows_on(device)  # [Sq] from the plan's Python ints (no device read)
-    if empty is not None:               # SDPA gives NaN for rows with no key: unmask them, zero them after
+    if empty is not None:               # SDPA gives NaN for rows with no key: unmask them (zeroed after)
         keep = keep | empty.unsqueeze(-1)
-    return keep, False, empty
+    return keep, False
 
 
-def _lower(plan: Plan, dtype: torch.dtype, device: torch.device):
-    """Returns ``(attn_mask, is_causal, empty_rows)``; empty_rows broadcasts to ``[B, H, Sq]``."""
-    if plan.dense is not None:
-        m = plan.dense.mask
-        while m.dim() < 4:
-            m = m.unsqueeze(0)
-        empty = plan.empty_rows_on(device)
-        if m.dtype == torch.bool:
-            return m | empty.unsqueeze(-1), False, empty
-        m = torch.where(empty.unsqueeze(-1), torch.zeros((), dtype=m.dtype, device=m.device), m)
-        return m.to(dtype), False, empty
-    if plan.key_valid is not None:
-        valid = plan.key_valid
-        if plan.structure_full:
-            keep = valid[:, None, None, :]                               # [B, 1, 1, Sk]
-        else:
-            keep = plan.structure_grid(device)[None, None] & valid[:, None, None, :]
-        empty = plan.empty_rows_on(device)                               # [B, 1, Sq or 1]
-        if plan.structure_full:
-            empty = empty[..., :1]
-        return keep | empty.unsqueeze(-1), False, empty
-    return _structured_lowering(plan, device)
+def _lower(plan: Plan, dtype: torch.dtype, device: torch.device, hq: int, empty):
+    """Returns ``(attn_mask, is_causal)``; a float mask when the plan has an additive bias (ALiBi, a
+    float DenseMask)."""
+    bias = plan.bias(hq, device, dtype)
+    if plan.structured and bias is None:
+        return _structured_lowering(plan, device)
+    keep = None if plan.full else plan.materialize(device)
+    if keep is not None:
+        keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
+        if empty is not None:          # rows with no key: unmasked (SDPA would give NaN), zeroed after
+            e = empty.reshape((1,) * (3 - empty.dim()) + tuple(empty.shape))
+            keep = keep | e.unsqueeze(-1)
+    if bias is None:
+        return keep, False
+    if keep is None:
+        return bias, False
+    return bias.masked_fill(~keep, NEG_INF), False
 
 
 # ---------------------------------------------------------------------------------------------
 # calls
 # ---------------------------------------------------------------------------------------------
-def _dense(q, k, v, plan: Plan, scale: float, return_lse: bool):
-    """BSHD in, ``(out BSHD, lse [B,H,Sq] | None)`` out."""
+def _dense(q, k, v, plan: Plan, scale: float, return_lse: bool, empty):
+    """BSHD in, ``(out BSHD, lse [B,H,Sq] | None)`` out, for a plan with one tile over the call."""
     b, sq, hq, _ = q.shape
     sk, hkv = k.shape[1], k.shape[2]
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if sk == 0:
+    if sk == 0 or sq == 0 or not plan.tiles:
         out = q.new_zeros(q.shape[:-1] + (v.shape[-1],))
-        lse = torch.full((b, hq, sq), _NEG_INF, device=q.device) if return_lse else None
+        lse = torch.full((b, hq, sq), NEG_INF, device=q.device) if return_lse else None
         return out, lse
-    attn_mask, is_causal, empty = _lower(plan, q.dtype, q.device)
-    # GQA: when the mask does not depend on the query position, fold each kv group's query heads into
-    # the query axis ([B, Hkv, ratio*Sq, D]); no K/V copies, and decode becomes one longer query block.
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    attn_mask, is_causal = _lower(plan, q.dtype, q.device, hq, empty)
+    # GQA: when the mask does not depend on the query position or head, fold each kv group's query heads
+    # into the query axis ([B, Hkv, ratio*Sq, D]); no K/V copies, and decode becomes one longer query block.
     fold = hq != hkv and not is_causal and (attn_mask is None or (
         attn_mask.shape[-2] == 1 and (attn_mask.dim() < 3 or attn_mask.shape[-3] == 1)))
     if fold:
@@ -125,18 +153,20 @@ def _dense(q, k, v, plan: Plan, scale: float, return_lse: bool):
     if fold:
         out = out.reshape(b, hq, sq, out.shape[-1])
         lse = lse.reshape(b, hq, sq) if lse is not None else None
-    out, lse = zero_rows(out, lse, empty)
     return out.transpose(1, 2), lse
+
+
+def _float_mask(attn_mask, dtype, device):
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        return attn_mask
+    return torch.zeros(attn_mask.shape, dtype=dtype, device=device).masked_fill(~attn_mask, NEG_INF)
 
 
 def _sdpa_with_lse(qh, kh, vh, attn_mask, is_causal: bool, scale: float):
     """One fused pass returning (out, lse) where torch offers a kernel for it; else a second pass."""
     ratio = qh.shape[1] // kh.shape[1]
     kx, vx = repeat_kv(kh, ratio, head_dim=1), repeat_kv(vh, ratio, head_dim=1)
-    float_mask = None
-    if attn_mask is not None:
-        float_mask = attn_mask if attn_mask.dtype != torch.bool else torch.zeros(
-            attn_mask.shape, dtype=qh.dtype, device=qh.device).masked_fill(~attn_mask, _NEG_INF)
+    float_mask = _float_mask(attn_mask, qh.dtype, qh.device)
     if qh.device.type == "cpu":
         d, dv = qh.shape[-1], vh.shape[-1]
         qp, kp, vp = qh, kx, vx
@@ -160,33 +190,128 @@ def _sdpa_with_lse(qh, kh, vh, attn_mask, is_causal: bool, scale: float):
         scores = torch.matmul(qh.float(), kx.float().transpose(-1, -2)) * scale
         if is_causal:
             sq, sk = scores.shape[-2:]
-            scores = scores.masked_fill(~torch.ones(sq, sk, dtype=torch.bool, device=qh.device).tril(), _NEG_INF)
+            scores = scores.masked_fill(~torch.ones(sq, sk, dtype=torch.bool, device=qh.device).tril(), NEG_INF)
         if float_mask is not None:
             scores = scores + float_mask.float()
         lse = torch.logsumexp(scores, dim=-1)
     return out, lse
 
 
-def _block_diagonal(q, k, v, plan: Plan, scale: float, return_lse: bool):
-    """THD in, ``(out [Tq,H,Dv], lse [H,Tq] | None)`` out: one batched call per run of equal blocks."""
-    outs, lses = [], []
-    for q0, k0, n, block in plan.runs():
-        lq, lk = block.q_len, block.k_len
-        if lq == 0:
-            continue
-        qg = q.narrow(0, q0, n * lq).view(n, lq, *q.shape[1:])
-        kg = k.narrow(0, k0, n * lk).view(n, lk, *k.shape[1:])
-        vg = v.narrow(0, k0, n * lk).view(n, lk, *v.shape[1:])
-        out, lse = _dense(qg, kg, vg, block_plan(block), scale, return_lse)
-        outs.append(out.reshape(n * lq, *out.shape[2:]))
-        if return_lse:
-            lses.append(lse.transpose(0, 1).reshape(lse.shape[1], n * lq))
-    if not outs:
-        out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
-        lse = torch.full((q.shape[1], q.shape[0]), _NEG_INF, device=q.device) if return_lse else None
-        return out, lse
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-    lse = None
+def _block_sparse(call: AttentionCall):
+    """A host block layout: each query block attends to its gathered visible key blocks; every query block
+    (and head, for per-head layouts) in one batched call. Work follows the visible blocks."""
+    q, k, v, plan = call.q, call.k, call.v, call.plan
+    lay = plan.sparse
+    idx, count, most = lay.host
+    b, sq, hq, d = q.shape
+    sk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+    bq, bk = lay.bq, lay.bk
+    nq, nk = -(-sq // bq), -(-sk // bk)
+    dev = q.device
+    if most == 0:
+        return q.new_zeros(b, sq, hq, dv), (torch.full((b, hq, sq), NEG_INF, device=dev) if call.return_lse else None)
+    lead = idx.shape[0]                                   # 1, Hq or B*Hq
+    per_head = lead != 1
+    g = hq // hkv
+    idx_d, count_d = _device_index(idx, count, str(dev))
+    # keys [B, Hkv, nK, bk, D] (padded to whole blocks)
+    kb = F.pad(k, (0, 0, 0, 0, 0, nk * bk - sk)).transpose(1, 2).reshape(b, hkv, nk, bk, d)
+    vb = F.pad(v, (0, 0, 0, 0, 0, nk * bk - sk)).transpose(1, 2).reshape(b, hkv, nk, bk, dv)
+    qb = F.pad(q, (0, 0, 0, 0, 0, nq * bq - sq)).transpose(1, 2).reshape(b, hq, nq, bq, d)
+    # which gathered key slots each query row may see: a listed block, a real key, and the structure
+    slot_block = idx_d.view(lead, nq, most, 1) * bk + torch.arange(bk, device=dev)   # [L, nQ, most, bk] key index
+    slot_key = slot_block.reshape(lead, nq, most * bk)
+    listed = (torch.arange(most, device=dev)[None, None, :, None] < count_d[..., None, None]).expand(
+        lead, nq, most, bk).reshape(lead, nq, most * bk)
+    ok = listed & (slot_key < sk)                                                  # [L, nQ, most*bk]
+    lo, hi = plan.runs_table_on(dev)
+    lo = F.pad(lo[0], (0, nq * bq - sq), value=0).view(nq, bq)
+    hi = F.pad(hi[0], (0, nq * bq - sq), value=-1).view(nq, bq)
+    keep = ok[:, :, None, :] & (slot_key[:, :, None, :] >= lo[None, :, :, None]) & \
+        (slot_key[:, :, None, :] <= hi[None, :, :, None])                        # [L, nQ, bq, most*bk]
+    empty = ~keep.any(-1)
+    keep = keep | empty[..., None]                                                 # no NaN rows; zeroed below
+    if per_head:
+        # one query head per batch entry: gather its kv head's blocks
+        kv_head = (torch.arange(hq, device=dev) // g)
+        if lead == hq:
+            sel = idx_d.view(1, hq, nq * most).expand(b, hq, nq * most)
+        else:
+            sel = idx_d.view(b, hq, nq * most)
+        kh = kb[:, kv_head]                                                        # [B, Hq, nK, bk, D]
+        vh = vb[:, kv_head]
+        kg = torch.gather(kh, 2, sel[..., None, None].expand(b, hq, nq * most, bk, d)).view(b, hq, nq, most * bk, d)
+        vg = torch.gather(vh, 2, sel[..., None, None].expand(b, hq, nq * most, bk, dv)).view(b, hq, nq, most * bk, dv)
+        mask = keep.view(1 if lead == hq else b, hq, nq, bq, most * bk)
+        mask = mask.expand(b, hq, nq, bq, most * bk).reshape(b * hq * nq, 1, bq, most * bk)
+        out = _sdpa_maybe_lse(qb.reshape(b * hq * nq, 1, bq, d), kg.reshape(b * hq * nq, 1, most * bk, d),
+                              vg.reshape(b * hq * nq, 1, most * bk, dv), mask, call.scale, call.return_lse)
+        o, l = out
+        o = o.view(b, hq, nq * bq, dv)[:, :, :sq].transpose(1, 2)
+        l = None if l is None else l.view(b, hq, nq * bq)[..., :sq]
+        e = empty.view(1 if lead == hq else b, hq, nq * bq)[..., :sq]
+    else:
+        sel = idx_d.view(nq * most)
+        kg = kb.index_select(2, sel).view(b, hkv, nq, most * bk, d).transpose(1, 2)     # [B, nQ, Hkv, mb, D]
+        vg = vb.index_select(2, sel).view(b, hkv, nq, most * bk, dv).transpose(1, 2)
+        qg = qb.transpose(1, 2)                                                          # [B, nQ, Hq, bq, D]
+        mask = keep.view(1, nq, 1, bq, most * bk).expand(b, nq, 1, bq, most * bk).reshape(b * nq, 1, bq, most * bk)
+        o, l = _sdpa_maybe_lse(qg.reshape(b * nq, hq, bq, d), kg.reshape(b * nq, hkv, most * bk, d),
+                               vg.reshape(b * nq, hkv, most * bk, dv), mask, call.scale, call.return_lse)
+        o = o.view(b, nq, hq, bq, dv).permute(0, 1, 3, 2, 4).reshape(b, nq * bq, hq, dv)[:, :sq]
+        l = None if l is None else l.view(b, nq, hq, bq).permute(0, 2, 1, 3).reshape(b, hq, nq * bq)[..., :sq]
+        e = empty.view(1, 1, nq * bq)[..., :sq]
+    o = o.masked_fill(e.transpose(1, 2).unsqueeze(-1), 0.0)
+    if l is not None:
+        l = l.masked_fill(e, NEG_INF)
+    return o, l
+
+
+@host_lru(64)
+def _device_index(idx: torch.Tensor, count: torch.Tensor, device: str):
+    return idx.to(device), count.to(device)
+
+
+def _sdpa_maybe_lse(qh, kh, vh, mask, scale, return_lse):
     if return_lse:
-        lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=1)
-    return out, lse
+        return _sdpa_with_lse(qh, kh, vh, mask, False, scale)
+    gqa = {"enable_gqa": True} if qh.shape[1] != kh.shape[1] else {}
+    return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, **gqa), None
+
+
+def _cpu_flash_backward(call: AttentionCall, out, lse, dout, dlse):
+    """PyTorch's CPU flash-attention backward from the saved (final) output and LSE. A gradient through
+    the LSE joins in exactly by one extra value column: with ``V' = [V, 1]``, ``O' = [O, 0]`` and
+    ``dO' = [dO, dlse]`` the kernel's ``dS = P (dO' V'^T - rowsum(dO' O'))`` is ``P (dP + dlse - rowsum(dO O))``."""
+    q, k, v, plan = call.q, call.k, call.v, call.plan
+    b, sq, hq, d = q.shape
+    sk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+    g = hq // hkv
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if dlse is not None:
+        ones = torch.ones(b, sk, hkv, 1, dtype=v.dtype, device=v.device)
+        v = torch.cat([v, ones], -1)
+        out = torch.cat([out, torch.zeros_like(out[..., :1])], -1)
+        dout = torch.cat([dout, torch.nan_to_num(dlse.float(), nan=0.0, posinf=0.0, neginf=0.0)
+                          .transpose(1, 2).unsqueeze(-1).to(dout.dtype)], -1)
+    w = v.shape[-1]
+    qp, kp = (F.pad(q, (0, w - d)), F.pad(k, (0, w - d))) if w > d else (q, k)
+    vp, outp, doutp = (F.pad(v, (0, d - w)), F.pad(out, (0, d - w)), F.pad(dout, (0, d - w))) if d > w else (v, out, dout)
+    kx = kp.repeat_interleave(g, dim=2) if g > 1 else kp
+    vx = vp.repeat_interleave(g, dim=2) if g > 1 else vp
+    attn_mask, _ = _lower(plan, q.dtype, q.device, hq, None)
+    attn_mask = _float_mask(attn_mask, q.dtype, q.device)
+    if attn_mask is None and not plan.structure_full:
+        attn_mask = _float_mask(plan.structure_grid(q.device), q.dtype, q.device)
+    if attn_mask is not None:
+        attn_mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)).expand(b, hq, sq, sk)
+    safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf"))).float()   # unseen rows: P = 0
+    gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        doutp.transpose(1, 2), qp.transpose(1, 2), kx.transpose(1, 2), vx.transpose(1, 2), outp.transpose(1, 2),
+        safe.contiguous(), 0.0, False, attn_mask=attn_mask, scale=call.scale)
+    gq, gk, gv = gq.transpose(1, 2)[..., :d], gk.transpose(1, 2)[..., :d], gv.transpose(1, 2)[..., :dv]
+    if g > 1:
+        gk = gk.reshape(b, sk, hkv, g, d).sum(3)
+        gv = gv.reshape(b, sk, hkv, g, dv).sum(3)
+    return gq, gk, gv

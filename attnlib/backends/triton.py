@@ -28,8 +28,8 @@ import torch
 from .. import settings
 from ..caching import probe
 from ..inputs import AttentionCall
-from ..masks import BlockDiagonal
-from .base import ALL_MASK_FEATURES, Backend, Capabilities
+from .base import Backend, Capabilities
+from .common import run_tiles
 
 _INTERPRET_HINT = "set TRITON_INTERPRET=1 before triton is imported to run the kernels on the CPU (slow)"
 
@@ -41,7 +41,9 @@ class TritonBackend(Backend):
         devices=frozenset({"cpu", "cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         max_head_dim=256,
-        masks=ALL_MASK_FEATURES - {"dense"},
+        features=frozenset({"causal", "window", "block_diagonal", "key_padding"}),
+        exact_empty_rows=True,
+        isolates_padding=True,
     )
     implementation = "attnlib_kernels Triton FA2-style forward + backward"
 
@@ -54,24 +56,35 @@ class TritonBackend(Backend):
             out.append(f"device=cpu needs the Triton interpreter; {_INTERPRET_HINT}")
         if call.device.type == "cuda" and _interpreting():
             out.append("TRITON_INTERPRET=1 is set: the kernels run interpreted on the CPU, not on cuda")
-        diagonal = _diagonal_reason(call.plan)
-        if diagonal:
-            out.append(diagonal)
+        if _lower(call.plan) is None:
+            out.append(f"a plan the kernels cannot take ({_first_line(call.plan)}): they run one tile per sequence, "
+                       "causal bottom-right or top-left")
         return out
 
     def forward(self, call: AttentionCall):
         from attnlib_kernels.attention import attention
 
         q, k, v = call.q, call.k, call.v
-        kwargs = _lower(call)
-        packed_rows = call.packed and not isinstance(call.mask, BlockDiagonal)
-        if packed_rows:  # THD without a BlockDiagonal: one sequence, i.e. a batch of 1
-            q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-        out, lse = attention(q, k, v, scale=call.scale, return_lse=True, deterministic=deterministic_mode(),
-                             **kwargs)
-        if packed_rows:
-            out, lse = out[0], lse[0]
+        kwargs = _lower(call.plan)
+        if kwargs.get("tiles"):
+            return run_tiles(call, self.forward)
+        if kwargs.get("empty"):               # no row sees a key
+            out = q.new_zeros(*q.shape[:-1], call.head_dim_v)
+            return out, (torch.full((call.batch, call.heads_q, call.seqlen_q), float("-inf"), device=q.device)
+                         if call.return_lse else None)
+        if "cu_seqlens_q" in kwargs:
+            vl = call.plan.varlen()
+            cu_q, cu_k = vl.cu_on(q.device)
+            kwargs = dict(kwargs, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+            out, lse = attention(q[0], k[0], v[0], scale=call.scale, return_lse=True,
+                                 deterministic=deterministic_mode(), **kwargs)
+            return out.unsqueeze(0), (lse.unsqueeze(0) if call.return_lse else None)
+        out, lse = attention(q, k, v, scale=call.scale, return_lse=True, deterministic=deterministic_mode(), **kwargs)
         return out, (lse if call.return_lse else None)
+
+
+def _first_line(plan) -> str:
+    return plan.describe().splitlines()[0]
 
 
 @probe
@@ -95,41 +108,32 @@ def deterministic_mode() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# mask lowering, from the plan: keyword arguments of attnlib_kernels.attention.attention
+# lowering, from the plan: keyword arguments of attnlib_kernels.attention.attention (None: not expressible)
 # ---------------------------------------------------------------------------------------------
-def _diagonal_reason(plan) -> str | None:
-    """The kernels place the causal diagonal at ``Sk - Sq`` (bottom-right) or ``0`` (top-left), per block."""
-    for b in plan.blocks:
-        if b.causal and b.offset not in (b.k_len - b.q_len, 0):
-            return (f"a causal block with diagonal offset {b.offset} ({b.q_len} queries x {b.k_len} keys): the "
-                    "kernels place the diagonal bottom-right or top-left only")
-        if b.causal and plan.packed and b.offset != b.k_len - b.q_len:
-            return "packed blocks with a top-left diagonal: the kernels are bottom-right per block"
-    return None
-
-
-def _lower(call: AttentionCall) -> dict:
-    plan = call.plan
-    device = call.q.device
-    if isinstance(call.mask, BlockDiagonal):
-        mask = call.mask
-        return {
-            "cu_seqlens_q": mask.cu_seqlens_q_on(device),
-            "cu_seqlens_k": mask.cu_seqlens_k_on(device),
-            "max_seqlen_q": mask.max_seqlen_q,
-            "max_seqlen_k": mask.max_seqlen_k,
-            "causal": mask.causal,
-            "window": mask.window,
-            "check_cu_seqlens": False,  # built and checked by BlockDiagonal itself
-        }
-    if plan.dense is not None:
-        raise TypeError("triton cannot lower a DenseMask (it is a materialized mask by definition): use Causal, "
-                        "BlockDiagonal or KeyPadding, or another backend")
-    block = plan.single
-    kwargs = {}
-    if block.causal:
-        top_left = block.offset == 0 and block.k_len != block.q_len
-        kwargs = {"causal": True, "top_left": top_left, "window": block.window}
+def _lower(plan) -> dict | None:
+    if plan.dense is not None or plan.sparse is not None or plan.mods.any or plan.kv is not None:
+        return None
+    tile = plan.single
+    if tile is not None and not plan.packed:
+        kwargs = {}
+        if tile.causal and not tile.full:
+            if tile.bottom_right:
+                kwargs = {"causal": True, "top_left": False, "window": tile.window}
+            elif tile.offset == 0:
+                kwargs = {"causal": True, "top_left": True, "window": tile.window}
+            else:
+                return None
+        if plan.key_valid is not None:
+            kwargs["key_valid"] = plan.key_valid
+        return kwargs
+    if not plan.tiles:
+        return {"empty": True}
     if plan.key_valid is not None:
-        kwargs["key_valid"] = plan.key_valid
-    return kwargs
+        return None
+    vl = plan.varlen() if plan.packed else None
+    if vl is None:          # one call per run of equal tiles, each tile on its own (a diagonal the kernels take)
+        ok = all(t.full or not t.causal or t.bottom_right or t.offset == 0 for t in plan.tiles)
+        return {"tiles": True} if ok else None
+    return {"cu_seqlens_q": None, "cu_seqlens_k": None, "max_seqlen_q": vl.max_seqlen_q,
+            "max_seqlen_k": vl.max_seqlen_k, "causal": vl.causal, "window": vl.window,
+            "check_cu_seqlens": False}   # built from the plan's Python ints

@@ -50,8 +50,9 @@ import torch.nn.functional as F
 from ..caching import host_lru, probe
 
 from ..inputs import AttentionCall
-from ..plan import Block, Plan
+from ..plan import Plan, Tile
 from .base import Backend, Capabilities
+from .common import run_tiles
 
 _NEG_INF = float("-inf")
 
@@ -111,7 +112,7 @@ class XformersBackend(Backend):
         call's tensors, and stride-0 stand-ins where forward would copy (no bias tensor, no state kept)."""
         xf, _ = _detect()
         spec = xformers_bias_spec(call.plan)
-        if spec.kind is BiasKind.EMPTY or torch.compiler.is_compiling():
+        if spec.kind in (BiasKind.EMPTY, BiasKind.TILES) or torch.compiler.is_compiling():
             # inside a compiled region xformers' Python dispatcher cannot be traced: a call none of its
             # operators takes raises from xformers at run time instead of falling back
             return []
@@ -124,6 +125,8 @@ class XformersBackend(Backend):
         spec = xformers_bias_spec(call.plan)
         if spec.kind is BiasKind.EMPTY:
             return _no_key(call)
+        if spec.kind is BiasKind.TILES:
+            return run_tiles(call, self.forward)
         return _run(xf, _lower(xf, call, spec), call)
 
 
@@ -143,6 +146,7 @@ class BiasKind(enum.Enum):
     NONE = "none"
     TENSOR = "tensor"
     EMPTY = "empty"
+    TILES = "tiles"
     LOWER_TRIANGULAR = "LowerTriangularMask"
     LOWER_TRIANGULAR_BOTTOM_RIGHT = "LowerTriangularFromBottomRightMask"
     LOWER_TRIANGULAR_BOTTOM_RIGHT_LOCAL = "LowerTriangularFromBottomRightLocalAttentionMask"
@@ -159,7 +163,7 @@ class BiasKind(enum.Enum):
         """The bias object from xformers' ``attn_bias`` module, of exactly this kind's class (None: no bias)."""
         if self is BiasKind.NONE:
             return None
-        if self in (BiasKind.TENSOR, BiasKind.EMPTY):
+        if self in (BiasKind.TENSOR, BiasKind.EMPTY, BiasKind.TILES):
             raise ValueError(f"{self} has no attn_bias class (see additive_bias)")
         cls = getattr(attn_bias, self.value)
         if self in (BiasKind.LOWER_TRIANGULAR, BiasKind.LOWER_TRIANGULAR_BOTTOM_RIGHT):
@@ -202,6 +206,8 @@ class XformersBiasSpec:
 
 _EMPTY = XformersBiasSpec(BiasKind.EMPTY)
 _TENSOR = XformersBiasSpec(BiasKind.TENSOR)
+#: structured tiles no one bias class expresses (chunked causal): one call per run of equal tiles
+_TILES = XformersBiasSpec(BiasKind.TILES)
 
 
 def xformers_bias_spec(plan: Plan) -> XformersBiasSpec:
@@ -213,7 +219,7 @@ def xformers_bias_spec(plan: Plan) -> XformersBiasSpec:
 
 
 def _no_visible_row(plan: Plan) -> bool:
-    return all(a == z for a, z in (b.visible_rows() for b in plan.blocks))
+    return all(a == z for a, z in (t.visible_rows() for t in plan.tiles))
 
 
 @host_lru(1024)
@@ -222,14 +228,13 @@ def _structured_spec(plan: Plan) -> XformersBiasSpec:
         return _EMPTY
     if plan.packed:
         return _block_diagonal_spec(plan)
-    block = plan.single
-    if block is None or (block.q_start, block.q_len, block.k_start, block.k_len) != \
-            (0, plan.seqlen_q, 0, plan.seqlen_k):
-        return _TENSOR
-    return _dense_spec(block)
+    tile = plan.single
+    if tile is None:
+        return _TILES
+    return _dense_spec(tile)
 
 
-def _dense_spec(block: Block) -> XformersBiasSpec:
+def _dense_spec(block: Tile) -> XformersBiasSpec:
     """One block covering the call: the kept rows are ``Block.visible_rows()``."""
     start, stop = block.visible_rows()
     rows = {"q_start": start, "q_stop": None if stop == block.q_len else stop}
@@ -238,7 +243,7 @@ def _dense_spec(block: Block) -> XformersBiasSpec:
     kept = stop - start
     offset = block.offset + start               # the kept rows' diagonal
     keys = block.k_len
-    if Block(0, kept, 0, keys, True, offset, block.window).full:
+    if Tile(0, kept, 0, keys, True, offset, block.window).full:
         return XformersBiasSpec(BiasKind.NONE, **rows)
     key_stop = None
     if offset < keys - kept:                    # later keys are never visible: cut them, now bottom-right
@@ -256,14 +261,16 @@ def _dense_spec(block: Block) -> XformersBiasSpec:
 
 def _block_diagonal_spec(plan: Plan) -> XformersBiasSpec:
     """Packed blocks, per block as :func:`_dense_spec`: the rows ``Block.visible_rows()`` keeps, the keys
-    no kept row sees as blocks of 0 queries. Blocks that do not fit one bias class: a tensor bias."""
-    first = plan.blocks[0]
+    no kept row sees as blocks of 0 queries. Tiles that do not fit one bias class run one call per run."""
+    if not plan.tiles:
+        return _EMPTY
+    first = plan.tiles[0]
     causal, window = first.causal, first.window
     q_lens, k_lens, runs = [], [], []
     q_pos = k_pos = 0
-    for b in plan.blocks:
-        if b.causal != causal or b.window != window or b.q_start != q_pos or b.k_start < k_pos:
-            return _TENSOR
+    for b in plan.tiles:
+        if b.causal != causal or b.window != window or b.q_start < q_pos or b.k_start < k_pos:
+            return _TILES                       # (rows of no tile, before b.q_start, see nothing: dropped)
         if b.k_start > k_pos:                   # keys of no block
             q_lens.append(0)
             k_lens.append(b.k_start - k_pos)
@@ -272,7 +279,7 @@ def _block_diagonal_spec(plan: Plan) -> XformersBiasSpec:
         if causal and kept:
             offset = b.offset + start
             if offset > keys - kept:
-                return _TENSOR
+                return _TILES
             keys = kept + offset                # == b.k_len when the diagonal is bottom-right
         if kept:
             runs.append((b.q_start + start, kept))
@@ -282,8 +289,8 @@ def _block_diagonal_spec(plan: Plan) -> XformersBiasSpec:
             q_lens.append(0)
             k_lens.append(b.k_len - keys)
         q_pos, k_pos = b.q_start + b.q_len, b.k_start + b.k_len
-    if q_pos != plan.seqlen_q or k_pos > plan.seqlen_k:
-        return _TENSOR
+    if k_pos > plan.seqlen_k:
+        return _TILES
     if k_pos < plan.seqlen_k:
         q_lens.append(0)
         k_lens.append(plan.seqlen_k - k_pos)
@@ -353,9 +360,9 @@ def additive_bias(plan: Plan, batch: int, heads: int, dtype: torch.dtype, device
     """
     sq, sk = plan.seqlen_q, plan.seqlen_k
     visible = _unexpand(_as_4d(plan.materialize(device)))
-    values = None
-    if plan.dense is not None and not plan.dense.is_bool:
-        values = _unexpand(_as_4d(plan.dense.mask.to(device)))
+    values = plan.bias(heads, device)                # ALiBi and a float DenseMask's values (finite part)
+    if values is not None:
+        values = _unexpand(_as_4d(values))
     empty = plan.empty_rows_on(device)
     while empty is not None and empty.dim() < 3:
         empty = empty.unsqueeze(0)
@@ -365,9 +372,11 @@ def additive_bias(plan: Plan, batch: int, heads: int, dtype: torch.dtype, device
     store = torch.zeros(*shape[:-1], round_up(sk, bias_alignment(dtype)), dtype=dtype, device=device)
     body = store[..., :sk]
     unmask = None if empty is None else empty.unsqueeze(-1)
+    hidden = ~visible if unmask is None else ~(visible | unmask)
     if values is None:
-        body.masked_fill_(~visible if unmask is None else ~(visible | unmask), _NEG_INF)
+        body.masked_fill_(hidden, _NEG_INF)
     else:
+        values = values.masked_fill(~visible, _NEG_INF)
         body.copy_((values if unmask is None else values.masked_fill(unmask, 0.0)).expand(body.shape))
     return body.expand(batch, heads, sq, sk), empty
 
@@ -427,8 +436,6 @@ def _lower(xf: _Xformers, call: AttentionCall, spec: XformersBiasSpec, *, stand_
     xformers' ``not_supported_reasons`` read is the shape, dtype, device, last-dim stride and the other
     strides' 16-byte alignment, all of which the stand-ins share with the real tensors)."""
     q, k, v = call.q, call.k, call.v
-    if call.packed:
-        q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
     if spec.q_start or spec.q_stop is not None:
         q = q[:, spec.q_start:spec.q_stop]
     if spec.key_stop is not None:
@@ -592,8 +599,7 @@ def _no_key(call: AttentionCall):
     out = call.q.new_zeros(*call.q.shape[:-1], call.head_dim_v)
     lse = None
     if call.return_lse:
-        shape = (call.heads_q, call.seqlen_q) if call.packed else (call.batch, call.heads_q, call.seqlen_q)
-        lse = torch.full(shape, _NEG_INF, device=call.device)
+        lse = torch.full((call.batch, call.heads_q, call.seqlen_q), _NEG_INF, device=call.device)
     return out, lse
 
 
@@ -630,8 +636,6 @@ def _run(xf: _Xformers, low: _Lowered, call: AttentionCall):
         out = out.new_zeros(1, call.seqlen_q, hq, out.shape[-1]).index_copy(1, idx, out)
         if lse is not None:
             lse = torch.full((hq, call.seqlen_q), _NEG_INF, device=lse.device).index_copy(1, idx, lse)
-    if call.packed:
-        out = out[0]
-        if lse is not None and lse.dim() == 3:
-            lse = lse[0]
+    if lse is not None and lse.dim() == 2:        # block-diagonal biases: the varlen layout [H, Tq]
+        lse = lse.unsqueeze(0)
     return out, lse

@@ -240,13 +240,10 @@ def reference64(q, k, v, mask=None, scale: float | None = None, *, packed: bool 
     """``(out, lse)`` of attnlib's reference formula (``attnlib.reference.reference_attention``) with the
     signature of ``tests/reference64.py``'s ``attention64``: ``dtype`` float64 (default) is the oracle, the
     inputs' dtype the naive same-dtype implementation. Differentiable; computed where the inputs are."""
-    from ..reference import reference_attention
+    from ..reference import reference_for
 
-    packed = q.dim() == 3 if packed is None else packed
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     dtype = torch.float64 if dtype is None else dtype
-    return reference_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale, packed=packed,
-                               compute_dtype=dtype)
+    return reference_for(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale, compute_dtype=dtype)
 
 
 # =========================================================================================================
@@ -403,13 +400,7 @@ def strategy(opt: Mapping, world: int) -> str:
 # the case runner (runs in every spawned process)
 # =========================================================================================================
 def _mask_on(mask, device):
-    from ..masks import DenseMask, KeyPadding
-
-    if isinstance(mask, KeyPadding):
-        return KeyPadding(mask.valid.to(device), causal=mask.causal, window=mask.window)
-    if isinstance(mask, DenseMask):
-        return DenseMask(mask.mask.to(device))
-    return mask
+    return None if mask is None else mask.to(device)
 
 
 def build_inputs(opt: Mapping, gen: torch.Generator):

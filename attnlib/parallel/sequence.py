@@ -13,8 +13,12 @@ import math
 import torch
 import torch.distributed as dist
 
+from ..dispatch import run
+from ..inputs import call_for, check_modifiers
+from ..masks import as_plan, mask_features
 from . import comm
 from .layout import LAYOUTS, Sharding, joint_sharding, layout_sharding, rank_ranges, total_from_sizes
+from .ring import ring_core
 
 __all__ = ["SequenceParallel"]
 
@@ -128,19 +132,22 @@ class SequenceParallel:
         return _SumGradient.apply(out, self.group) if sum_gradients else out
 
     # -- attention ---------------------------------------------------------------------------------
-    def attention(self, q, k, v, mask=None, *, scale=None, backend=None, return_lse: bool = False):
+    def attention(self, q, k, v, mask=None, *, scale=None, softcap=None, alibi_slopes=None, sinks=None,
+                  backend=None, return_lse: bool = False):
         """``attnlib.attention(q, k, v, mask, parallel=self, ...)``: see that function."""
         qq, kk, vv, packed = _as_bshd(q, k, v)
         sq, sk = self._whole_lengths(qq.shape[1], kk.shape[1], mask, q.device)
         qsh = self._known(sq, qq.shape[1], "q")
         ksh = self._known(sk, kk.shape[1], "k")
-        out, lse = _run(self, qq, kk, vv, mask, qsh, ksh, scale, backend, return_lse)
+        plan = _whole_plan(mask, qq, sq, sk, packed, softcap, alibi_slopes, sinks)
+        out, lse = _run(self, qq, kk, vv, plan, qsh, ksh, scale, backend, return_lse)
         if packed:
             out, lse = out[0], (None if lse is None else lse[0])
         return (out, lse) if return_lse else out
 
     def joint_attention(self, q, k, v, joint_q, joint_k, joint_v, mask=None, *, joint_strategy: str = "front",
-                        scale=None, backend=None, return_lse: bool = False):
+                        scale=None, softcap=None, alibi_slopes=None, sinks=None, backend=None,
+                        return_lse: bool = False):
         """Attention over a joint sequence of a replicated stream and a sharded one (MMDiT text + image).
 
         ``q, k, v``: this rank's shards of the sharded stream (image tokens, from :meth:`shard`);
@@ -181,7 +188,8 @@ class SequenceParallel:
         def cat(j, x):
             return torch.cat([j, x] if joint_strategy == "front" else [x, j], 1)
 
-        out, lse = _run(self, cat(jq, q), cat(jk, k), cat(jv, v), mask, sh, sh, scale, backend, return_lse)
+        plan = _whole_plan(mask, q, total, total, False, softcap, alibi_slopes, sinks)
+        out, lse = _run(self, cat(jq, q), cat(jk, k), cat(jv, v), plan, sh, sh, scale, backend, return_lse)
         mine = t_sizes[self.rank]
         split = (mine, out.shape[1] - mine) if joint_strategy == "front" else (out.shape[1] - mine, mine)
         o_text, o_img = _text_first(out.split(split, 1), joint_strategy)
@@ -233,17 +241,26 @@ def _text_first(pieces, strategy):
 
 
 def _mask_lengths(mask, self_attention: bool = False):
-    """``(S_q, S_k)`` when the mask names both whole lengths (BlockDiagonal, DenseMask; KeyPadding for
-    self-attention, where ``S_q == S_k``), else None."""
-    from ..masks import BlockDiagonal, DenseMask, KeyPadding
+    """``(S_q, S_k)`` when the mask names both whole lengths (a self-attention call, where ``S_q == S_k``,
+    needs only one), else None."""
+    if mask is None:
+        return None
+    sq, sk = mask.lengths()
+    if self_attention:
+        sq = sq if sq is not None else sk
+        sk = sk if sk is not None else sq
+    return None if sq is None or sk is None else (sq, sk)
 
-    if self_attention and isinstance(mask, KeyPadding):
-        return int(mask.valid.shape[-1]), int(mask.valid.shape[-1])
-    if isinstance(mask, BlockDiagonal):
-        return mask.total_q, mask.total_k
-    if isinstance(mask, DenseMask) and mask.mask.dim() >= 2:
-        return int(mask.mask.shape[-2]), int(mask.mask.shape[-1])
-    return None
+
+def _whole_plan(mask, q, sq: int, sk: int, packed: bool, softcap, alibi_slopes, sinks):
+    """The whole sequence's plan (mask checked against the whole call, score modifiers attached)."""
+    if mask is not None:
+        mask_features(mask)
+        mask.check_call(packed=packed, batch=q.shape[0], seqlen_q=sq, seqlen_k=sk, heads_q=q.shape[2],
+                        device=q.device, dtype=q.dtype)
+    plan = as_plan(mask, sq, sk)
+    mods = check_modifiers(softcap, alibi_slopes, sinks, q.shape[0], q.shape[2], q)
+    return plan.with_call(mods)
 
 
 def _hybrid_groups(group, n: int, rank: int, u: int):
@@ -270,15 +287,13 @@ def _as_bshd(q, k, v):
     return qq, kk, vv, packed
 
 
-def _run(sp, qq, kk, vv, mask, qsh: Sharding, ksh: Sharding, scale, backend, want_lse):
-    """Dispatch to the strategy: BSHD shards in, ``(out [B, s, Hq, Dv], lse [B, Hq, s] or None)`` out."""
-    from ..plan import plan_for
-    from .ring import ring_core
-
+def _run(sp, qq, kk, vv, plan, qsh: Sharding, ksh: Sharding, scale, backend, want_lse):
+    """Dispatch to the strategy: BSHD shards and the whole call's plan in, ``(out [B, s, Hq, Dv], lse
+    [B, Hq, s] or None)`` out."""
     if sp.ring > 1 and sp.ulysses == 1:
-        return ring_core(qq, kk, vv, plan_for(mask, qsh.total, ksh.total), lambda m: qsh.ranges[m],
-                         lambda m: ksh.ranges[m], sp.rank, sp.world_size, sp.group, scale, backend)
-    return _ulysses(sp, qq, kk, vv, mask, qsh, ksh, scale, backend, want_lse)
+        return ring_core(qq, kk, vv, plan, lambda m: qsh.ranges[m], lambda m: ksh.ranges[m], sp.rank,
+                         sp.world_size, sp.group, scale, backend)
+    return _ulysses(sp, qq, kk, vv, plan, qsh, ksh, scale, backend, want_lse)
 
 
 def _dim(x: torch.Tensor, dim: int) -> int:
@@ -363,26 +378,8 @@ def _heads_to_seq(y, sizes, index, u, group, order):
     return recv.view(u, b, s, hp, d).permute(1, 2, 0, 3, 4).reshape(b, s, u * hp, d)
 
 
-def _head_slice_mask(mask, rank: int, hq: int, u: int):
-    """A ``DenseMask`` with a per-head axis keeps only this rank's query heads; other masks are whole."""
-    from ..masks import DenseMask
-
-    if not isinstance(mask, DenseMask):
-        return mask
-    m = mask.mask
-    if m.dim() < 3 or m.shape[-3] == 1:
-        return mask
-    m4 = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
-    if m4.shape[1] != hq:
-        return mask                         # attnlib reports the shape mismatch
-    hp = hq // u
-    return DenseMask(m4[:, rank * hp:(rank + 1) * hp])
-
-
-def _ulysses(sp, qq, kk, vv, mask, qsh: Sharding, ksh: Sharding, scale, backend, want_lse):
+def _ulysses(sp, qq, kk, vv, plan, qsh: Sharding, ksh: Sharding, scale, backend, want_lse):
     """Ulysses (``ring == 1``) or the hybrid on BSHD shards; ``(out, lse or None)`` of this rank's tokens."""
-    from ..api import attention
-
     hq, hkv, u = qq.shape[2], kk.shape[2], sp.ulysses
     if hq % u:
         raise ValueError(f"Ulysses sequence parallelism splits the {hq} query heads over ulysses={u} ranks, but "
@@ -397,16 +394,17 @@ def _ulysses(sp, qq, kk, vv, mask, qsh: Sharding, ksh: Sharding, scale, backend,
         expanded = hkv * u // math.gcd(hkv, u)   # lcm: divides hq; query head h still reads its kv head
         kk = kk.repeat_interleave(expanded // hkv, dim=2)
         vv = vv.repeat_interleave(expanded // hkv, dim=2)
-    local_mask = _head_slice_mask(mask, sp.rank % u, hq, u)
+    hp = hq // u
+    j = sp.rank % u
+    local = plan.restrict_heads(j * hp, (j + 1) * hp, hq)        # per-head tensors, ALiBi slopes and sinks
     if sp.ring > 1:
-        return _hybrid(sp, qq, kk, vv, local_mask, qsh, ksh, scale, backend, want_lse)
+        return _hybrid(sp, qq, kk, vv, local, qsh, ksh, scale, backend, want_lse)
     q_sizes, k_sizes = qsh.sizes, ksh.sizes
     inv_q, inv_k = qsh.inverse(), ksh.inverse()
     qf = _seq_to_heads(qq, q_sizes, u, sp.group, inv_q)
     kf = _seq_to_heads(kk, k_sizes, u, sp.group, inv_k)
     vf = _seq_to_heads(vv, k_sizes, u, sp.group, inv_k)
-    got = attention(qf, kf, vf, local_mask, scale=scale, backend=backend, return_lse=want_lse)
-    out, lse = got if want_lse else (got, None)
+    out, lse = run(call_for(qf, kf, vf, local, scale, want_lse), backend)
     order = qsh.order()
     out = _heads_to_seq(out, q_sizes, sp.rank, u, sp.group, order)
     if not want_lse:
@@ -427,18 +425,15 @@ def _member_ranges(sh: Sharding, u: int, ring_member: int) -> tuple[tuple[int, i
     return tuple(out) if out else ((0, 0),)
 
 
-def _hybrid(sp, qq, kk, vv, mask, qsh: Sharding, ksh: Sharding, scale, backend, want_lse):
+def _hybrid(sp, qq, kk, vv, plan, qsh: Sharding, ksh: Sharding, scale, backend, want_lse):
     """Ulysses inside each group of ``ulysses`` consecutive ranks, ring across the groups."""
-    from ..plan import plan_for
-    from .ring import ring_core
-
     u, i, j = sp.ulysses, sp.rank // sp.ulysses, sp.rank % sp.ulysses
     members = range(i * u, (i + 1) * u)
     gq, gk = [qsh.sizes[m] for m in members], [ksh.sizes[m] for m in members]
     qh = _seq_to_heads(qq, gq, u, sp.ulysses_group, None)      # [B, s_group, Hq/u, D], member order
     kh = _seq_to_heads(kk, gk, u, sp.ulysses_group, None)
     vh = _seq_to_heads(vv, gk, u, sp.ulysses_group, None)
-    out, lse = ring_core(qh, kh, vh, plan_for(mask, qsh.total, ksh.total), lambda m: _member_ranges(qsh, u, m),
+    out, lse = ring_core(qh, kh, vh, plan, lambda m: _member_ranges(qsh, u, m),
                          lambda m: _member_ranges(ksh, u, m), i, sp.ring, sp.ring_group, scale, backend)
     out = _heads_to_seq(out, gq, j, u, sp.ulysses_group, None)
     if not want_lse:

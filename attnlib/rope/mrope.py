@@ -27,7 +27,7 @@ last bit, and inside an audio-in-video run its order of audio and video at a tie
 rounding creates can differ too.
 
 Everything is vectorized: about ten passes over the tokens and ~130 small tensor ops over the grids,
-whatever the number of images, videos, rows or frames (see ``_positions_flat``).
+whatever the number of images, videos, rows or frames (see ``positions_flat``).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .rotary import _kernel_for, apply_rotary_qk, rotary_inv_freq
+from .rotary import kernel_for, apply_rotary_qk, rotary_inv_freq
 
 __all__ = ["MRopeConfig", "mrope_position_ids", "MRotaryEmbedding", "apply_mrope", "VARIANTS"]
 
@@ -175,12 +175,12 @@ def mrope_position_ids(input_ids: torch.Tensor, config: MRopeConfig, *, image_gr
         if not isinstance(attention_mask, torch.Tensor) or attention_mask.device != input_ids.device:
             attention_mask = torch.as_tensor(attention_mask, device=input_ids.device)
         valid = attention_mask.bool().reshape(-1)  # nonzero = real token
-    pos, deltas = _positions_flat(input_ids.reshape(-1), valid, [S] * B, config, image_grid_thw,
+    pos, deltas = positions_flat(input_ids.reshape(-1), valid, [S] * B, config, image_grid_thw,
                                   video_grid_thw, second_per_grid_ts)
     return pos.view(3, B, S), deltas
 
 
-def _positions_flat(ids, valid, seqlens, config, image_grid_thw, video_grid_thw, second_per_grid_ts):
+def positions_flat(ids, valid, seqlens, config, image_grid_thw, video_grid_thw, second_per_grid_ts):
     """Core on a flat token stream holding sequences of lengths ``seqlens`` back to back
     (``valid`` [N] bool marks real tokens, with equal ``seqlens`` -- a padded batch; None: no padding).
 
@@ -223,7 +223,7 @@ def _positions_flat(ids, valid, seqlens, config, image_grid_thw, video_grid_thw,
             valid = None  # no padding after all
         elif holes > 2:  # padding inside a row: number the real tokens alone, then scatter back
             keep = torch.nonzero(valid).squeeze(1)
-            pos, deltas = _positions_flat(ids.index_select(0, keep), None, (L - n_pad).tolist(), config, image_grid_thw,
+            pos, deltas = positions_flat(ids.index_select(0, keep), None, (L - n_pad).tolist(), config, image_grid_thw,
                                           video_grid_thw, second_per_grid_ts)
             return pos.new_zeros(3, N).index_copy_(1, keep, pos), deltas
         else:
@@ -584,7 +584,7 @@ def apply_mrope(q: torch.Tensor, k: torch.Tensor, position_ids: torch.Tensor, mr
         rope = _MROPE_CACHE[key] = MRotaryEmbedding(2 * sum(key[0]), key[1], key[0], key[2])
     if all(isinstance(t, torch.Tensor) for t in (q, k, position_ids)):  # else the table path names the bad argument
         inv_freq = rope._on(rope._inv_freq, q.device)
-        kernels = _kernel_for(q, inv_freq, k)
+        kernels = kernel_for(q, inv_freq, k)
         if kernels is not None and position_ids.device == q.device:
             return kernels.apply_mrope_qk(q, k, position_ids, inv_freq, rope.mrope_section,
                                           interleaved_sections=rope.interleaved)

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from ..masks import BlockDiagonal
-from .mrope import MRopeConfig, _positions_flat
+from .mrope import MRopeConfig, positions_flat
 
 __all__ = ["packed_mrope_position_ids"]
 
@@ -51,5 +51,5 @@ def packed_mrope_position_ids(input_ids, config: MRopeConfig, *, seqlens: Sequen
         ids = input_ids
     if ids.is_floating_point():
         raise ValueError(f"input_ids must hold token ids (an int dtype), got {ids.dtype}")
-    pos, deltas = _positions_flat(ids, None, seqlens, config, image_grid_thw, video_grid_thw, second_per_grid_ts)
+    pos, deltas = positions_flat(ids, None, seqlens, config, image_grid_thw, video_grid_thw, second_per_grid_ts)
     return pos, deltas, BlockDiagonal.from_seqlens(seqlens, causal=causal)

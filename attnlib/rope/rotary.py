@@ -51,7 +51,7 @@ def _rotary_kernels():
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _kernel_for(x: torch.Tensor, cos: torch.Tensor, *others: torch.Tensor):
+def kernel_for(x: torch.Tensor, cos: torch.Tensor, *others: torch.Tensor):
     """The kernel module when it can take this call: CUDA, a kernel dtype, a float32 or x-dtype table."""
     if not x.is_cuda or os.environ.get(ROTARY_KERNEL, "1") == "0":
         return None
@@ -141,7 +141,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, inter
     ``attnlib_kernels.rotary`` kernel; otherwise :func:`apply_rotary_torch`.
     """
     _check_rotary_args(x, cos, sin)
-    kernels = _kernel_for(x, cos)
+    kernels = kernel_for(x, cos)
     if kernels is not None:
         return kernels.apply_rotary(x, cos, sin, interleaved=interleaved)
     return apply_rotary_torch(x, cos, sin, interleaved=interleaved)
@@ -158,7 +158,7 @@ def apply_rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: to
     _check_rotary_args(k, cos, sin, "k")
     if q.shape[:-2] != k.shape[:-2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on all dims except the head count")
-    kernels = _kernel_for(q, cos, k)
+    kernels = kernel_for(q, cos, k)
     if kernels is not None:
         return kernels.apply_rotary_qk(q, k, cos, sin, interleaved=interleaved)
     return (apply_rotary_torch(q, cos, sin, interleaved=interleaved),
