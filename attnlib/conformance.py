@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from .masks import BlockDiagonal, Causal, DenseMask, KeyPadding
+from .masks import BlockDiagonal, BlockSparse, Causal, DenseMask, KeyPadding
 from .testing import Comparison, compare, gradient_magnitudes, reference_and_naive
 
 #: (Hq, Hkv) per GQA ratio checked
@@ -34,7 +34,8 @@ def gqa_ratios(backend: str, dtype: torch.dtype, device: str = "cpu") -> list[in
 
 @dataclass(frozen=True)
 class Case:
-    """A named call: ``build(dtype, device, hq, hkv, gen) -> (q, k, v, mask)``."""
+    """A named call: ``build(dtype, device, hq, hkv, gen) -> (q, k, v, mask)`` or ``(q, k, v, mask, options)``
+    with ``options`` the call's score modifiers / ``block_table`` (keyword arguments of ``attention``)."""
 
     name: str
     kind: str            # the mask kind it exercises (table column)
@@ -58,8 +59,8 @@ def _dense(b, sq, sk, mask_fn=lambda b, sq, sk, hq, gen, device: None, d=HEAD_DI
     return build
 
 
-def _packed(q_lens, kv_lens=None, causal=False, window=None, d=HEAD_DIM):
-    mask = BlockDiagonal(q_lens, kv_lens, causal=causal, window=window)
+def _packed(q_lens, kv_lens=None, causal=False, window=None, d=HEAD_DIM, chunk=None, sink=0):
+    mask = BlockDiagonal(q_lens, kv_lens, causal=causal, window=window, chunk=chunk, sink=sink)
 
     def build(dtype, device, hq, hkv, gen):
         q = _rand(gen, mask.total_q, hq, d, dtype=dtype, device=device)
@@ -98,6 +99,69 @@ def _const(mask):
     return lambda b, sq, sk, hq, gen, device: mask
 
 
+def _with(build, **make):
+    """``build`` plus call options made per call: ``make[name](hq, gen, device) -> value``."""
+    def wrapped(dtype, device, hq, hkv, gen):
+        q, k, v, mask = build(dtype, device, hq, hkv, gen)
+        return q, k, v, mask, {name: fn(hq, gen, device) for name, fn in make.items()}
+    return wrapped
+
+
+def _slopes(hq, gen, device):
+    """ALiBi's geometric slopes (as BLOOM/MPT define them for ``hq`` heads)."""
+    return torch.tensor([2 ** (-8 * (h + 1) / hq) for h in range(hq)], dtype=torch.float32, device=device)
+
+
+def _sinks(hq, gen, device):
+    return (torch.randn(hq, generator=gen) * 2).to(device)
+
+
+def _layout(nq, nk, heads=False, causal=False):
+    def mask_fn(b, sq, sk, hq, gen, device):
+        lay = torch.rand(*((hq,) if heads else ()), nq, nk, generator=gen) < 0.4
+        lay[..., 0, 0] = True
+        return BlockSparse(lay, (-(-sq // nq), -(-sk // nk)), causal=causal)
+    return mask_fn
+
+
+def _garbage_padding(kind="holes"):
+    """KeyPadding whose padded slots hold NaN / inf garbage (a ``torch.empty`` cache tail): never read."""
+    pad = _padding(kind)
+
+    def build(dtype, device, hq, hkv, gen):
+        q, k, v, mask = _dense(3, 10, 21, pad)(dtype, device, hq, hkv, gen)
+        hidden = ~mask.valid[:, :, None, None]
+        return q, k.masked_fill(hidden, float("nan")), v.masked_fill(hidden, float("inf")), mask
+    return build
+
+
+def _paged(q_lens, kv_lens, page, causal=True, d=HEAD_DIM):
+    """Requests' keys in a shuffled page pool; unused slots and pages hold NaN garbage."""
+    mask = BlockDiagonal(q_lens, kv_lens, causal=causal)
+
+    def build(dtype, device, hq, hkv, gen):
+        q = _rand(gen, mask.total_q, hq, d, dtype=dtype, device=device)
+        k = _rand(gen, mask.total_k, hkv, d, dtype=dtype, device=device)
+        v = _rand(gen, mask.total_k, hkv, d, dtype=dtype, device=device)
+        pages = [-(-n // page) for n in kv_lens]
+        total = sum(pages) + 2
+        order = torch.randperm(total, generator=gen).tolist()
+        table = torch.zeros(len(kv_lens), max(pages) + 1, dtype=torch.int32)
+        pool_k = torch.full((total, page, hkv, d), float("nan"), dtype=dtype, device=device)
+        pool_v = torch.full((total, page, hkv, d), float("nan"), dtype=dtype, device=device)
+        pos = 0
+        for r, n in enumerate(kv_lens):
+            for j in range(pages[r]):
+                pid = order.pop()
+                table[r, j] = pid
+                take = min(page, n - j * page)
+                pool_k[pid, :take] = k[pos + j * page:pos + j * page + take]
+                pool_v[pid, :take] = v[pos + j * page:pos + j * page + take]
+            pos += n
+        return q, pool_k, pool_v, mask, {"block_table": table.to(device)}
+    return build
+
+
 CASES: tuple[Case, ...] = (
     Case("full", "none", _dense(2, 33, 33)),
     Case("full_cross", "none", _dense(2, 17, 40), note="Sq != Sk"),
@@ -127,6 +191,28 @@ CASES: tuple[Case, ...] = (
     Case("key_padding_causal_window", "key_padding+causal", _dense(3, 12, 12, _padding("holes", True, 4))),
     Case("dense_bool", "dense", _dense(2, 11, 19, _dense_bool)),
     Case("dense_additive", "dense", _dense(2, 11, 19, _dense_additive)),
+    # structured sparsity
+    Case("chunked_causal", "causal+chunk", _dense(2, 24, 24, _const(Causal(chunk=6))), note="frame-causal, 4 chunks"),
+    Case("chunked_window_sink", "causal+chunk", _dense(2, 12, 30, _const(Causal(chunk=(6, 6, 6, 6, 6), window=2,
+                                                                               sink=6))),
+         note="chunks of 6, 2-chunk window, a sink chunk (rows see 2 key runs)"),
+    Case("window_sink", "causal+window", _dense(2, 20, 20, _const(Causal(window=5, sink=3)))),
+    Case("varlen_chunk_sink", "block_diagonal", _packed([9, 7], [15, 7], causal=True, window=2, chunk=3, sink=2),
+         packed=True),
+    Case("block_sparse", "block_sparse", _dense(2, 20, 28, _layout(3, 4)), note="host layout, partial blocks"),
+    Case("block_sparse_heads_causal", "block_sparse", _dense(2, 16, 16, _layout(4, 4, heads=True, causal=True))),
+    # score modifiers
+    Case("softcap", "softcap", _with(_dense(2, 13, 21, _const(Causal())), softcap=lambda h, g, d: 5.0)),
+    Case("alibi", "alibi", _with(_dense(2, 13, 21, _const(Causal())), alibi_slopes=_slopes)),
+    Case("alibi_varlen", "alibi", _with(_packed([5, 8], [9, 8], causal=True), alibi_slopes=_slopes), packed=True),
+    Case("sinks", "sinks", _with(_dense(3, 13, 21, _padding("empty")), sinks=_sinks),
+         note="a row with no key returns 0 and LSE = the sink"),
+    Case("softcap_alibi_sinks", "modifiers", _with(_dense(2, 12, 12, _const(Causal(window=4, sink=2))),
+                                                  softcap=lambda h, g, d: 10.0, alibi_slopes=_slopes, sinks=_sinks)),
+    # paged keys and garbage in hidden slots
+    Case("paged", "paged", _paged([3, 1, 2], [9, 6, 13], page=4), packed=True,
+         note="shuffled pages, partial last pages, NaN in unused slots"),
+    Case("garbage_in_padding", "key_padding", _garbage_padding(), note="NaN/inf in padded K/V slots"),
     # shapes where tiled/compiled kernels have gone wrong: small head dims, key lengths = 8 mod 16, decode
     # against a cache; they share head dims, so they also run several shapes through one compiled kernel
     Case("risky_d8_keys24", "none", _dense(2, 9, 24, d=8), note="D=8, Sk=24 (8 mod 16)"),
@@ -232,37 +318,41 @@ def run_case(backend: str, case: Case, dtype: torch.dtype, gqa: int = 1, *, devi
 
     gen = torch.Generator().manual_seed(seed)
     hq, hkv = HEADS[gqa]
-    q, k, v, mask = case.build(dtype, torch.device(device), hq, hkv, gen)
+    built = case.build(dtype, torch.device(device), hq, hkv, gen)
+    q, k, v, mask = built[:4]
+    opts = built[4] if len(built) > 4 else {}
     result = Result(backend, case.name, dtype, gqa)
+    grad = grad and "block_table" not in opts        # a page pool holds garbage: no gradient checked through it
     if grad:
         q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
-    call = validate_call(q, k, v, mask, None, True)
+    call = validate_call(q, k, v, mask, None, True, **opts)
     why = get_backend(backend).why_not(call)
     if why:
         result.skipped = "; ".join(why)
         return result
-    out, lse = attention(q, k, v, mask, backend=backend, return_lse=True)
-    (ref_out, ref_lse), (naive_out, naive_lse) = reference_and_naive(q, k, v, mask, call.scale, packed=call.packed)
+    out, lse = attention(q, k, v, mask, backend=backend, return_lse=True, **opts)
+    (ref_out, ref_lse), (naive_out, naive_lse) = reference_and_naive(q, k, v, mask, call.scale, **opts)
     result.comparisons.append(compare(out, ref_out, naive_out, dtype, "out"))
     # the LSE is float32 on every backend: an fp64 call's LSE is held to the float32 policy
     result.comparisons.append(compare(lse, ref_lse, naive_lse, lse_dtype(dtype), "lse"))
     if grad:
-        result.comparisons.extend(_grad_comparisons(out, q, k, v, mask, call.scale, call.packed, dtype, gen))
+        result.comparisons.extend(_grad_comparisons(out, q, k, v, mask, call.scale, dtype, gen, opts))
     return result
 
 
-def _grad_comparisons(out, q, k, v, mask, scale, packed, dtype, gen):
+def _grad_comparisons(out, q, k, v, mask, scale, dtype, gen, opts):
     from .reference import reference_for
 
     dout = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
     got = torch.autograd.grad(out, (q, k, v), dout)
     leaves64 = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    ref_out, _ = reference_for(*leaves64, mask, scale, compute_dtype=torch.float64)
+    ref_out, _ = reference_for(*leaves64, mask, scale, compute_dtype=torch.float64, **opts)
     ref = torch.autograd.grad(ref_out, leaves64, dout.double())
     leaves_lp = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    naive_out, _ = reference_for(*leaves_lp, mask, scale, compute_dtype=dtype)
+    naive_out, _ = reference_for(*leaves_lp, mask, scale, compute_dtype=dtype, **opts)
     naive = torch.autograd.grad(naive_out, leaves_lp, dout)
-    mags = gradient_magnitudes(q, k, v, dout, scale)
+    finite = [torch.nan_to_num(t.detach(), nan=0.0, posinf=0.0, neginf=0.0) for t in (q, k, v)]
+    mags = gradient_magnitudes(*finite, dout, scale)
     return [compare(g, r, n, dtype, name, mags[name]) for g, r, n, name in zip(got, ref, naive, ("dq", "dk", "dv"))]
 
 

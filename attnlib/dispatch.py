@@ -5,8 +5,9 @@ ring steps and the adapters call with plans of their own. Everything a backend d
 happens here, once:
 
 * paged keys are gathered (only the pages the requests use) for kernels that read contiguous keys;
-* padded key slots are zeroed for kernels that would multiply them by a zero weight (``0 * NaN`` is
-  NaN: garbage in a ``torch.empty`` cache tail must not reach an output);
+* non-finite keys and values are zeroed for kernels that weight hidden keys by 0 (``0 * NaN`` is NaN:
+  garbage in a ``torch.empty`` cache tail or another sequence's keys must not reach an output), and rows
+  with a non-finite query or that see a non-finite key or value are set to NaN (never silently 0);
 * plans in which a row sees several key runs (chunked causal, sink + window) run on kernels that take one
   run per row as one call per layer (:meth:`attnlib.plan.Plan.layers`), merged by the LSE rule;
 * sinks are applied through the LSE for kernels without them (:func:`attnlib.merge.apply_sinks`);
@@ -24,6 +25,7 @@ from .inputs import AttentionCall
 from .merge import apply_sinks, merge_partials
 from .reference import attention_backward, sink_gradient
 from .registry import select_backend
+from .settings import nonfinite_guard
 
 __all__ = ["run", "execute", "block_backward"]
 
@@ -38,21 +40,52 @@ def run(call: AttentionCall, backend: str | None = None):
 def execute(backend: Backend, call: AttentionCall):
     """``call`` on ``backend`` (already selected): ``(out BSHD, lse [B, Hq, Sq] or None)``."""
     caps = backend.capabilities
+    if not call.plan.tiles or call.seqlen_k == 0:       # no row sees a key (no keys, empty blocks): no kernel
+        return _nothing_visible(call)
     if "paged" in call.plan.features and "paged" not in caps.features:
         call = gathered(call)
-    if call.plan.key_valid is not None and not caps.isolates_padding:
-        call = _zero_padding(call)
+    call, marked = _guard(call, caps)
     parts = native_parts(call, caps)
     sinks_here = call.plan.mods.sinks is not None and parts[0].plan.mods.sinks is None
     lse_grad = call.return_lse and call.requires_grad and not backend.lse_has_gradient
     if len(parts) == 1 and parts[0] is call and not lse_grad:
-        return _native(backend, call)
-    if call.requires_grad:
+        out, lse = _native(backend, call)
+    elif call.requires_grad:
         sinks = call.plan.mods.sinks
         out, lse = _Composite.apply(call.q, call.k, call.v, sinks, (backend, call, parts, sinks_here))
     else:
         out, lse = _composite(backend, call, parts, sinks_here)
+    if marked is not None:
+        out = out.masked_fill(marked.transpose(1, 2).unsqueeze(-1), float("nan"))
+        lse = lse.masked_fill(marked, float("nan")) if lse is not None else None
     return out, (lse if call.return_lse else None)
+
+
+def _nothing_visible(call: AttentionCall):
+    """Output 0 and LSE ``-inf`` (or the sink) for every row, differentiable (zero gradients)."""
+    sinks = call.plan.mods.sinks
+    out, lse = _Nothing.apply(call.q, call.k, call.v, sinks, call.head_dim_v)
+    return out, (lse if call.return_lse else None)
+
+
+class _Nothing(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, dv):
+        b, sq, hq, _ = q.shape
+        ctx.like = tuple((t.shape, t.dtype, t.device) for t in (q, k, v))
+        ctx.sinks_like = None if sinks is None else sinks.dtype
+        lse = torch.full((b, hq, sq), float("-inf"), dtype=torch.float32, device=q.device)
+        if sinks is not None:
+            lse = sinks.detach().float()[None, :, None].expand(b, hq, sq).clone()
+        return q.new_zeros(b, sq, hq, dv), lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        dsinks = None
+        if ctx.sinks_like is not None and dlse is not None:       # lse = sink: d lse / d sink = 1
+            dsinks = torch.nan_to_num(dlse.float(), nan=0.0).sum(dim=(0, 2)).to(ctx.sinks_like)
+        zeros = [torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.like]
+        return (*zeros, dsinks, None)
 
 
 def gathered(call: AttentionCall) -> AttentionCall:
@@ -63,12 +96,29 @@ def gathered(call: AttentionCall) -> AttentionCall:
     return call.replace(k=k, v=v, plan=call.plan.with_call(call.plan.mods, None))
 
 
-def _zero_padding(call: AttentionCall) -> AttentionCall:
-    """Padded key slots zeroed (differentiable; their gradient is 0 anyway): a kernel that gives them weight
-    0 then computes ``0 * 0``, never ``0 * garbage``."""
-    keep = call.plan.key_valid[:, :, None, None]
-    zero = torch.zeros((), dtype=call.k.dtype, device=call.k.device)
-    return call.replace(k=torch.where(keep, call.k, zero), v=torch.where(keep, call.v, zero))
+def _guard(call: AttentionCall, caps):
+    """Non-finite inputs, for kernels that do not handle them exactly: ``(call, rows)`` where ``rows`` (bool
+    ``[B, Hq, Sq]`` or None) are to be set to NaN after the kernel.
+
+    A kernel that weights a hidden key by 0 computes ``0 * NaN = NaN``: when some key is hidden from some row,
+    non-finite keys and values are zeroed first (differentiable) and the rows that do see one are marked.
+    A kernel that returns a row as 0 when every one of its scores is NaN: the rows with a non-finite query
+    or that see a non-finite key are marked. Off with ``$ATTNLIB_NONFINITE_GUARD=0``."""
+    sanitize = not caps.isolates_hidden and not call.plan.full
+    if not (sanitize or not caps.propagates_nonfinite) or not nonfinite_guard():
+        return call, None
+    k_ok = torch.isfinite(call.k).all(-1)                                     # [B, Sk, Hkv]
+    bad = ~k_ok
+    if sanitize:
+        v_ok = torch.isfinite(call.v).all(-1)
+        bad = bad | ~v_ok
+        zero = torch.zeros((), dtype=call.k.dtype, device=call.k.device)
+        call = call.replace(k=torch.where(k_ok[..., None], call.k, zero), v=torch.where(v_ok[..., None], call.v, zero))
+    bad = bad.transpose(1, 2)
+    if call.gqa_ratio > 1:
+        bad = bad.repeat_interleave(call.gqa_ratio, 1)
+    rows = call.plan.rows_seeing(bad) | (~torch.isfinite(call.q).all(-1)).transpose(1, 2)      # [B, Hq, Sq]
+    return call, rows
 
 
 def _empty_rows_bshd(empty: torch.Tensor) -> torch.Tensor:

@@ -564,6 +564,21 @@ class Plan:
             out = d if out is None else out + d
         return out
 
+    def rows_seeing(self, flags: torch.Tensor) -> torch.Tensor:
+        """bool ``[B, H, Sq]``: the rows that see at least one key flagged in ``flags`` (bool ``[B, H, Sk]``,
+        H = 1 or the query heads), on the flags' device without a host read: prefix sums over each row's
+        key runs (and the key validity), or the materialized mask for dense and block-sparse plans."""
+        if self.dense is not None or self.sparse is not None:
+            vis = self.materialize(flags.device)
+            vis = vis.reshape((1,) * (4 - vis.dim()) + tuple(vis.shape))
+            return (vis & flags[:, :, None, :]).any(-1)
+        if self.key_valid is not None:
+            flags = flags & self.key_valid.to(flags.device)[:, None, :]
+        csum = torch.nn.functional.pad(flags.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
+        lo, hi = self.runs_table_on(flags.device)                                    # [R, Sq]
+        count = (csum[..., (hi + 1).clamp(min=0)] - csum[..., lo.clamp(max=self.seqlen_k)]).clamp(min=0)
+        return count.sum(-2) > 0
+
     def empty_rows_on(self, device) -> torch.Tensor | None:
         """bool, broadcastable to ``[B, Hq, Sq]``: rows that see no key; None when none can.
         Structured plans: from :meth:`empty_row_runs` (cached per device); with a tensor restriction:

@@ -21,6 +21,8 @@ FLEX_CPU_GUARD = "ATTNLIB_FLEX_CPU_GUARD"
 DETERMINISTIC = "ATTNLIB_DETERMINISTIC"
 #: extra checks of tensor contents on the device (page ids in range): a debugging aid
 DEBUG_CHECKS = "ATTNLIB_DEBUG_CHECKS"
+#: rows with a non-finite query, or that see a non-finite key, are marked NaN after kernels that drop them
+NONFINITE_GUARD = "ATTNLIB_NONFINITE_GUARD"
 #: the Triton rotary / mRoPE kernels on CUDA
 ROTARY_KERNEL = "ATTNLIB_ROTARY_KERNEL"
 #: triton's own switch for its CPU interpreter (attnlib reads it, triton defines it)
@@ -71,6 +73,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "checks that need tensor contents run on the device without a host read (`block_table` page ids "
            "inside the pool, via `torch._assert_async`); costs a little per call",
            "`1` on, anything else off"),
+    EnvVar(NONFINITE_GUARD, "`1` (on)",
+           "after a kernel that returns a row as 0 when every one of its scores is NaN (SDPA, flex, flash-attn, "
+           "xformers), the rows with a non-finite query or that see a non-finite key are set to NaN, so garbage "
+           "in visible inputs is never silently dropped; costs one read of q and k per call",
+           "`0` off, anything else on"),
     EnvVar(ROTARY_KERNEL, "`1` (on)",
            "CUDA rotary / mRoPE calls use attnlib's Triton kernels; `0` runs the torch implementation",
            "`0` off, anything else on"),
@@ -88,6 +95,11 @@ ENV_VARS: tuple[EnvVar, ...] = (
 
 #: the names, for ``name in NAMES`` checks
 NAMES = frozenset(v.name for v in ENV_VARS)
+
+
+def nonfinite_guard() -> bool:
+    """``$ATTNLIB_NONFINITE_GUARD`` is not ``0``."""
+    return os.environ.get(NONFINITE_GUARD, "1") != "0"
 
 
 def debug_checks() -> bool:

@@ -42,9 +42,13 @@ class Capabilities:
 
     ``features``: the plan features its ``forward`` handles itself (:data:`ALL_FEATURES`); with ``lse`` the
     dispatch adds :data:`WITH_LSE`, and it always adds :data:`ALWAYS`. The flags say what the dispatch must
-    normalize after the kernel: ``exact_empty_rows`` (rows with no key already give 0 / -inf) and
-    ``isolates_padding`` (padded key slots are never read, so whatever they hold cannot leak; otherwise
-    the dispatch zeroes them first).
+    normalize around the kernel: ``exact_empty_rows`` (rows with no key already give 0 / -inf);
+    ``isolates_hidden`` (a key hidden from a row -- padding, another sequence, causality, a window, a
+    sparse block -- never influences it, whatever it holds; kernels that weight hidden keys by 0 compute
+    ``0 * NaN``, so otherwise the dispatch zeroes non-finite keys and values first and marks the rows that
+    see one); ``propagates_nonfinite`` (a row with a non-finite query, or that sees a non-finite key or
+    value, comes back non-finite; kernels that return a row as 0 when every score is NaN do not, and the
+    dispatch marks those rows NaN).
     """
 
     devices: frozenset = frozenset({"cpu", "cuda"})
@@ -57,7 +61,8 @@ class Capabilities:
     autograd: bool | frozenset = True
     head_dim_v_differs: bool = True      # Dv != D
     exact_empty_rows: bool = False
-    isolates_padding: bool = False
+    isolates_hidden: bool = False
+    propagates_nonfinite: bool = False
 
     def autograd_on(self, device_type: str) -> bool:
         """Whether calls whose inputs require grad are served on ``device_type``."""

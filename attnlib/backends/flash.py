@@ -191,7 +191,6 @@ class FlashBackend(Backend):
         dtypes=frozenset({torch.float16, torch.bfloat16}),
         max_head_dim=256,
         features=frozenset({"causal", "window", "block_diagonal", "key_padding"}),
-        isolates_padding=True,       # padded keys are gathered out (varlen over keys), never read
     )
 
     @property

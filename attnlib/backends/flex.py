@@ -555,8 +555,6 @@ def _forward(call: AttentionCall):
     if sq == 0 or sk == 0 or not call.plan.tiles:
         out = q.new_zeros(b, sq, hq, dv)
         return out, (torch.full((b, hq, sq), _NEG_INF, device=dev) if call.return_lse else None)
-    if call.plan.packed:
-        vh = _finite_values(vh)
     # the CPU shape guard: static shapes, lengths padded to a bucket (module docstring)
     static = dev.type == "cpu" and cpu_guard_enabled()
     psq, psk = (_bucket(sq), _bucket(sk, minimum=_MIN_KEY_BUCKET)) if static else (sq, sk)
@@ -593,26 +591,7 @@ def _forward(call: AttentionCall):
     if call.return_lse and lse is None:
         with torch.no_grad():
             lse = _lse_pass(qh, kh, low, call.scale)
-    if call.plan.packed:
-        out = _mark_nonfinite_values(out, call)
     return out.transpose(1, 2), lse
-
-
-def _finite_values(vh: torch.Tensor) -> torch.Tensor:
-    """Values with non-finite entries zeroed: flex's kernel multiplies every key of a partly visible tile
-    (another sequence's too) by its weight, and ``0 * NaN`` is NaN. The rows that do see such a value
-    are marked after the call (:func:`_mark_nonfinite_values`)."""
-    return torch.where(torch.isfinite(vh), vh, torch.zeros((), dtype=vh.dtype, device=vh.device))
-
-
-def _mark_nonfinite_values(out: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-    """``out`` (BHSD) with NaN in the rows that see a non-finite value (counted per key run)."""
-    bad = (~torch.isfinite(call.v).all(-1)).transpose(1, 2)                  # [B, Hkv, Sk]
-    bad = bad.repeat_interleave(call.gqa_ratio, 1) if call.gqa_ratio > 1 else bad
-    csum = torch.nn.functional.pad(bad.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
-    lo, hi = call.plan.runs_table_on(out.device)                            # [R, Sq]
-    count = (csum[..., (hi + 1).clamp(min=0)] - csum[..., lo.clamp(max=call.seqlen_k)]).clamp(min=0).sum(-2)
-    return out.masked_fill((count > 0).unsqueeze(-1), float("nan"))
 
 
 def _lse_pass(qh: torch.Tensor, kh: torch.Tensor, low: _Lowered, scale: float) -> torch.Tensor:

@@ -43,7 +43,7 @@ class TritonBackend(Backend):
         max_head_dim=256,
         features=frozenset({"causal", "window", "block_diagonal", "key_padding"}),
         exact_empty_rows=True,
-        isolates_padding=True,
+        propagates_nonfinite=True,    # a hidden value still meets a zero weight in a masked tile
     )
     implementation = "attnlib_kernels Triton FA2-style forward + backward"
 

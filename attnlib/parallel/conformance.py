@@ -236,14 +236,14 @@ def _rank_results(rank, state, items, exitcode, stopped, timed_out, timeout_s, f
 # the float64 reference
 # =========================================================================================================
 def reference64(q, k, v, mask=None, scale: float | None = None, *, packed: bool | None = None,
-                dtype: torch.dtype | None = None):
+                dtype: torch.dtype | None = None, **modifiers):
     """``(out, lse)`` of attnlib's reference formula (``attnlib.reference.reference_attention``) with the
     signature of ``tests/reference64.py``'s ``attention64``: ``dtype`` float64 (default) is the oracle, the
     inputs' dtype the naive same-dtype implementation. Differentiable; computed where the inputs are."""
     from ..reference import reference_for
 
     dtype = torch.float64 if dtype is None else dtype
-    return reference_for(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale, compute_dtype=dtype)
+    return reference_for(q.to(dtype), k.to(dtype), v.to(dtype), mask, scale, compute_dtype=dtype, **modifiers)
 
 
 # =========================================================================================================
@@ -280,6 +280,14 @@ _FIXED = {
                                             mask="keypad", backend="sdpa", lse=True),
         "joint_rear_known_length_math": dict(kind="joint", b=1, t=3, s=8, hq=2, hkv=2, strategy="rear",
                                              mask="none", backend="math", known_length=True),
+        "chunk_window_sink_sdpa_lse": dict(b=1, s=11, hq=4, hkv=2, mask="chunk_sink", backend="sdpa", lse=True),
+        "block_sparse_causal_sdpa_lse": dict(b=2, s=10, hq=2, hkv=1, mask="block_sparse", backend="sdpa", lse=True),
+        "alibi_softcap_causal_math_lse": dict(b=1, s=9, hq=4, hkv=2, mask="causal", backend="math", lse=True,
+                                              mods=("alibi", "softcap")),
+        "sinks_alibi_keypad_sdpa_lse": dict(b=3, s=7, hq=4, hkv=2, mask="keypad_holes", backend="sdpa", lse=True,
+                                            mods=("sinks", "alibi")),
+        "sinks_varlen_causal_sdpa": dict(lens=[3, 5, 2], hq=4, hkv=2, mask="blockdiag_causal", backend="sdpa",
+                                         mods=("sinks",)),
         "roundtrip": dict(kind="roundtrip"),
         "err_heads_not_divisible": dict(kind="raises", what="heads", hq=3),
         "err_bad_degree": dict(kind="raises", what="degree", ulysses=3),
@@ -301,6 +309,9 @@ _FIXED = {
                                             mask="keypad", backend="sdpa", lse=True),
         "joint_rear_keypad_math_lse": dict(kind="joint", b=1, t=6, s=3, hq=4, hkv=2, strategy="rear",
                                            mask="keypad", backend="math", lse=True),
+        "chunk_window_sink_sdpa_lse": dict(b=1, s=13, hq=4, hkv=2, mask="chunk_sink", backend="sdpa", lse=True),
+        "sinks_alibi_softcap_math_lse": dict(b=1, s=10, hq=4, hkv=2, mask="causal", backend="math", lse=True,
+                                             mods=("sinks", "alibi", "softcap")),
         "roundtrip": dict(kind="roundtrip"),
         "err_heads_not_divisible": dict(kind="raises", what="heads", hq=6),
     },
@@ -335,6 +346,9 @@ def _generated(n: int) -> dict[str, dict]:
         "zigzag_blockdiag_sdpa": dict(lens=[n + 1, 2 * n, max(1, n - 1)], hq=n, hkv=1, mask="blockdiag_causal",
                                       backend="sdpa", layout="zigzag"),
         "seq_shorter_than_world_math": dict(b=1, s=n - 1, hq=n, hkv=n, mask="causal", backend="math", lse=True),
+        "chunk_window_sink_sdpa_lse": dict(b=1, s=3 * n + 2, hq=n, hkv=1, mask="chunk_sink", backend="sdpa", lse=True),
+        "sinks_alibi_softcap_math_lse": dict(b=1, s=2 * n + 1, hq=n, hkv=1, mask="causal", backend="math", lse=True,
+                                             mods=("sinks", "alibi", "softcap")),
         "causal_bf16_sdpa_lse": dict(b=1, s=2 * n + 1, hq=n, hkv=1, mask="causal", backend="sdpa", lse=True,
                                      dtype=bf16),
         "module_causal_sdpa": dict(b=1, s=2 * n + 1, hq=n, hkv=1, mask="causal", backend="sdpa", module=True),
@@ -404,9 +418,9 @@ def _mask_on(mask, device):
 
 
 def build_inputs(opt: Mapping, gen: torch.Generator):
-    """``(q, k, v, mask, thd)`` of one attention case, on the CPU, drawn from ``gen``; ``thd``: packed
-    ``[T, H, D]`` inputs (else BSHD)."""
-    from ..masks import BlockDiagonal, Causal, DenseMask, KeyPadding
+    """``(q, k, v, mask, thd, mods)`` of one attention case, on the CPU, drawn from ``gen``; ``thd``: packed
+    ``[T, H, D]`` inputs (else BSHD); ``mods``: score modifiers (``softcap``, ``alibi_slopes``, ``sinks``)."""
+    from ..masks import BlockDiagonal, BlockSparse, Causal, DenseMask, KeyPadding
 
     d = 8
     hq, hkv = opt["hq"], opt["hkv"]
@@ -433,6 +447,13 @@ def build_inputs(opt: Mapping, gen: torch.Generator):
         mask = Causal(align="top_left") if sk != sq else Causal()
     elif m == "window":
         mask = Causal(window=3)
+    elif m == "chunk_sink":
+        mask = Causal(chunk=3, window=2, sink=2)           # rows see two key runs: a sink and a window
+    elif m == "block_sparse":
+        nq, nk = -(-sq // 3), -(-sk // 2)
+        lay = torch.rand(nq, nk, generator=gen) > 0.5
+        lay[:, 0] = True
+        mask = BlockSparse(lay, (3, 2), causal=True)
     elif m.startswith("keypad"):
         if m == "keypad_left_causal":
             pads = torch.randint(0, sk - 1, (b,), generator=gen)
@@ -449,9 +470,19 @@ def build_inputs(opt: Mapping, gen: torch.Generator):
         dm[..., 0] = True
         mask = DenseMask(dm)
     else:
-        raise ValueError(f"case option mask={m!r}: unknown (none, causal, window, keypad_left_causal, "
-                         "keypad_holes, blockdiag, blockdiag_causal, dense)")
-    return q, k, v, mask, packed and not opt.get("bshd_batch1")
+        raise ValueError(f"case option mask={m!r}: unknown (none, causal, window, chunk_sink, block_sparse, "
+                         "keypad_left_causal, keypad_holes, blockdiag, blockdiag_causal, dense)")
+    mods = {}
+    for name in opt.get("mods", ()):
+        if name == "softcap":
+            mods["softcap"] = 3.0
+        elif name == "alibi":
+            mods["alibi_slopes"] = torch.rand(hq, generator=gen) * 0.5
+        elif name == "sinks":
+            mods["sinks"] = torch.randn(hq, generator=gen)
+        else:
+            raise ValueError(f"case option mods: unknown modifier {name!r} (softcap, alibi, sinks)")
+    return q, k, v, mask, packed and not opt.get("bshd_batch1"), mods
 
 
 class _Fallbacks:
@@ -489,15 +520,18 @@ def _attn(name, opt, ctx: RankContext) -> dict:
     reference = resolve_target(ctx.shared.get("reference") or DEFAULT_REFERENCE)
     backend = opt["backend"]
     gen = torch.Generator().manual_seed(1234)
-    q, k, v, mask, thd = build_inputs(opt, gen)
+    q, k, v, mask, thd, mods = build_inputs(opt, gen)
     seq_dim = 0 if thd else 1
     want_lse = opt.get("lse", False)
     sp = SequenceParallel(layout=opt.get("layout", "contiguous"), **_strategy_kwargs(opt, world))
     dmask = _mask_on(mask, dev)
 
     leaves = [t.detach().to(dev).requires_grad_() for t in (q, k, v)]
+    dmods = {n: t.to(dev) for n, t in mods.items()} if mods else {}
+    if "sinks" in dmods:
+        dmods["sinks"] = dmods["sinks"].detach().requires_grad_()
     call_mask = attnlib.Causal() if opt.get("module") else dmask
-    why = get_backend(backend).why_not(validate_call(*leaves, call_mask, None, want_lse))
+    why = get_backend(backend).why_not(validate_call(*leaves, call_mask, None, want_lse, **dmods))
     if why:        # the backend cannot serve this call even on one process: nothing to check
         return {"skipped": f"{backend} cannot serve this call: {'; '.join(why)}"}
     local = [sp.shard(t, seq_dim).detach().requires_grad_() for t in leaves]
@@ -507,7 +541,7 @@ def _attn(name, opt, ctx: RankContext) -> dict:
                                       causal=True, backend=backend)
             got = layer(*local, parallel=sp, return_lse=want_lse)
         else:
-            got = attnlib.attention(*local, dmask, backend=backend, parallel=sp, return_lse=want_lse)
+            got = attnlib.attention(*local, dmask, backend=backend, parallel=sp, return_lse=want_lse, **dmods)
         out_local, lse_local = got if want_lse else (got, None)
         out = sp.gather(out_local, seq_dim)
         g = torch.randn(out.shape, generator=gen).to(q.dtype)
@@ -522,10 +556,16 @@ def _attn(name, opt, ctx: RankContext) -> dict:
 
     packed = q.dim() == 3
     ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref_out, ref_lse = reference(*ref_in, mask, packed=packed)
+    ref_mods = dict(mods)
+    if "sinks" in mods:
+        ref_mods["sinks"] = mods["sinks"].double().requires_grad_()
+    ref_out, ref_lse = reference(*ref_in, mask, packed=packed, **ref_mods)
     (ref_out * g.double()).sum().backward()
     nv_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    nv_out, nv_lse = reference(*nv_in, mask, packed=packed, dtype=q.dtype)
+    nv_mods = dict(mods)
+    if "sinks" in mods:
+        nv_mods["sinks"] = mods["sinks"].clone().requires_grad_()
+    nv_out, nv_lse = reference(*nv_in, mask, packed=packed, dtype=q.dtype, **nv_mods)
     (nv_out * g).sum().backward()
     comps = [compare(out, ref_out, nv_out, q.dtype, "out")]
     if want_lse:
@@ -533,6 +573,11 @@ def _attn(name, opt, ctx: RankContext) -> dict:
     mags = gradient_magnitudes(q, k, v, g, q.shape[-1] ** -0.5)
     for what, got_g, r, nv in zip(("dq", "dk", "dv"), grads, ref_in, nv_in):
         comps.append(compare(got_g, r.grad, nv.grad, q.dtype, what, mags[what]))
+    if "sinks" in dmods:          # replicated: every rank holds the whole gradient
+        got_s = dmods["sinks"].grad
+        got_s = torch.zeros_like(mods["sinks"]) if got_s is None else got_s.cpu()
+        comps.append(compare(got_s, ref_mods["sinks"].grad, nv_mods["sinks"].grad, q.dtype, "dsinks",
+                             float(ref_mods["sinks"].grad.abs().max()) * 4))
     result = _verdict(comps, q.dtype, fb.messages())
     held = sum(b - a for a, b in sp.ranges(out.shape[seq_dim]))
     if out_local.shape[seq_dim] != held:

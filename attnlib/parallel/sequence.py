@@ -396,6 +396,12 @@ def _ulysses(sp, qq, kk, vv, plan, qsh: Sharding, ksh: Sharding, scale, backend,
         vv = vv.repeat_interleave(expanded // hkv, dim=2)
     hp = hq // u
     j = sp.rank % u
+    sinks = plan.mods.sinks
+    if sinks is not None and sinks.requires_grad:     # each rank differentiates its heads' sinks: sum them
+        mods = plan.mods
+        plan = plan.with_call(type(mods)(mods.softcap, mods.alibi,
+                                         _SumGradient.apply(sinks, sp.group if sp.ring == 1 else sp.ulysses_group)),
+                              plan.kv)
     local = plan.restrict_heads(j * hp, (j + 1) * hp, hq)        # per-head tensors, ALiBi slopes and sinks
     if sp.ring > 1:
         return _hybrid(sp, qq, kk, vv, local, qsh, ksh, scale, backend, want_lse)
