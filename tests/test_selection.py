@@ -201,3 +201,28 @@ def test_the_unknown_name_error_quotes_aliases_from_ALIASES():
     assert quoted and all(a in attnlib.registry.alias_map() for a in quoted)
     assert {ALIASES[a] for a in quoted if a in ALIASES} == set(BUILTIN_BACKENDS)   # one per built-in backend
     assert "attnlib info --aliases" in msg
+
+
+class _CountingProbes(Backend):
+    name = "lazy_probes"
+    capabilities = Capabilities(dtypes=frozenset({torch.float32}))
+
+    def __init__(self):
+        self.probes = 0
+
+    def run_probes(self):
+        self.probes += 1
+
+    def forward(self, call):
+        return attnlib.get_backend("math").forward(call)
+
+
+def test_a_backend_is_probed_once_and_only_when_selection_asks_it(qkv, isolated_registry):
+    lazy = attnlib.register_backend(_CountingProbes(), auto_before="math")
+    assert resolve_backend(*qkv) == "sdpa" and lazy.probes == 0        # auto stopped at sdpa: never asked
+    assert resolve_backend(*qkv, backend="lazy_probes") == "lazy_probes"
+    assert resolve_backend(*qkv, backend="lazy_probes") == "lazy_probes" and lazy.probes == 1
+    new = attnlib.register_backend(_CountingProbes(), replace=True)
+    resolve_backend(*qkv, backend="lazy_probes")
+    assert (lazy.probes, new.probes) == (1, 1)                            # a replacement is probed afresh
+
