@@ -264,9 +264,23 @@ def fallback_policy() -> str:
     return value
 
 
-def auto_order(device_type: str) -> tuple[str, ...]:
-    """The auto-selection order on ``device_type``: ``AUTO_ORDER`` with each backend registered with
+def auto_order(device: str | torch.device) -> tuple[str, ...]:
+    """The auto-selection order on ``device`` (a ``torch.device`` or a string such as ``"cpu"``,
+    ``"cuda"`` or ``"cuda:1"``; only its type matters): ``AUTO_ORDER`` with each backend registered with
     ``auto_before`` inserted before the one it names (``attnlib info`` prints it)."""
+    if isinstance(device, torch.device):
+        return _order(device.type)
+    if not isinstance(device, str):
+        raise TypeError(f"auto_order(device): device must be a torch.device or a str such as 'cpu' or 'cuda:0', "
+                        f"got {type(device).__name__}")
+    try:
+        return _order(torch.device(device).type)
+    except RuntimeError as e:
+        raise ValueError(f"auto_order(device): {device!r} is not a device string such as 'cpu' or 'cuda:0' ({e})") \
+            from None
+
+
+def _order(device_type: str) -> tuple[str, ...]:
     order = list(AUTO_ORDER.get(device_type, DEFAULT_AUTO_ORDER))
     for name, before in _extra_auto.items():
         if before in order:
@@ -276,7 +290,7 @@ def auto_order(device_type: str) -> tuple[str, ...]:
 
 def _auto(call: AttentionCall) -> Backend:
     reasons = {}
-    for name in auto_order(call.device.type):
+    for name in _order(call.device.type):
         why = _why_not(name, call)
         if not why:
             return _backends()[name]

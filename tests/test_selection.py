@@ -226,3 +226,20 @@ def test_a_backend_is_probed_once_and_only_when_selection_asks_it(qkv, isolated_
     resolve_backend(*qkv, backend="lazy_probes")
     assert (lazy.probes, new.probes) == (1, 1)                            # a replacement is probed afresh
 
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", torch.device("cpu"), torch.device("cpu", 0)])
+def test_auto_order_takes_a_device_or_its_string(device):
+    assert attnlib.registry.auto_order(device) == attnlib.registry.AUTO_ORDER["cpu"]
+
+
+def test_auto_order_of_an_indexed_cuda_device_is_the_cuda_order():
+    want = attnlib.registry.AUTO_ORDER["cuda"]
+    assert attnlib.registry.auto_order("cuda:1") == attnlib.registry.auto_order(torch.device("cuda", 1)) == want
+
+
+@pytest.mark.parametrize("bad,error,match", [(0, TypeError, "torch.device or a str.*got int"),
+                                             (None, TypeError, "got NoneType"),
+                                             ("gpu", ValueError, "'gpu' is not a device string")])
+def test_auto_order_rejects_what_is_not_a_device(bad, error, match):
+    with pytest.raises(error, match=match):
+        attnlib.registry.auto_order(bad)
