@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from . import conformance, settings
+from . import conformance, settings, versions
 from .backends.base import ALL_MASK_FEATURES, dtype_name
 from .registry import alias_map, auto_order, get_backend, list_backends
 
@@ -31,10 +31,13 @@ def _device() -> str:
 
 def cmd_info(args) -> int:
     print(f"attnlib     {__import__('attnlib').__version__}")
-    print(f"torch       {torch.__version__}")
-    for name, mod in (("triton", "triton"), ("flash-attn", "flash_attn"), ("flash-attn3", "flash_attn_interface"),
-                      ("xformers", "xformers")):
-        print(f"{name:11s} {_version(mod)}")
+    # the supported ranges (attnlib.versions): backend packages are imported (a broken install shows), the
+    # host libraries of the integrations only looked up
+    imported = {"torch": "torch", "triton": "triton", "flash-attn": "flash_attn", "xformers": "xformers"}
+    for e in versions.SUPPORTED:
+        here = _version(imported[e.package]) if e.package in imported else versions.installed(e.package)
+        print(f"{e.package:12s} {here or 'not installed'}  (supported: {versions.supported_range(e)})")
+    print(f"{'flash-attn3':12s} {_version('flash_attn_interface')}")
     print(f"device      {_device()}")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"auto order  {' > '.join(auto_order(dev))} ({dev})")

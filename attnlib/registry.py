@@ -94,29 +94,42 @@ def _load_builtins() -> None:
     _aliases.update(ALIASES)
 
 
-_probed: list = [False]
+#: names of the backends whose environment probes have run (``Backend.run_probes``)
+_probed: set = set()
 
 
-def _run_probes() -> None:
-    """Run every backend's environment probes (imports, device queries) once, outside any compiled region:
-    they are cached as plain values that compiled code reads without tracing them."""
-    for backend in list(_backends().values()):
-        try:
-            backend.run_probes()
-        except Exception:  # noqa: BLE001 - a probe that fails is reported by the call that needs it
-            pass
-    _probed[0] = True
-
-
-def _ensure_probed() -> None:
-    if _probed[0]:
+def _probe(name: str) -> None:
+    """Run one backend's environment probes (imports, device queries) once, outside any compiled region:
+    they are cached as plain values that compiled code reads without tracing them. Probes run lazily:
+    a backend is probed the first time selection asks it, so a call served by ``sdpa`` never imports
+    what ``flex``'s probes import (the compiler)."""
+    if name in _probed:
         return
-    if torch.compiler.is_compiling():      # the first call ever is being traced: probe at trace time
+    try:
+        _backends()[name].run_probes()
+    except Exception:  # noqa: BLE001 - a probe that fails is reported by the call that needs it
+        pass
+    _probed.add(name)
+
+
+def _probe_at_trace_time(ctx) -> None:
+    """Run by dynamo while tracing ``_ensure_probed`` (comptime functions read the frame's locals)."""
+    _probe(ctx.get_local("name").as_python_constant())
+
+
+def _ensure_probed(name: str) -> None:
+    if torch.compiler.is_compiling():      # probe at trace time; the graph neither runs nor guards on it
         from torch._dynamo.comptime import comptime
 
-        comptime(lambda ctx: _run_probes())
-    else:
-        _run_probes()
+        comptime(_probe_at_trace_time)
+    elif name not in _probed:
+        _probe(name)
+
+
+def _why_not(name: str, call: AttentionCall) -> list[str]:
+    """``why_not`` of the backend registered as ``name``, its probes run first."""
+    _ensure_probed(name)
+    return _backends()[name].why_not(call)
 
 
 def register_backend(backend: Backend, *, aliases: Iterable[str] = (), auto_before: str | None = None,
@@ -156,6 +169,7 @@ def register_backend(backend: Backend, *, aliases: Iterable[str] = (), auto_befo
             _aliases[a] = name
         if auto_before is not None:
             _extra_auto[name] = canonical_name(auto_before)
+        _probed.discard(name)        # a replaced backend's probes are not the new one's
     return backend
 
 
@@ -250,9 +264,23 @@ def fallback_policy() -> str:
     return value
 
 
-def auto_order(device_type: str) -> tuple[str, ...]:
-    """The auto-selection order on ``device_type``: ``AUTO_ORDER`` with each backend registered with
+def auto_order(device: str | torch.device) -> tuple[str, ...]:
+    """The auto-selection order on ``device`` (a ``torch.device`` or a string such as ``"cpu"``,
+    ``"cuda"`` or ``"cuda:1"``; only its type matters): ``AUTO_ORDER`` with each backend registered with
     ``auto_before`` inserted before the one it names (``attnlib info`` prints it)."""
+    if isinstance(device, torch.device):
+        return _order(device.type)
+    if not isinstance(device, str):
+        raise TypeError(f"auto_order(device): device must be a torch.device or a str such as 'cpu' or 'cuda:0', "
+                        f"got {type(device).__name__}")
+    try:
+        return _order(torch.device(device).type)
+    except RuntimeError as e:
+        raise ValueError(f"auto_order(device): {device!r} is not a device string such as 'cpu' or 'cuda:0' ({e})") \
+            from None
+
+
+def _order(device_type: str) -> tuple[str, ...]:
     order = list(AUTO_ORDER.get(device_type, DEFAULT_AUTO_ORDER))
     for name, before in _extra_auto.items():
         if before in order:
@@ -261,26 +289,23 @@ def auto_order(device_type: str) -> tuple[str, ...]:
 
 
 def _auto(call: AttentionCall) -> Backend:
-    reg = _backends()
     reasons = {}
-    for name in auto_order(call.device.type):
-        b = reg[name]
-        why = b.why_not(call)
+    for name in _order(call.device.type):
+        why = _why_not(name, call)
         if not why:
-            return b
+            return _backends()[name]
         reasons[name] = why
     raise BackendUnavailableError("no attention backend can serve this call", reasons)
 
 
 def select_backend(call: AttentionCall, backend: str | None = None) -> Backend:
     """Apply the selection rules to a validated call."""
-    _ensure_probed()
     name, source = _requested(backend)
     if name == "auto":
         return _auto(call)
     policy = fallback_policy()          # validated whenever a backend is named, not only on a fallback
     chosen = _backends()[name]
-    why = chosen.why_not(call)
+    why = _why_not(name, call)
     if not why:
         return chosen
     if policy == "error":
@@ -310,7 +335,7 @@ def _warn_once(key, message: str, stacklevel: int) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=stacklevel)
 
 
-_backends()      # load the built-in backends at import time (their probes run at the first call)
+_backends()      # load the built-in backends at import time (each one's probes run when selection first asks it)
 
 
 def resolve_backend(q, k, v, mask=None, backend: str | None = None, *, scale=None, return_lse: bool = False) -> str:

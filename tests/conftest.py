@@ -64,4 +64,5 @@ def isolated_registry(monkeypatch):
     registry._backends()
     for attr in ("_registry", "_aliases", "_extra_auto"):
         monkeypatch.setattr(registry, attr, dict(getattr(registry, attr)))
+    monkeypatch.setattr(registry, "_probed", set(registry._probed))
     return registry

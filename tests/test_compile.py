@@ -161,6 +161,36 @@ def test_use_backend_and_fallback_inside_compiled_code():
     torch.testing.assert_close(out, attnlib.attention(q64, k64, v64, Causal(), backend="math"))
 
 
+def test_a_backend_first_asked_inside_a_compiled_region_is_probed_at_trace_time_not_traced(isolated_registry):
+    """Probes run lazily; when the first call that asks a backend is being compiled, its probes run as plain
+    Python while dynamo traces, once: traced instead, this probe's graph break would fail the fullgraph
+    compile (and its side effect would replay on every call)."""
+    seen = []
+
+    class Probed(attnlib.backends.Backend):
+        name = "probe_trace_time"
+        capabilities = attnlib.backends.Capabilities(dtypes=frozenset({torch.float32}))
+
+        def run_probes(self):
+            seen.append("probed")
+            torch._dynamo.graph_break()          # a no-op unless dynamo traces it
+
+        def forward(self, call):
+            return attnlib.get_backend("math").forward(call)
+
+    attnlib.register_backend(Probed())
+    q, k, v = _inputs(None, 12, 12)
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    compiled = torch.compile(lambda q, k, v: attnlib.attention(q, k, v, Causal(), backend="probe_trace_time"),
+                             fullgraph=True, backend=counter)
+    out = compiled(q, k, v)
+    compiled(q, k, v)
+    assert seen == ["probed"] and counter.frame_count == 1
+    torch.testing.assert_close(out, attnlib.attention(q, k, v, Causal(), backend="math"))
+
+
 def test_torch_export_of_a_model_with_attention():
     class Block(torch.nn.Module):
         def __init__(self):

@@ -741,3 +741,25 @@ def test_output_attentions_returns_the_weights_of_the_mask_that_ran(monkeypatch)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(input_ids=ids, attention_mask=mask, output_attentions=True)      # warned once
+
+
+def test_the_documented_example_runs_as_written_and_generates_eagers_tokens():
+    """docs/integrations.md's transformers example: no download, a left-padded batch generated greedily; the
+    fallback warning (flash on a machine without it) points at the example's line."""
+    import pathlib
+
+    doc = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "integrations.md").read_text()
+    start = doc.index("```python\n", doc.index("## transformers")) + len("```python\n")
+    code = doc[start:doc.index("```", start)]
+    namespace = {}
+    torch.manual_seed(0)                 # the example's random weights and prompts: the same every run
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        exec(compile(code, "docs-integrations", "exec"), namespace)
+    model, out = namespace["model"], namespace["out"]
+    assert out.shape == (2, 17) and model.config._attn_implementation == "attnlib"
+    assert all(x.filename == "docs-integrations" for x in w if "attnlib:" in str(x.message))
+    model.set_attn_implementation("eager")
+    want = model.generate(input_ids=namespace["ids"], attention_mask=namespace["padding"], max_new_tokens=5,
+                          do_sample=False)
+    assert torch.equal(out, want)

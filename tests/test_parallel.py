@@ -115,3 +115,19 @@ def test_spawn_reports_per_case_and_survives_a_dying_rank():
         assert not res["dies"]["ok"] and not res["after"]["ok"]
     assert "rank 1 died (exit code 3) while running this case" in got[1]["dies"]["error"]
     assert "not run" in got[1]["after"]["error"]
+
+
+def test_a_rank_that_reports_every_case_but_exits_badly_fails_them():
+    """An abort at exit (SIGABRT from gloo threads left running into the interpreter's shutdown) or gloo
+    threads still running after destroy_process_group() fail the rank's cases, with the reason."""
+    items = [("a", None), ("b", None)]
+    state = {"done": {"a": {"ok": True, "error": "", "s": 0.1}, "b": {"ok": False, "error": "off", "s": 0.1}},
+             "running": None, "setup_error": None, "finished": True}
+    clean = conformance._rank_results(0, state, items, 0, False, False, 60, None)
+    assert clean["a"]["ok"] and not clean["b"]["ok"] and clean["b"]["error"] == "off"
+    aborted = conformance._rank_results(0, state, items, -6, False, False, 60, None)
+    assert not aborted["a"]["ok"] and "died while exiting (SIGABRT)" in aborted["a"]["error"]
+    assert aborted["b"]["error"].endswith("; off")
+    left = dict(state, left_running="gloo threads still running after destroy_process_group(): pt_gloo_runloop")
+    kept = conformance._rank_results(1, left, items, 0, False, False, 60, None)
+    assert not kept["a"]["ok"] and "rank 1 reported this case, but gloo threads" in kept["a"]["error"]

@@ -201,3 +201,45 @@ def test_the_unknown_name_error_quotes_aliases_from_ALIASES():
     assert quoted and all(a in attnlib.registry.alias_map() for a in quoted)
     assert {ALIASES[a] for a in quoted if a in ALIASES} == set(BUILTIN_BACKENDS)   # one per built-in backend
     assert "attnlib info --aliases" in msg
+
+
+class _CountingProbes(Backend):
+    name = "lazy_probes"
+    capabilities = Capabilities(dtypes=frozenset({torch.float32}))
+
+    def __init__(self):
+        self.probes = 0
+
+    def run_probes(self):
+        self.probes += 1
+
+    def forward(self, call):
+        return attnlib.get_backend("math").forward(call)
+
+
+def test_a_backend_is_probed_once_and_only_when_selection_asks_it(qkv, isolated_registry):
+    lazy = attnlib.register_backend(_CountingProbes(), auto_before="math")
+    assert resolve_backend(*qkv) == "sdpa" and lazy.probes == 0        # auto stopped at sdpa: never asked
+    assert resolve_backend(*qkv, backend="lazy_probes") == "lazy_probes"
+    assert resolve_backend(*qkv, backend="lazy_probes") == "lazy_probes" and lazy.probes == 1
+    new = attnlib.register_backend(_CountingProbes(), replace=True)
+    resolve_backend(*qkv, backend="lazy_probes")
+    assert (lazy.probes, new.probes) == (1, 1)                            # a replacement is probed afresh
+
+
+@pytest.mark.parametrize("device", ["cpu", "cpu:0", torch.device("cpu"), torch.device("cpu", 0)])
+def test_auto_order_takes_a_device_or_its_string(device):
+    assert attnlib.registry.auto_order(device) == attnlib.registry.AUTO_ORDER["cpu"]
+
+
+def test_auto_order_of_an_indexed_cuda_device_is_the_cuda_order():
+    want = attnlib.registry.AUTO_ORDER["cuda"]
+    assert attnlib.registry.auto_order("cuda:1") == attnlib.registry.auto_order(torch.device("cuda", 1)) == want
+
+
+@pytest.mark.parametrize("bad,error,match", [(0, TypeError, "torch.device or a str.*got int"),
+                                             (None, TypeError, "got NoneType"),
+                                             ("gpu", ValueError, "'gpu' is not a device string")])
+def test_auto_order_rejects_what_is_not_a_device(bad, error, match):
+    with pytest.raises(error, match=match):
+        attnlib.registry.auto_order(bad)

@@ -21,8 +21,10 @@ from __future__ import annotations
 try:
     import diffusers  # noqa: F401
 except ImportError as e:  # pragma: no cover - exercised only without diffusers
-    raise ImportError("attnlib.integrations.diffusers needs the `diffusers` package (pip install 'diffusers>=0.35'); "
-                      "attnlib itself works without it") from e
+    from ..versions import get, requirement
+
+    raise ImportError(f"attnlib.integrations.diffusers needs the `diffusers` package (pip install "
+                      f"'{requirement(get('diffusers'))}'); attnlib itself works without it") from e
 
 import weakref
 

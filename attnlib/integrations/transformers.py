@@ -61,8 +61,10 @@ try:
     from transformers import masking_utils as _mu
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 except ImportError as e:  # pragma: no cover - exercised only without transformers
-    raise ImportError("attnlib.integrations.transformers needs the `transformers` package "
-                      "(pip install 'transformers>=4.56'); attnlib itself works without it") from e
+    from ..versions import get, requirement
+
+    raise ImportError(f"attnlib.integrations.transformers needs the `transformers` package (pip install "
+                      f"'{requirement(get('transformers'))}'); attnlib itself works without it") from e
 
 import threading
 import warnings

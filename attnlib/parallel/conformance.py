@@ -6,7 +6,9 @@ thing. Importable without pytest (and without an initialized process group).
 * :func:`spawn` starts ``world`` local processes (spawn context), initializes a process group in each
   (gloo on CPU; NCCL, one GPU per rank, on CUDA), runs a ``"module:function"`` target on every case and
   returns per-rank, per-case verdicts as plain dicts. A hang is bounded by a timeout (the processes are
-  terminated); a rank that dies is reported, and the others are stopped.
+  terminated); a rank that dies is reported, and the others are stopped. Every process destroys its
+  process group at the end; one that then still runs gloo threads, or dies while exiting, fails its cases
+  (a script doing the same would abort at exit).
 * :func:`cases` is the matrix for a world size: fixed cases for 2 and 4 ranks, a generated one (head
   counts and lengths adapted to ``N``) for any other ``N >= 2``.
 * :func:`run_case` builds one case's inputs (seeded, on the CPU, then moved to the device: every rank
@@ -16,11 +18,13 @@ thing. Importable without pytest (and without an initialized process group).
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 import math
 import os
 import re
+import signal
 import socket
 import sys
 import tempfile
@@ -132,6 +136,32 @@ def _child(rank, world, port, target, case_items, shared, dist_backend, device, 
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - the verdicts are written; tear-down problems do not change them
         pass
+    gc.collect()                # process groups the cases dropped in reference cycles
+    left = gloo_threads()
+    if left:                    # they would run into the interpreter's shutdown, where gloo can abort it
+        state["left_running"] = f"gloo threads still running after destroy_process_group(): {', '.join(left)}"
+        _write(path, state)
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's gloo threads still running (Linux: ``/proc``; elsewhere always empty).
+
+    A live gloo process group has them; ``dist.destroy_process_group()`` joins them unless something still
+    refers to one of its groups."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    names = []
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:         # the thread ended meanwhile
+            continue
+        if "gloo" in name:
+            names.append(name)
+    return sorted(names)
 
 
 def spawn(world: int, target: str, cases: Mapping[str, Any], *, shared: Mapping | None = None,
@@ -221,6 +251,19 @@ def _rank_results(rank, state, items, exitcode, stopped, timed_out, timeout_s, f
         return {n: {"ok": False, "error": f"process group set-up failed: {state['setup_error']}", "s": 0.0}
                 for n in names}
     done, running = dict(state.get("done", {})), state.get("running")
+    exit_problem = state.get("left_running") if state.get("finished") and not stopped else None
+    if state.get("finished") and exitcode not in (0, None) and not stopped:
+        how = f"exit code {exitcode}"
+        if exitcode < 0:
+            try:
+                how = signal.Signals(-exitcode).name
+            except ValueError:
+                how = f"signal {-exitcode}"
+        exit_problem = f"its process then died while exiting ({how})" + (f"; {exit_problem}" if exit_problem else "")
+    if exit_problem:            # every case reported, but a script doing the same would crash at exit
+        done = {n: dict(e, ok=False, error=f"rank {rank} reported this case, but {exit_problem}"
+                        + (f"; {e['error']}" if e["error"] else ""))
+                for n, e in done.items()}
     if first_death is not None and first_death != rank:     # its failures are likely the dead rank's doing
         done = {n: e if e["ok"] else dict(e, error=f"[rank {first_death} died during this run] {e['error']}")
                 for n, e in done.items()}

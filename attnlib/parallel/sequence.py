@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -22,7 +23,10 @@ from .ring import ring_core
 
 __all__ = ["SequenceParallel"]
 
-#: subgroups of the hybrid, per (ranks of the parent group, ulysses degree): created once per process
+#: subgroups of the hybrid, per (ranks of the parent group, ulysses degree): created once and reused while
+#: they exist. Held by weak reference: the cache never keeps a group alive after
+#: ``dist.destroy_process_group()`` (a group kept alive keeps its gloo worker threads running into the
+#: interpreter's shutdown, where one that finishes releasing a collective's tensors aborts the process)
 _SUBGROUPS: dict = {}
 
 
@@ -265,15 +269,26 @@ def _whole_plan(mask, q, sq: int, sk: int, packed: bool, softcap, alibi_slopes, 
 
 def _hybrid_groups(group, n: int, rank: int, u: int):
     """This rank's Ulysses subgroup (``u`` consecutive ranks of ``group``) and ring subgroup (the ranks
-    ``u`` apart); created with group-local synchronization, once per process and (ranks, u)."""
+    ``u`` apart); created with group-local synchronization once per (ranks, u) and reused until destroyed."""
     ranks = tuple(range(n)) if group is None else tuple(dist.get_global_rank(group, r) for r in range(n))
     key = (ranks, u)
-    if key not in _SUBGROUPS:
-        i, j, r = rank // u, rank % u, n // u
-        ug = dist.new_group([ranks[i * u + m] for m in range(u)], use_local_synchronization=True)
-        rg = dist.new_group([ranks[m * u + j] for m in range(r)], use_local_synchronization=True)
-        _SUBGROUPS[key] = (ug, rg)
-    return _SUBGROUPS[key]
+    cached = tuple(ref() for ref in _SUBGROUPS.get(key, ()))
+    if cached and all(g is not None and _live(g) for g in cached):
+        return cached
+    i, j, r = rank // u, rank % u, n // u
+    ug = dist.new_group([ranks[i * u + m] for m in range(u)], use_local_synchronization=True)
+    rg = dist.new_group([ranks[m * u + j] for m in range(r)], use_local_synchronization=True)
+    _SUBGROUPS[key] = (weakref.ref(ug), weakref.ref(rg))
+    return ug, rg
+
+
+def _live(group) -> bool:
+    """Whether ``group`` is still registered (not destroyed by ``dist.destroy_process_group``)."""
+    try:
+        dist.get_process_group_ranks(group)
+    except (KeyError, ValueError, RuntimeError):
+        return False
+    return True
 
 
 def _as_bshd(q, k, v):
