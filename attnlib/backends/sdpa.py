@@ -214,12 +214,14 @@ def _block_sparse(call: AttentionCall):
     per_head = lead != 1
     g = hq // hkv
     idx_d, count_d = _device_index(idx, count, str(dev))
+    idx_d, count_d = idx_d[:, :nq], count_d[:, :nq]       # a plan restricted from the origin: its first blocks
+    gather_idx = idx_d.clamp(max=nk - 1)                  # blocks past the keys: gathered, then hidden
     # keys [B, Hkv, nK, bk, D] (padded to whole blocks)
     kb = F.pad(k, (0, 0, 0, 0, 0, nk * bk - sk)).transpose(1, 2).reshape(b, hkv, nk, bk, d)
     vb = F.pad(v, (0, 0, 0, 0, 0, nk * bk - sk)).transpose(1, 2).reshape(b, hkv, nk, bk, dv)
     qb = F.pad(q, (0, 0, 0, 0, 0, nq * bq - sq)).transpose(1, 2).reshape(b, hq, nq, bq, d)
     # which gathered key slots each query row may see: a listed block, a real key, and the structure
-    slot_block = idx_d.view(lead, nq, most, 1) * bk + torch.arange(bk, device=dev)   # [L, nQ, most, bk] key index
+    slot_block = idx_d.reshape(lead, nq, most, 1) * bk + torch.arange(bk, device=dev)   # [L, nQ, most, bk] key index
     slot_key = slot_block.reshape(lead, nq, most * bk)
     listed = (torch.arange(most, device=dev)[None, None, :, None] < count_d[..., None, None]).expand(
         lead, nq, most, bk).reshape(lead, nq, most * bk)
@@ -235,9 +237,9 @@ def _block_sparse(call: AttentionCall):
         # one query head per batch entry: gather its kv head's blocks
         kv_head = (torch.arange(hq, device=dev) // g)
         if lead == hq:
-            sel = idx_d.view(1, hq, nq * most).expand(b, hq, nq * most)
+            sel = gather_idx.reshape(1, hq, nq * most).expand(b, hq, nq * most)
         else:
-            sel = idx_d.view(b, hq, nq * most)
+            sel = gather_idx.reshape(b, hq, nq * most)
         kh = kb[:, kv_head]                                                        # [B, Hq, nK, bk, D]
         vh = vb[:, kv_head]
         kg = torch.gather(kh, 2, sel[..., None, None].expand(b, hq, nq * most, bk, d)).view(b, hq, nq, most * bk, d)
@@ -251,7 +253,7 @@ def _block_sparse(call: AttentionCall):
         l = None if l is None else l.view(b, hq, nq * bq)[..., :sq]
         e = empty.view(1 if lead == hq else b, hq, nq * bq)[..., :sq]
     else:
-        sel = idx_d.view(nq * most)
+        sel = gather_idx.reshape(nq * most)
         kg = kb.index_select(2, sel).view(b, hkv, nq, most * bk, d).transpose(1, 2)     # [B, nQ, Hkv, mb, D]
         vg = vb.index_select(2, sel).view(b, hkv, nq, most * bk, dv).transpose(1, 2)
         qg = qb.transpose(1, 2)                                                          # [B, nQ, Hq, bq, D]

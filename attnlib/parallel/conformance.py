@@ -392,6 +392,14 @@ def _generated(n: int) -> dict[str, dict]:
         "chunk_window_sink_sdpa_lse": dict(b=1, s=3 * n + 2, hq=n, hkv=1, mask="chunk_sink", backend="sdpa", lse=True),
         "sinks_alibi_softcap_math_lse": dict(b=1, s=2 * n + 1, hq=n, hkv=1, mask="causal", backend="math", lse=True,
                                              mods=("sinks", "alibi", "softcap")),
+        "block_sparse_causal_sdpa_lse": dict(b=2, s=3 * n + 1, hq=n, hkv=1, mask="block_sparse", backend="sdpa",
+                                             lse=True),
+        "alibi_softcap_causal_math_lse": dict(b=1, s=2 * n + 1, hq=2 * n, hkv=2, mask="causal", backend="math",
+                                              lse=True, mods=("alibi", "softcap")),
+        "sinks_alibi_keypad_sdpa_lse": dict(b=3, s=n + 3, hq=n, hkv=1, mask="keypad_holes", backend="sdpa", lse=True,
+                                            mods=("sinks", "alibi")),
+        "sinks_varlen_causal_sdpa": dict(lens=[n + 1, 2 * n - 1, 2], hq=n, hkv=1, mask="blockdiag_causal",
+                                         backend="sdpa", mods=("sinks",)),
         "causal_bf16_sdpa_lse": dict(b=1, s=2 * n + 1, hq=n, hkv=1, mask="causal", backend="sdpa", lse=True,
                                      dtype=bf16),
         "module_causal_sdpa": dict(b=1, s=2 * n + 1, hq=n, hkv=1, mask="causal", backend="sdpa", module=True),
@@ -570,7 +578,7 @@ def _attn(name, opt, ctx: RankContext) -> dict:
     dmask = _mask_on(mask, dev)
 
     leaves = [t.detach().to(dev).requires_grad_() for t in (q, k, v)]
-    dmods = {n: t.to(dev) for n, t in mods.items()} if mods else {}
+    dmods = {n: (t.to(dev) if isinstance(t, torch.Tensor) else t) for n, t in mods.items()}
     if "sinks" in dmods:
         dmods["sinks"] = dmods["sinks"].detach().requires_grad_()
     call_mask = attnlib.Causal() if opt.get("module") else dmask
