@@ -9,7 +9,7 @@ import time
 import torch
 
 from . import conformance, settings, versions
-from .backends.base import ALL_MASK_FEATURES, dtype_name
+from .backends.base import ALL_FEATURES, dtype_name
 from .registry import alias_map, auto_order, get_backend, list_backends
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -67,19 +67,28 @@ def cmd_info(args) -> int:
 
 def capability_matrix(names=None) -> str:
     """The backend x capability table as markdown (docs/backends.md embeds it); ``names``: the backends
-    (default: every registered one)."""
-    feats = sorted(ALL_MASK_FEATURES)
-    head = ["backend", "devices", "dtypes", "max head dim", *feats, "packed THD", "GQA", "LSE", "Dv != D",
-            "autograd"]
+    (default: every registered one). A feature is ``yes`` when the backend's kernel does it, ``LSE`` when the
+    dispatch serves it through the backend's LSE (several calls merged, or sinks rescaled), ``gather`` when
+    the dispatch gathers the pages the requests use into contiguous keys."""
+    feats = sorted(ALL_FEATURES)
+    head = ["backend", "devices", "dtypes", "max head dim", *feats, "GQA", "LSE", "Dv != D", "autograd"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     yes = lambda b: "yes" if b else "—"  # noqa: E731
+
+    def cell(c, f):
+        if f in c.features:
+            return "yes"
+        if f in c.served():
+            return "gather" if f == "paged" else "LSE"
+        return "—"
+
     for name in names or [r["name"] for r in list_backends()]:
         c = get_backend(name).capabilities
         grad_on = sorted(d for d in c.devices if c.autograd_on(d))
         grad = "yes" if len(grad_on) == len(c.devices) else (f"{', '.join(grad_on)} only" if grad_on else "—")
         cells = [name, ", ".join(sorted(c.devices)), ", ".join(sorted(dtype_name(d) for d in c.dtypes)),
-                 str(c.max_head_dim or "any"), *[yes(f in c.masks) for f in feats], yes(c.packed), yes(c.gqa),
-                 yes(c.lse), yes(c.head_dim_v_differs), grad]
+                 str(c.max_head_dim or "any"), *[cell(c, f) for f in feats], yes(c.gqa), yes(c.lse),
+                 yes(c.head_dim_v_differs), grad]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -574,6 +574,8 @@ class Plan:
             return (vis & flags[:, :, None, :]).any(-1)
         if self.key_valid is not None:
             flags = flags & self.key_valid.to(flags.device)[:, None, :]
+        if self.structure_full:                            # every row sees every (valid) key
+            return flags.any(-1, keepdim=True).expand(*flags.shape[:-1], self.seqlen_q)
         csum = torch.nn.functional.pad(flags.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
         lo, hi = self.runs_table_on(flags.device)                                    # [R, Sq]
         count = (csum[..., (hi + 1).clamp(min=0)] - csum[..., lo.clamp(max=self.seqlen_k)]).clamp(min=0)

@@ -57,10 +57,13 @@ def test_writing_a_backend_example_runs(isolated_registry):
         namespace = {}
         exec(compile(code, "backends-md-example", "exec"), namespace)
     msgs = [str(x.message) for x in w if "'mine'" in str(x.message)]
-    assert len(msgs) == 1 and "return_lse=True is not supported; using 'sdpa' instead" in msgs[0], msgs
+    assert len(msgs) == 1 and "DenseMask needs dense" in msgs[0] and "using 'sdpa' instead" in msgs[0], msgs
     q = namespace["q"]
     assert registry.auto_order("cpu")[:2] == ("mine", "sdpa")
     assert registry.resolve_backend(q, q, q) == "mine"               # auto: tried before sdpa
-    assert registry.resolve_backend(q, q, q, return_lse=True) == "sdpa"
+    assert registry.resolve_backend(q, q, q, return_lse=True) == "mine"
     assert registry.resolve_backend(q.double(), q.double(), q.double()) == "sdpa"
-    torch.testing.assert_close(namespace["out"], attnlib.attention(q, q, q, backend="sdpa"))   # the fallback's result
+    dense = attnlib.DenseMask(torch.ones(8, 8, dtype=torch.bool))
+    torch.testing.assert_close(namespace["out"], attnlib.attention(q, q, q, dense, backend="sdpa"))  # the fallback's
+    checked = [r for r in namespace["results"] if not r.skipped]
+    assert len(checked) > 30 and all(r.passed for r in checked)      # the documented check checks
