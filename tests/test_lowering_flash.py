@@ -15,7 +15,7 @@ import torch
 import attnlib
 from attnlib import BlockDiagonal, Causal, DenseMask, KeyPadding
 from attnlib.backends import flash
-from attnlib.backends.flash import (KEY_PADDING_CAUSAL_REASON, FlashDense, FlashKeyPadding, FlashVarlen, Refused,
+from attnlib.backends.flash import (FlashSplit, KEY_PADDING_CAUSAL_REASON, FlashDense, FlashKeyPadding, FlashVarlen, Refused,
                                     flash_window_size, lower, lower_key_padding, pad_head_dims, pad_keys, unpad_keys,
                                     varlen_lse_to_dense)
 from attnlib.inputs import validate_call
@@ -47,8 +47,10 @@ def test_bottom_right_causal_is_native_and_top_left_truncates_keys_when_keys_out
     assert _lowered(Causal(align="top_left"), 6, 29) == FlashDense(True, (-1, -1), key_stop=6)
     assert _lowered(Causal(align="top_left"), 7, 7) == FlashDense(True)
     assert _lowered(Causal(), 1, 9) == FlashDense()           # every query sees every key: no causal at all
-    bad = _lowered(Causal(align="top_left"), 12, 7)
-    assert isinstance(bad, Refused) and "top_left" in bad.reason and "12" in bad.reason
+    # top-left with more queries than keys: the first 6 rows see a prefix (bottom-right there), the rest every key
+    assert _lowered(Causal(align="top_left"), 12, 7) == FlashSplit(6, 6)
+    bad = _lowered(Causal(align="top_left", window=3), 12, 7)
+    assert isinstance(bad, Refused) and "windowed" in bad.reason and "12" in bad.reason
     assert _lowered(Causal(align="top_left"), 12, 1) == FlashDense()     # one key: every row sees it
     mask = BlockDiagonal([3, 1], [4, 1], causal=True)
     low = _lowered(mask, 4, 5)
@@ -61,9 +63,9 @@ def test_restricted_plans_cut_keys_or_are_refused():
     assert lower(whole.restrict((0, 4), (0, 8))) == FlashDense(True, key_stop=4)
     assert lower(whole.restrict((4, 8), (2, 8))) == FlashDense(True)                # offset 2 == 6 - 4: native
     assert lower(whole.restrict((0, 2), (4, 8))) == FlashDense(True, key_stop=0)    # offset -4: no row sees a key
-    for part in (whole.restrict((4, 8), (0, 6)), whole.restrict((0, 8), (2, 6))):  # diagonal right of bottom-right
-        why = lower(part)
-        assert isinstance(why, Refused) and f"diagonal offset {part.single.offset}" in why.reason
+    # a diagonal right of bottom-right: rows split into a bottom-right prefix and rows that see every key
+    assert lower(whole.restrict((4, 8), (0, 6))) == FlashSplit(1, 5)
+    assert lower(whole.restrict((0, 8), (2, 6))) == FlashSplit(5, 3)
     assert lower(whole.restrict((7, 8), (0, 6))) == FlashDense()      # the last row sees all 6 keys
     # a restricted packed plan is still variable-length sequences: the keys no row sees form their own
     packed = lower(plan_for(BlockDiagonal([2, 2], causal=True), 4, 4).restrict((0, 2), (0, 4)))
@@ -174,8 +176,9 @@ def _fa_visible(sq, sk, causal, window):
     return keep
 
 
-def _fa_one_sequence(q, k, v, scale, causal, left, right):
-    """flash-attn semantics for one sequence. q [Sq,Hq,D], k/v [Sk,Hkv,D] -> out [Sq,Hq,D], lse [Hq,Sq]."""
+def _fa_one_sequence(q, k, v, scale, causal, left, right, softcap=0.0, alibi=None):
+    """flash-attn semantics for one sequence. q [Sq,Hq,D], k/v [Sk,Hkv,D] -> out [Sq,Hq,D], lse [Hq,Sq];
+    ``softcap`` (> 0: ``c tanh(s / c)``) and ALiBi (``-slope * |i + Sk - Sq - j|``) as flash-attn 2 documents."""
     sq, sk = q.shape[0], k.shape[0]
     if sk == 0:   # flash-attn exits early: output 0, LSE +inf
         return q.new_zeros(sq, q.shape[1], v.shape[-1]), torch.full((q.shape[1], sq), float("inf"))
@@ -184,6 +187,11 @@ def _fa_one_sequence(q, k, v, scale, causal, left, right):
     kf = k.float().repeat_interleave(group, dim=1)
     vf = v.float().repeat_interleave(group, dim=1)
     s = torch.einsum("qhd,khd->hqk", q.float(), kf) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi is not None:
+        i, j = torch.arange(sq)[:, None], torch.arange(sk)[None, :]
+        s = s - alibi.float().view(-1, 1, 1) * (i + sk - sq - j).abs()
     s = s.masked_fill(~keep, float("-inf"))
     m = s.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
@@ -203,14 +211,16 @@ def _fa_checks(q, k, v):
     assert q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
 
 
-def _fa_dense(q, k, v, scale, causal, window):
+def _fa_dense(q, k, v, scale, causal, window, softcap=0.0, alibi=None):
     _fa_checks(q, k, v)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    outs, lses = zip(*[_fa_one_sequence(q[b], k[b], v[b], scale, causal, *window) for b in range(q.shape[0])])
+    slopes = (lambda b: None) if alibi is None else (lambda b: alibi if alibi.dim() == 1 else alibi[b])
+    outs, lses = zip(*[_fa_one_sequence(q[b], k[b], v[b], scale, causal, *window, softcap, slopes(b))
+                       for b in range(q.shape[0])])
     return torch.stack(outs), torch.stack(lses)           # [B,Sq,H,D], [B,H,Sq]
 
 
-def _fa_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, calls):
+def _fa_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, calls, softcap=0.0, alibi=None):
     _fa_checks(q, k, v)
     assert cu_q.dtype == cu_k.dtype == torch.int32 and cu_q.device == q.device
     assert isinstance(max_q, int) and isinstance(max_k, int)
@@ -225,7 +235,9 @@ def _fa_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, calls):
     outs, lses = [], []
     for b in range(len(cq) - 1):
         assert cq[b + 1] - cq[b] <= max_q and ck[b + 1] - ck[b] <= max_k
-        o, l = _fa_one_sequence(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], scale, causal, left, right)
+        slopes = None if alibi is None else (alibi if alibi.dim() == 1 else alibi[b])
+        o, l = _fa_one_sequence(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]], scale, causal, left, right,
+                                softcap, slopes)
         outs.append(o)
         lses.append(l)
     return torch.cat(outs), torch.cat(lses, dim=1)         # [Tq,H,D], [H,Tq]
@@ -246,14 +258,14 @@ def make_fake_fa2():
     def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                         alibi_slopes=None, deterministic=False, return_attn_probs=False):
         calls.append({"dense": True, "causal": causal, "window": window_size, "k": tuple(k.shape)})
-        out, lse = _fa_dense(q, k, v, softmax_scale, causal, tuple(window_size))
+        out, lse = _fa_dense(q, k, v, softmax_scale, causal, tuple(window_size), softcap, alibi_slopes)
         return (out, lse, torch.empty(0)) if return_attn_probs else out
 
     def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                                softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                                deterministic=False, return_attn_probs=False, block_table=None):
         out, lse = _fa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                              tuple(window_size), calls)
+                              tuple(window_size), calls, softcap, alibi_slopes)
         return (out, lse, torch.empty(0)) if return_attn_probs else out
 
     return _fake_module("flash_attn", calls, flash_attn_func, flash_attn_varlen_func, __version__="2.8.3")
@@ -265,13 +277,13 @@ def make_fake_fa3():
 
     def flash_attn_func(q, k, v, softmax_scale=None, causal=False, qv=None, window_size=(-1, -1), softcap=0.0,
                         num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0):
-        return _fa_dense(q, k, v, softmax_scale, causal, tuple(window_size))
+        return _fa_dense(q, k, v, softmax_scale, causal, tuple(window_size), softcap)
 
     def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_q=None,
                                seqused_k=None, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                                num_splits=1, pack_gqa=None, deterministic=False, sm_margin=0):
         return _fa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                          tuple(window_size), calls)
+                          tuple(window_size), calls, softcap)
 
     return _fake_module("flash_attn_interface", calls, flash_attn_func, flash_attn_varlen_func)
 
@@ -288,7 +300,7 @@ def make_fake_fa4():
 
     def flash_attn_func(q, k, v, softmax_scale=None, causal=False, window_size=(None, None), learnable_sink=None,
                         softcap=0.0, num_splits=1, pack_gqa=None, deterministic=False, return_lse=False):
-        out, lse = _fa_dense(q, k, v, softmax_scale, causal, _window(causal, window_size))
+        out, lse = _fa_dense(q, k, v, softmax_scale, causal, _window(causal, window_size), softcap)
         return out, (lse if return_lse else None)
 
     def flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
@@ -296,7 +308,7 @@ def make_fake_fa4():
                                window_size=(None, None), learnable_sink=None, softcap=0.0, num_splits=1, pack_gqa=None,
                                deterministic=False, return_lse=False):
         out, lse = _fa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                              _window(causal, window_size), calls)
+                              _window(causal, window_size), calls, softcap)
         return out, (lse if return_lse else None)
 
     return _fake_module("flash_attn.cute", calls, flash_attn_func, flash_attn_varlen_func)
@@ -349,26 +361,32 @@ def _served(kind, install, dtypes_gqa, grad=False):
     return sweep_conformance("flash", dtypes_gqa, grad=grad, label=f"{kind} ")
 
 
-#: what flash-attn cannot take: arbitrary dense masks, and causal padded prompts (more than one query)
-NOT_SERVED = {"dense_bool", "dense_additive", "key_padding_causal", "key_padding_causal_window"}
+#: what flash-attn cannot take: arbitrary dense masks, block layouts, and causal padded prompts (more than one
+#: query); per implementation, the score modifiers it lacks (FA3/FA4: no ALiBi; PyTorch's kernels: neither)
+NOT_SERVED = {"dense_bool", "dense_additive", "key_padding_causal", "key_padding_causal_window", "block_sparse",
+              "block_sparse_heads_causal"}
+NO_ALIBI = {"alibi", "alibi_varlen", "softcap_alibi_sinks"}
+NO_SOFTCAP = {"softcap", "softcap_alibi_sinks"}
+NOT_SERVED_BY = {"fa2": NOT_SERVED | {"softcap_alibi_sinks"}, "fa3": NOT_SERVED | NO_ALIBI,
+                 "fa4": NOT_SERVED | NO_ALIBI, "torch": NOT_SERVED | NO_ALIBI | NO_SOFTCAP}
 
 
 def test_fa2_lowering_matches_math_on_every_conformance_case_it_serves(on_fake):
     skipped = _served("fa2", on_fake, [(torch.float16, 1), (torch.bfloat16, 4)])
-    assert set(skipped) == NOT_SERVED
+    assert set(skipped) == NOT_SERVED_BY["fa2"]      # ALiBi + a sink tile: a diagonal flash cannot place
     assert all("dense" in why for name, why in skipped.items() if name.startswith("dense"))
     assert all(KEY_PADDING_CAUSAL_REASON in why for name, why in skipped.items() if name.startswith("key_padding"))
 
 
 def test_fa2_gradients_flow_through_unpad_and_padding_and_match_math(on_fake):
     skipped = _served("fa2", on_fake, [(torch.bfloat16, 2)], grad=True)
-    assert set(skipped) == NOT_SERVED
+    assert set(skipped) == NOT_SERVED_BY["fa2"]
 
 
 @pytest.mark.parametrize("kind", ["fa3", "fa4", "torch"])
 def test_other_implementations_take_the_same_lowering(on_fake, kind):
     skipped = _served(kind, on_fake, [(torch.bfloat16, 2)])
-    assert set(skipped) == NOT_SERVED
+    assert set(skipped) == NOT_SERVED_BY[kind]
 
 
 def test_key_padding_causal_is_refused_in_why_not_with_the_sentence(on_fake):
@@ -454,8 +472,10 @@ def test_limits_are_sentences_in_why_not_not_kernel_errors(on_fake):
     backend = get_backend("flash")
     q = torch.randn(1, 12, 2, 16, dtype=torch.bfloat16)
     k = torch.randn(1, 7, 2, 16, dtype=torch.bfloat16)
-    why = backend.why_not(validate_call(q, k, k, Causal(align="top_left")))
-    assert len(why) == 1 and "more queries (12) than keys (7)" in why[0]
+    why = backend.why_not(validate_call(q, k, k, Causal(align="top_left", window=2)))
+    assert len(why) == 1 and "diagonal offset 0 (12 queries x 7 keys)" in why[0]
+    why = backend.why_not(validate_call(q, k, k, Causal(align="top_left"), alibi_slopes=torch.ones(2)))
+    assert len(why) == 1 and "ALiBi with a diagonal left" in why[0]
     why = backend.why_not(validate_call(q, q, q, DenseMask(torch.ones(12, 12, dtype=torch.bool))))
     assert any("DenseMask" in w for w in why)
     why = backend.why_not(validate_call(q.float(), q.float(), q.float()))
@@ -523,8 +543,14 @@ def test_flash_lowering_reproduces_every_causal_plan_it_accepts(drawn):
         assert block.offset > block.k_len - block.q_len and not block.full
         assert (cut is not None) or (top_left and sq > sk)
         return
-    stop = sk if low.key_stop is None else low.key_stop
     got = torch.zeros(sq, sk, dtype=torch.bool)
+    if isinstance(low, FlashSplit):       # a bottom-right prefix of rows, then rows that see every key
+        if low.key_stop > 0:
+            got[:low.rows, :low.key_stop] = _fa_visible(low.rows, low.key_stop, True, (-1, -1))
+        got[low.rows:] = True
+        assert torch.equal(got, plan.materialize())
+        return
+    stop = sk if low.key_stop is None else low.key_stop
     if stop:
         got[:, :stop] = _fa_visible(sq, stop, low.causal, low.window_size)
     assert torch.equal(got, plan.materialize())

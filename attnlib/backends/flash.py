@@ -190,7 +190,7 @@ class FlashBackend(Backend):
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16}),
         max_head_dim=256,
-        features=frozenset({"causal", "window", "block_diagonal", "key_padding"}),
+        features=frozenset({"causal", "window", "block_diagonal", "key_padding", "softcap", "alibi"}),
     )
 
     @property
@@ -220,6 +220,7 @@ class FlashBackend(Backend):
             if call.plan.dense is None and call.plan.sparse is None:   # already refused by the capability table
                 out.append(low.reason)
             return out
+        out += _score_reasons(impl, call, low)
         if impl.kind == "torch":
             out += _torch_reasons(impl, call, low)
         elif impl.kind == "fa4" and call.return_lse:
@@ -243,12 +244,19 @@ class FlashBackend(Backend):
             vl = low.varlen
             cu_q, cu_k = vl.cu_on(q.device)
             out, lse = _varlen(impl, q[0], k[0], v[0], cu_q, cu_k, vl.max_seqlen_q, vl.max_seqlen_k, call.scale,
-                               vl.causal, flash_window_size(vl.window), call.return_lse)
+                               vl.causal, flash_window_size(vl.window), call.return_lse, _score(call.plan))
             out, lse = out.unsqueeze(0), (lse.unsqueeze(0) if lse is not None else None)
         elif isinstance(low, FlashKeyPadding):
-            out, lse = _key_padding(impl, q, k, v, call.plan, low, call.scale, call.return_lse)
+            out, lse = _key_padding(impl, q, k, v, call.plan, low, call.scale, call.return_lse, _score(call.plan))
+        elif isinstance(low, FlashSplit):
+            score = _score(call.plan)
+            parts = [_dense(impl, q[:, :low.rows], k, v, FlashDense(True, key_stop=low.key_stop), call.scale,
+                            call.return_lse, score),
+                     _dense(impl, q[:, low.rows:], k, v, FlashDense(), call.scale, call.return_lse, score)]
+            out = torch.cat([o for o, _ in parts], 1)
+            lse = torch.cat([lse_ for _, lse_ in parts], -1) if call.return_lse else None
         else:
-            out, lse = _dense(impl, q, k, v, low, call.scale, call.return_lse)
+            out, lse = _dense(impl, q, k, v, low, call.scale, call.return_lse, _score(call.plan))
         if out.shape[-1] != d_v:
             out = out[..., :d_v]
         if lse is not None:
@@ -271,6 +279,15 @@ class FlashDense:
     causal: bool = False
     window_size: tuple = (-1, -1)
     key_stop: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class FlashSplit:
+    """A causal diagonal right of the bottom-right one: rows ``[0, rows)`` run causal on ``k[:, :key_stop]``
+    (where the diagonal is bottom-right), the later rows see every key (no causal)."""
+
+    rows: int
+    key_stop: int
 
 
 @dataclass(frozen=True)
@@ -303,10 +320,19 @@ class Refused:
     reason: str
 
 
-FlashLowering = Union[FlashDense, FlashKeyPadding, FlashVarlen, FlashTiles, Refused]
+FlashLowering = Union[FlashDense, FlashSplit, FlashKeyPadding, FlashVarlen, FlashTiles, Refused]
 
 KEY_PADDING_CAUSAL_REASON = ("KeyPadding(causal=True): flash's varlen-over-keys lowering cannot keep key positions "
                              "(queries see different spans of keys); use triton, sdpa, flex or xformers")
+
+
+def _score(plan: Plan) -> tuple:
+    """``(softcap, alibi_slopes)`` as flash-attn takes them (0.0 / None: off); ALiBi slopes float32 ``[H]``."""
+    mods = plan.mods
+    alibi = mods.alibi
+    if alibi is not None and alibi.dim() == 2 and alibi.shape[0] == 1:
+        alibi = alibi[0]
+    return (mods.softcap or 0.0, alibi)
 
 
 def flash_window_size(window: Optional[int]) -> tuple[int, int]:
@@ -340,7 +366,7 @@ def lower(plan: Plan) -> FlashLowering:
     return FlashTiles()
 
 
-def lower_block(block: Tile) -> Union[FlashDense, Refused]:
+def lower_block(block: Tile) -> Union[FlashDense, FlashSplit, Refused]:
     """The single block of a dense plan (no tensors) on flash-attn's bottom-right causal / window."""
     if not block.causal or block.full:
         return FlashDense()
@@ -352,14 +378,14 @@ def lower_block(block: Tile) -> Union[FlashDense, Refused]:
         # the last row's diagonal is key q_len - 1 + offset: later keys are never visible. On the first
         # q_len + offset keys the diagonal is bottom-right (q_len + offset <= 0: no row sees a key).
         return FlashDense(True, window, key_stop=max(block.q_len + offset, 0))
-    if offset == 0:
-        what = (f"Causal(align='top_left') with more queries ({block.q_len}) than keys ({block.k_len})")
-        use = "sdpa, xformers, triton or flex"
-    else:
-        what = f"a causal block with diagonal offset {offset} ({block.q_len} queries x {block.k_len} keys)"
-        use = "sdpa, xformers or flex"
+    if block.window is None:
+        # a diagonal right of the bottom-right one (top-left with more queries than keys, ring steps): the
+        # first rows see a prefix of the keys, bottom-right there; the rows after it see every key
+        rows = min(block.q_len, max(0, block.k_len - 1 - offset))
+        return FlashSplit(rows, rows + offset)
+    what = f"a windowed causal block with diagonal offset {offset} ({block.q_len} queries x {block.k_len} keys)"
     return Refused(f"{what} cannot be expressed with flash-attn's bottom-right causal/window_size (its diagonal "
-                   f"is at offset {native}); use {use}")
+                   f"is at offset {native}); use sdpa, xformers, triton or flex")
 
 
 def lower_key_padding_block(block: Tile) -> Union[FlashKeyPadding, Refused]:
@@ -457,7 +483,7 @@ def _fix_lse(lse: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # dense calls (BSHD)
 # ---------------------------------------------------------------------------------------------
-def _dense(impl: _Impl, q, k, v, plan: FlashDense, scale: float, return_lse: bool):
+def _dense(impl: _Impl, q, k, v, plan: FlashDense, scale: float, return_lse: bool, score=(0.0, None)):
     """BSHD in, ``(out, lse [B, H, Sq] | None)`` out, for one block without tensors (None or Causal)."""
     b, sq, hq = q.shape[:3]
     if plan.key_stop is not None:
@@ -468,10 +494,11 @@ def _dense(impl: _Impl, q, k, v, plan: FlashDense, scale: float, return_lse: boo
         return out, (torch.full((b, hq, sq), _NEG_INF, device=q.device) if return_lse else None)
     if impl.kind == "torch":
         return _torch_dense(impl, q, k, v, plan, scale, return_lse)
-    return _library_call(impl, q, k, v, None, None, sq, sk, scale, plan.causal, plan.window_size, return_lse)
+    return _library_call(impl, q, k, v, None, None, sq, sk, scale, plan.causal, plan.window_size, return_lse, score)
 
 
-def _key_padding(impl: _Impl, q, k, v, plan: Plan, span: FlashKeyPadding, scale: float, return_lse: bool):
+def _key_padding(impl: _Impl, q, k, v, plan: Plan, span: FlashKeyPadding, scale: float, return_lse: bool,
+                 score=(0.0, None)):
     """Varlen over the valid keys of each batch row (inside the span every query sees); every query row
     is kept, and the rows the plan reports empty return 0 / -inf."""
     b, sq, hq = q.shape[:3]
@@ -483,7 +510,7 @@ def _key_padding(impl: _Impl, q, k, v, plan: Plan, span: FlashKeyPadding, scale:
     qp = q.reshape(b * sq, *q.shape[2:])
     kp, vp = unpad_keys(k, low.key_index), unpad_keys(v, low.key_index)
     out, lse = _varlen(impl, qp, kp, vp, low.cu_seqlens_q, low.cu_seqlens_k, low.max_seqlen_q, low.max_seqlen_k,
-                       scale, False, (-1, -1), return_lse)
+                       scale, False, (-1, -1), return_lse, (score[0], None))
     out = out.view(b, sq, hq, out.shape[-1])
     empty = plan.empty_rows_on(q.device)                  # [B, 1, Sq or 1]: the [B, H, Sq] layout
     out = out.masked_fill(empty.transpose(1, 2).unsqueeze(-1), 0.0)
@@ -496,18 +523,18 @@ def _key_padding(impl: _Impl, q, k, v, plan: Plan, span: FlashKeyPadding, scale:
 # varlen calls (THD)
 # ---------------------------------------------------------------------------------------------
 def _varlen(impl: _Impl, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool, window,
-            return_lse: bool):
+            return_lse: bool, score=(0.0, None)):
     """THD in, ``(out [Tq, H, D], lse [H, Tq] | None)`` out."""
     if impl.kind == "torch":
         return _torch_varlen(impl, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, return_lse)
-    return _library_call(impl, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, return_lse)
+    return _library_call(impl, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, return_lse, score)
 
 
 # ---------------------------------------------------------------------------------------------
 # the library kernels (FA2/FA3/FA4) as one torch.library custom op
 # ---------------------------------------------------------------------------------------------
 def _library_call(impl: _Impl, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool, window,
-                  return_lse: bool):
+                  return_lse: bool, score=(0.0, None)):
     """Dense (``cu_q is None``, BSHD) or varlen (THD) call of the installed flash-attn.
 
     Without gradients it goes through ``torch.ops.attnlib.flash_attention``: one opaque node with a fake
@@ -515,19 +542,26 @@ def _library_call(impl: _Impl, q, k, v, cu_q, cu_k, max_q: int, max_k: int, scal
     is called (flash-attn 2.7+ registers it as torch custom ops, so compiled training traces it too).
     """
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _run_library(impl, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, tuple(window), return_lse)
-    out, lse = _flash_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, int(window[0]), int(window[1]), return_lse)
+        return _run_library(impl, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, tuple(window), return_lse, *score)
+    out, lse = _flash_op(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, int(window[0]), int(window[1]), return_lse,
+                         float(score[0]), score[1])
     return out, (lse if return_lse else None)
 
 
-def _run_library(impl: _Impl, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, return_lse):
+def _run_library(impl: _Impl, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window, return_lse, softcap=0.0,
+                 alibi=None):
+    score = {}
+    if softcap:
+        score["softcap"] = float(softcap)
+    if alibi is not None:
+        score["alibi_slopes"] = alibi
     if cu_q is None:
         kwargs = _window_kwargs(impl, window, impl.params_dense)
         kwargs.update(_lse_kwargs(impl, impl.params_dense, return_lse))
-        res = impl.dense(q, k, v, softmax_scale=scale, causal=causal, **kwargs)
+        res = impl.dense(q, k, v, softmax_scale=scale, causal=causal, **kwargs, **score)
     else:
         kwargs = _window_kwargs(impl, window, impl.params_varlen)
-        kwargs.update(_lse_kwargs(impl, impl.params_varlen, return_lse))
+        kwargs.update(_lse_kwargs(impl, impl.params_varlen, return_lse), **score)
         res = impl.varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal, **kwargs)
     return _split_result(res, return_lse)
 
@@ -539,13 +573,14 @@ def _lse_shape(q: torch.Tensor, varlen: bool) -> tuple:
 @torch.library.custom_op("attnlib::flash_attention", mutates_args=())
 def _flash_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: Optional[torch.Tensor],
               cu_k: Optional[torch.Tensor], max_q: int, max_k: int, scale: float, causal: bool, window_left: int,
-              window_right: int, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              window_right: int, return_lse: bool, softcap: float = 0.0,
+              alibi: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)``: LSE float32 ``[B, H, Sq]`` dense / ``[H, Tq]`` varlen, or an empty tensor."""
     impl, reason = _detect()
     if impl is None:
         raise RuntimeError(reason)
     out, lse = _run_library(impl, q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, (window_left, window_right),
-                            return_lse)
+                            return_lse, softcap, alibi)
     if not return_lse:
         return out, q.new_empty((0,), dtype=torch.float32)
     want = _lse_shape(q, cu_q is not None)
@@ -555,7 +590,8 @@ def _flash_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: Optional[
 
 
 @_flash_op.register_fake
-def _flash_fake(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right, return_lse):
+def _flash_fake(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, window_left, window_right, return_lse, softcap=0.0,
+                alibi=None):
     out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
     lse_shape = _lse_shape(q, cu_q is not None) if return_lse else (0,)
     return out, q.new_empty(lse_shape, dtype=torch.float32)
@@ -608,6 +644,27 @@ def _sdpa_can(plan: FlashDense, sq: int, sk: int, return_lse: bool) -> bool:
     if return_lse or plan.window_size != (-1, -1):
         return False
     return not plan.causal or sq == sk
+
+
+def _score_reasons(impl: _Impl, call: AttentionCall, low: FlashLowering) -> list[str]:
+    """Softcap and ALiBi need a flash-attn that takes them (FA2 >= 2.6 both; FA3 and FA4 softcap), and ALiBi
+    needs key positions flash-attn keeps (not gathered valid keys; a diagonal at its own offset)."""
+    mods, out = call.plan.mods, []
+    params = impl.params_varlen if isinstance(low, (FlashVarlen, FlashKeyPadding)) else impl.params_dense
+    if mods.softcap is not None and "softcap" not in params:
+        out.append(f"softcap: {impl.label} takes no softcap (flash-attn >= 2.6, FA3 and FA4 do)")
+    if mods.alibi is not None:
+        if "alibi_slopes" not in params:
+            out.append(f"alibi_slopes: {impl.label} takes none (flash-attn 2 does)")
+        elif mods.alibi.dim() == 2 and mods.alibi.shape[0] != 1 and isinstance(low, FlashVarlen):
+            out.append("per-batch ALiBi slopes with packed sequences: flash-attn's varlen takes one slope per head")
+        elif isinstance(low, FlashKeyPadding):
+            out.append("ALiBi with KeyPadding: flash gathers the valid keys, which moves their positions")
+        elif any(isinstance(lower_block(t), FlashSplit) or (not t.causal and not t.bottom_right)
+                 for t in call.plan.tiles):
+            out.append("ALiBi with a diagonal left of the bottom-right one: flash-attn measures distances from "
+                       "the bottom-right one")
+    return out
 
 
 def _torch_reasons(impl: _Impl, call: AttentionCall, low: FlashLowering) -> list[str]:
