@@ -18,6 +18,8 @@ happens here, once:
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .backends.base import Backend, native_parts
@@ -25,7 +27,7 @@ from .inputs import AttentionCall
 from .merge import apply_sinks, merge_partials
 from .reference import attention_backward, sink_gradient
 from .registry import select_backend
-from .settings import nonfinite_guard
+from . import settings
 
 __all__ = ["run", "execute", "block_backward"]
 
@@ -105,7 +107,7 @@ def _guard(call: AttentionCall, caps):
     A kernel that returns a row as 0 when every one of its scores is NaN: the rows with a non-finite query
     or that see a non-finite key are marked. Off with ``$ATTNLIB_NONFINITE_GUARD=0``."""
     sanitize = not caps.isolates_hidden and not call.plan.full
-    if not (sanitize or not caps.propagates_nonfinite) or not nonfinite_guard():
+    if not (sanitize or not caps.propagates_nonfinite) or os.environ.get(settings.NONFINITE_GUARD, "1") == "0":
         return call, None
     k_ok = torch.isfinite(call.k).all(-1)                                     # [B, Sk, Hkv]
     bad = ~k_ok

@@ -7,13 +7,14 @@ naming the argument and the fix.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 
 from .caching import host_lru
 from .masks import as_plan, mask_features
-from .settings import debug_checks
+from . import settings
 from .plan import NO_MODIFIERS, Modifiers, PagedKv, Plan
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -248,7 +249,7 @@ def _validate_paged(q, k, v, mask, scale, return_lse, softcap, alibi_slopes, sin
         r = kv.pages_needed().index(need)
         raise ValueError(f"block_table has {block_table.shape[1]} page columns but request {r} has "
                          f"{mask.kv_seqlens[r]} keys, which need {need} pages of {page_size}: widen block_table")
-    if debug_checks():       # page ids in range, checked on the device (no host read): a debugging aid
+    if os.environ.get(settings.DEBUG_CHECKS, "0") == "1":       # page ids in range, checked on the device (no host read): a debugging aid
         flat = block_table.reshape(-1).index_select(0, _used_entries(kv.pages_needed(), block_table.shape[1],
                                                                       str(block_table.device)))
         torch._assert_async(((flat >= 0) & (flat < num_pages)).all(),

@@ -97,16 +97,6 @@ ENV_VARS: tuple[EnvVar, ...] = (
 NAMES = frozenset(v.name for v in ENV_VARS)
 
 
-def nonfinite_guard() -> bool:
-    """``$ATTNLIB_NONFINITE_GUARD`` is not ``0``."""
-    return os.environ.get(NONFINITE_GUARD, "1") != "0"
-
-
-def debug_checks() -> bool:
-    """``$ATTNLIB_DEBUG_CHECKS`` is ``1``."""
-    return os.environ.get(DEBUG_CHECKS, "0") == "1"
-
-
 def markdown_table() -> str:
     """The table as markdown (docs/configuration.md embeds this output verbatim)."""
     lines = ["| variable | default | meaning | valid values | defined by |", "|---|---|---|---|---|"]
