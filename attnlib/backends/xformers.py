@@ -91,6 +91,7 @@ class XformersBackend(Backend):
     capabilities = Capabilities(
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+        features=frozenset({"causal", "window", "block_diagonal", "key_padding", "dense", "block_sparse", "alibi"}),
     )
 
     @property
@@ -212,8 +213,8 @@ _TILES = XformersBiasSpec(BiasKind.TILES)
 
 def xformers_bias_spec(plan: Plan) -> XformersBiasSpec:
     """The attn_bias for a call's plan. Pure Python on the plan's ints (cached for structured plans);
-    plans holding a tensor (KeyPadding, DenseMask) get a materialized bias."""
-    if plan.structured:
+    plans holding a tensor (KeyPadding, DenseMask, a block layout) or ALiBi get a materialized bias."""
+    if plan.structured and plan.mods.alibi is None:
         return _structured_spec(plan)
     return _EMPTY if _no_visible_row(plan) else _TENSOR
 
