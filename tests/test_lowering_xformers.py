@@ -411,14 +411,18 @@ def fake_xformers(monkeypatch):
     xf_backend._detect.cache_clear()
 
 
+#: xformers has no score hook: softcap is refused (ALiBi rides on the additive bias)
+NOT_SERVED = {"softcap", "softcap_alibi_sinks"}
+
+
 def test_every_conformance_case_matches_math_through_the_fake(fake_xformers):
     fake_xformers()
-    assert sweep_conformance("xformers", [(torch.bfloat16, 2), (torch.float32, 4)]) == {}
+    assert set(sweep_conformance("xformers", [(torch.bfloat16, 2), (torch.float32, 4)])) == NOT_SERVED
 
 
 def test_gradients_match_math_with_lse_through_the_backward_api(fake_xformers):
     fake_xformers()
-    assert sweep_conformance("xformers", [(torch.float16, 2)], grad=True) == {}
+    assert set(sweep_conformance("xformers", [(torch.float16, 2)], grad=True)) == NOT_SERVED
 
 
 def test_packed_varlen_lse_of_flash_operators_reads_the_same(fake_xformers):

@@ -165,8 +165,11 @@ def native_parts(call: AttentionCall, caps: Capabilities) -> list[AttentionCall]
     this rule lives: the dispatch and ``why_not`` both read it."""
     plan = call.plan
     feats = plan.features
-    if "paged" in feats and "paged" not in caps.features:
+    if "paged" in feats and "paged" not in caps.features:      # contiguous keys (stand-ins: nothing gathered)
         plan = plan.with_call(plan.mods, None)
+        shape = (1, call.seqlen_k, call.heads_kv)
+        call = call.replace(k=call.k.new_empty(()).expand(*shape, call.head_dim),
+                            v=call.v.new_empty(()).expand(*shape, call.head_dim_v), plan=plan)
     layered = "multi_tile" in feats and "multi_tile" not in caps.features
     sinks_here = plan.mods.sinks is not None and (layered or "sinks" not in caps.features)
     if layered:
