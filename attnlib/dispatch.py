@@ -5,9 +5,10 @@ ring steps and the adapters call with plans of their own. Everything a backend d
 happens here, once:
 
 * paged keys are gathered (only the pages the requests use) for kernels that read contiguous keys;
-* non-finite keys and values are zeroed for kernels that weight hidden keys by 0 (``0 * NaN`` is NaN:
-  garbage in a ``torch.empty`` cache tail or another sequence's keys must not reach an output), and rows
-  with a non-finite query or that see a non-finite key or value are set to NaN (never silently 0);
+* padded key slots (and, for kernels that read them, other sequences' non-finite keys) are zeroed for
+  kernels that weight hidden keys by 0 (``0 * NaN`` is NaN: garbage in a ``torch.empty`` cache tail must
+  not reach an output), and rows with a non-finite query or first visible key are set to NaN (never
+  silently 0);
 * plans in which a row sees several key runs (chunked causal, sink + window) run on kernels that take one
   run per row as one call per layer (:meth:`attnlib.plan.Plan.layers`), merged by the LSE rule;
 * sinks are applied through the LSE for kernels without them (:func:`attnlib.merge.apply_sinks`);
@@ -51,15 +52,12 @@ def execute(backend: Backend, call: AttentionCall):
     sinks_here = call.plan.mods.sinks is not None and parts[0].plan.mods.sinks is None
     lse_grad = call.return_lse and call.requires_grad and not backend.lse_has_gradient
     if len(parts) == 1 and parts[0] is call and not lse_grad:
-        out, lse = _native(backend, call)
+        out, lse = _native(backend, call, marked)
     elif call.requires_grad:
         sinks = call.plan.mods.sinks
-        out, lse = _Composite.apply(call.q, call.k, call.v, sinks, (backend, call, parts, sinks_here))
+        out, lse = _Composite.apply(call.q, call.k, call.v, sinks, (backend, call, parts, sinks_here, marked))
     else:
-        out, lse = _composite(backend, call, parts, sinks_here)
-    if marked is not None:
-        out = out.masked_fill(marked.transpose(1, 2).unsqueeze(-1), float("nan"))
-        lse = lse.masked_fill(marked, float("nan")) if lse is not None else None
+        out, lse = _composite(backend, call, parts, sinks_here, marked)
     return out, (lse if call.return_lse else None)
 
 
@@ -99,28 +97,83 @@ def gathered(call: AttentionCall) -> AttentionCall:
 
 
 def _guard(call: AttentionCall, caps):
-    """Non-finite inputs, for kernels that do not handle them exactly: ``(call, rows)`` where ``rows`` (bool
-    ``[B, Hq, Sq]`` or None) are to be set to NaN after the kernel.
+    """Garbage and non-finite inputs, for kernels that do not handle them: ``(call, mark)`` where ``mark`` is
+    None or a tensor broadcastable to BSHD ``[B, Sq, Hq, 1]`` holding 0 or NaN, added to the output (and its
+    transpose to the LSE) after the kernel. ``$ATTNLIB_NONFINITE_GUARD``:
 
-    A kernel that weights a hidden key by 0 computes ``0 * NaN = NaN``: when some key is hidden from some row,
-    non-finite keys and values are zeroed first (differentiable) and the rows that do see one are marked.
-    A kernel that returns a row as 0 when every one of its scores is NaN: the rows with a non-finite query
-    or that see a non-finite key are marked. Off with ``$ATTNLIB_NONFINITE_GUARD=0``."""
-    sanitize = not caps.isolates_hidden and not call.plan.full
-    if not (sanitize or not caps.propagates_nonfinite) or os.environ.get(settings.NONFINITE_GUARD, "1") == "0":
+    * on (default): key slots hidden as padding (``KeyPadding``) or as another sequence never reach a row,
+      whatever they hold -- a kernel that weights them by 0 computes ``0 * NaN = NaN``, so padded slots are
+      zeroed (and, for kernels that read other sequences' keys, non-finite keys and values too, the rows
+      that see one marked); and a row with a non-finite query, or whose first visible key is non-finite, is
+      NaN: kernels that return a row as 0 when every one of its scores is NaN would drop it silently;
+    * ``strict``: also keys hidden by causality, windows or sparsity inside a sequence (every non-finite key
+      and value zeroed and the rows that see one marked: one more pass over K and V);
+    * ``0``: nothing."""
+    mode = os.environ.get(settings.NONFINITE_GUARD, "1")
+    plan = call.plan
+    if mode == "0":
         return call, None
-    k_ok = torch.isfinite(call.k).all(-1)                                     # [B, Sk, Hkv]
-    bad = ~k_ok
-    if sanitize:
-        v_ok = torch.isfinite(call.v).all(-1)
-        bad = bad | ~v_ok
+    if mode == "strict" and not caps.isolates_hidden and not plan.full or plan.packed and not caps.isolates_sequences:
+        return _sanitized(call)
+    mark = None
+    if plan.key_valid is not None and not caps.isolates_padding:
+        keep = plan.key_valid[:, :, None, None]
         zero = torch.zeros((), dtype=call.k.dtype, device=call.k.device)
-        call = call.replace(k=torch.where(k_ok[..., None], call.k, zero), v=torch.where(v_ok[..., None], call.v, zero))
-    bad = bad.transpose(1, 2)
+        call = call.replace(k=torch.where(keep, call.k, zero), v=torch.where(keep, call.v, zero))
+    if not caps.propagates_nonfinite:
+        mark = _nan_where_nonfinite(call.q) + _first_key_mark(call)          # [B, Sq, Hq, 1]
+    return call, mark
+
+
+def _nan_where_nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """``[..., 1]``: NaN where a row of ``x`` holds a non-finite value, else 0 (``0 * inf`` is NaN too)."""
+    return (x * 0).sum(-1, keepdim=True, dtype=torch.float32)
+
+
+def _sanitized(call: AttentionCall):
+    """Every non-finite key and value zeroed (differentiable); the rows that see one, or whose query is
+    non-finite, to be marked NaN."""
+    k_ok = torch.isfinite(call.k).all(-1)                                     # [B, Sk, Hkv]
+    v_ok = torch.isfinite(call.v).all(-1)
+    bad = (~(k_ok & v_ok)).transpose(1, 2)
+    zero = torch.zeros((), dtype=call.k.dtype, device=call.k.device)
+    call = call.replace(k=torch.where(k_ok[..., None], call.k, zero), v=torch.where(v_ok[..., None], call.v, zero))
     if call.gqa_ratio > 1:
         bad = bad.repeat_interleave(call.gqa_ratio, 1)
-    rows = call.plan.rows_seeing(bad) | (~torch.isfinite(call.q).all(-1)).transpose(1, 2)      # [B, Hq, Sq]
-    return call, rows
+    rows = call.plan.rows_seeing(bad).transpose(1, 2).unsqueeze(-1)          # [B, Sq, Hq, 1]
+    nan = torch.full((), float("nan"), device=call.q.device)
+    return call, torch.where(rows, nan, 0.0) + _nan_where_nonfinite(call.q)
+
+
+def _first_key_mark(call: AttentionCall) -> torch.Tensor:
+    """``[B, Sq or 1, Hq, 1]``: NaN where the first key a row sees (in each of its key runs) is non-finite.
+    A row whose every score is NaN has such a key, and a row that sees such a key must be non-finite
+    anyway: marking these rows is exact, and reads about as much of K as there are queries."""
+    plan, k = call.plan, call.k
+    g = call.gqa_ratio
+    if plan.structure_full and plan.key_valid is None:      # every row's first key is key 0 (decode)
+        term = _nan_where_nonfinite(k[:, :1])                                  # [B, 1, Hkv, 1]
+        return term.repeat_interleave(g, 2) if g > 1 else term
+    if plan.dense is not None or plan.sparse is not None:
+        bad = (~torch.isfinite(k).all(-1)).transpose(1, 2)
+        bad = bad.repeat_interleave(g, 1) if g > 1 else bad
+        rows = plan.rows_seeing(bad).transpose(1, 2).unsqueeze(-1)
+        return torch.where(rows, torch.full((), float("nan"), device=k.device), 0.0)
+    b, sk = call.batch, call.seqlen_k
+    lo, hi = plan.runs_table_on(k.device)                                     # [R, Sq]
+    first = lo.reshape(1, -1).expand(b, -1)                                   # [B, R*Sq]
+    seen = (hi >= lo).reshape(1, -1)
+    if plan.key_valid is not None:                  # the first valid key at or after each run's start
+        valid = plan.key_valid.to(k.device)
+        csum = valid.to(torch.int64).cumsum(-1)                               # [B, Sk]
+        before = torch.nn.functional.pad(csum, (1, 0))[:, first[0]]           # valid keys before lo
+        first = torch.searchsorted(csum, before + 1)                           # [B, R*Sq]
+        seen = seen & (first <= hi.reshape(1, -1))
+    first = first.clamp(max=max(sk - 1, 0))
+    keys = torch.gather(k, 1, first[:, :, None, None].expand(-1, -1, *k.shape[2:]))   # [B, R*Sq, Hkv, D]
+    term = torch.where(seen[..., None, None], _nan_where_nonfinite(keys), 0.0)  # [B, R*Sq, Hkv, 1]
+    term = term.reshape(b, lo.shape[0], lo.shape[1], -1, 1).sum(1)             # [B, Sq, Hkv, 1]
+    return term.repeat_interleave(g, 2) if g > 1 else term
 
 
 def _empty_rows_bshd(empty: torch.Tensor) -> torch.Tensor:
@@ -130,9 +183,13 @@ def _empty_rows_bshd(empty: torch.Tensor) -> torch.Tensor:
     return empty.transpose(1, 2).unsqueeze(-1)
 
 
-def _native(backend: Backend, call: AttentionCall):
-    """One forward on the backend, then rows with no visible key normalized to 0 / -inf."""
+def _native(backend: Backend, call: AttentionCall, mark=None):
+    """One forward on the backend, the guard's NaN marks added, then rows with no visible key normalized to
+    0 / -inf (a row that sees nothing returns 0 whatever its query holds)."""
     out, lse = backend.forward(call)
+    if mark is not None:
+        out = out + mark.to(out.dtype)
+        lse = lse + mark[..., 0].transpose(1, 2) if lse is not None else None
     if not backend.capabilities.exact_empty_rows and call.plan.may_have_empty_rows:
         empty = call.empty_rows()
         if empty is not None:
@@ -144,10 +201,11 @@ def _native(backend: Backend, call: AttentionCall):
     return out, lse
 
 
-def _composite(backend: Backend, call: AttentionCall, parts, sinks_here: bool):
+def _composite(backend: Backend, call: AttentionCall, parts, sinks_here: bool, mark=None):
     """Forward of a call the kernel runs in parts (layers, or the call without its sinks, each with its
     LSE), merged, then the sinks."""
-    results = [_native(backend, part if part.return_lse else part.replace(return_lse=True)) for part in parts]
+    results = [_native(backend, part if part.return_lse else part.replace(return_lse=True), mark)
+               for part in parts]
     out, lse = merge_partials(results, like=call.q.new_zeros(call.batch, call.seqlen_q, call.heads_q,
                                                              call.head_dim_v))
     if sinks_here:
@@ -161,9 +219,9 @@ class _Composite(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, sinks, spec):
-        backend, call, parts, sinks_here = spec
+        backend, call, parts, sinks_here, mark = spec
         with torch.no_grad():
-            out, lse = _composite(backend, call, parts, sinks_here)
+            out, lse = _composite(backend, call, parts, sinks_here, mark)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.spec = spec
         ctx.set_materialize_grads(False)
@@ -172,7 +230,7 @@ class _Composite(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        backend, call, parts, sinks_here = ctx.spec
+        backend, call, parts, sinks_here, _ = ctx.spec
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)

@@ -43,12 +43,12 @@ class Capabilities:
     ``features``: the plan features its ``forward`` handles itself (:data:`ALL_FEATURES`); with ``lse`` the
     dispatch adds :data:`WITH_LSE`, and it always adds :data:`ALWAYS`. The flags say what the dispatch must
     normalize around the kernel: ``exact_empty_rows`` (rows with no key already give 0 / -inf);
-    ``isolates_hidden`` (a key hidden from a row -- padding, another sequence, causality, a window, a
-    sparse block -- never influences it, whatever it holds; kernels that weight hidden keys by 0 compute
-    ``0 * NaN``, so otherwise the dispatch zeroes non-finite keys and values first and marks the rows that
-    see one); ``propagates_nonfinite`` (a row with a non-finite query, or that sees a non-finite key or
-    value, comes back non-finite; kernels that return a row as 0 when every score is NaN do not, and the
-    dispatch marks those rows NaN).
+    ``isolates_padding`` / ``isolates_sequences`` / ``isolates_hidden`` (key slots hidden as padding / as
+    another packed sequence / by any rule, causality and windows included, are never read into a row's
+    arithmetic, whatever they hold: kernels that weight them by 0 compute ``0 * NaN``, so otherwise the
+    dispatch zeroes them first); ``propagates_nonfinite`` (a row with a non-finite query, or that sees a
+    non-finite key or value, comes back non-finite; kernels that return a row as 0 when every score is NaN
+    do not, and the dispatch marks those rows NaN).
     """
 
     devices: frozenset = frozenset({"cpu", "cuda"})
@@ -61,6 +61,8 @@ class Capabilities:
     autograd: bool | frozenset = True
     head_dim_v_differs: bool = True      # Dv != D
     exact_empty_rows: bool = False
+    isolates_padding: bool = False
+    isolates_sequences: bool = False
     isolates_hidden: bool = False
     propagates_nonfinite: bool = False
 

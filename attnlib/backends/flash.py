@@ -191,6 +191,8 @@ class FlashBackend(Backend):
         dtypes=frozenset({torch.float16, torch.bfloat16}),
         max_head_dim=256,
         features=frozenset({"causal", "window", "block_diagonal", "key_padding", "softcap", "alibi"}),
+        isolates_padding=True,        # KeyPadding gathers the valid keys; varlen reads each sequence's own
+        isolates_sequences=True,
     )
 
     @property

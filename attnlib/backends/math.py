@@ -19,8 +19,8 @@ class MathBackend(Backend):
     lse_has_gradient = True
     capabilities = Capabilities(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
                                 devices=frozenset({"cpu", "cuda", "mps", "xpu"}),
-                                features=FEATURES - {"paged"}, exact_empty_rows=True, isolates_hidden=True,
-                                propagates_nonfinite=True)
+                                features=FEATURES - {"paged"}, exact_empty_rows=True, isolates_padding=True,
+                                isolates_sequences=True, isolates_hidden=True, propagates_nonfinite=True)
     implementation = "torch ops, float32/float64 accumulation"
 
     def forward(self, call: AttentionCall):

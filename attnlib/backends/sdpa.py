@@ -48,6 +48,7 @@ class SdpaBackend(Backend):
         devices=frozenset({"cpu", "cuda", "mps", "xpu"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
         features=frozenset({"causal", "window", "block_diagonal", "key_padding", "dense", "block_sparse", "alibi"}),
+        isolates_sequences=True,      # packed sequences run on views of their own keys
     )
     implementation = f"torch {torch.__version__} scaled_dot_product_attention"
 
@@ -60,7 +61,7 @@ class SdpaBackend(Backend):
 
     def forward(self, call: AttentionCall):
         plan = call.plan
-        if plan.sparse is not None and plan.sparse.host is not None and plan.sparse.aligned:
+        if plan.sparse is not None and plan.sparse.host is not None and plan.sparse.aligned and plan.mods.alibi is None:
             return _block_sparse(call)
         if plan.single is not None or not plan.structured or not plan.tiles:
             return _dense(call.q, call.k, call.v, plan, call.scale, call.return_lse, call.empty_rows())
@@ -82,7 +83,7 @@ def _dense_bytes(call: AttentionCall) -> int:
     if plan.mods.alibi is not None:
         b = call.batch if plan.mods.alibi.dim() == 2 else 1
         need += b * call.heads_q * sq * sk * call.q.element_size()
-    if plan.sparse is not None and (plan.sparse.host is None or not plan.sparse.aligned):
+    if plan.sparse is not None and (plan.sparse.host is None or not plan.sparse.aligned or plan.mods.alibi is not None):
         lay = plan.sparse.as4d()
         need += lay.shape[0] * lay.shape[1] * sq * sk
     return need

@@ -43,7 +43,9 @@ class TritonBackend(Backend):
         max_head_dim=256,
         features=frozenset({"causal", "window", "block_diagonal", "key_padding"}),
         exact_empty_rows=True,
-        propagates_nonfinite=True,    # a hidden value still meets a zero weight in a masked tile
+        isolates_padding=True,        # padded and other sequences' keys are never loaded
+        isolates_sequences=True,
+        propagates_nonfinite=True,    # (a causally hidden value still meets a zero weight in a masked tile)
     )
     implementation = "attnlib_kernels Triton FA2-style forward + backward"
 

@@ -92,6 +92,7 @@ class XformersBackend(Backend):
         devices=frozenset({"cuda"}),
         dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
         features=frozenset({"causal", "window", "block_diagonal", "key_padding", "dense", "block_sparse", "alibi"}),
+        isolates_sequences=True,      # block-diagonal biases: each sequence reads its own keys
     )
 
     @property
