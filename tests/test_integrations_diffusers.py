@@ -73,12 +73,12 @@ def test_qwenimage_attnlib_processor_matches_default_processor(backend, case, qw
 
 
 def test_processor_follows_use_backend_when_not_pinned(qwen_image, monkeypatch):
-    import attnlib.api
+    import attnlib.dispatch
 
     model, _ = qwen_image
     used = []
-    real = attnlib.api.select_backend
-    monkeypatch.setattr(attnlib.api, "select_backend", lambda call, b: used.append(real(call, b).name) or real(call, b))
+    real = attnlib.dispatch.select_backend
+    monkeypatch.setattr(attnlib.dispatch, "select_backend", lambda call, b: used.append(real(call, b).name) or real(call, b))
     use_attnlib(model)
     tm = PROMPT_MASKS["padded_prompts"]
     with torch.no_grad(), attnlib.use_backend("math"):

@@ -66,35 +66,35 @@ def logits(model, impl, **inputs):
         return model(**inputs).logits
 
 
-class PlanRecorder:
-    """Every MaskPlan the attnlib attention function runs."""
+class TranslationRecorder:
+    """Every MaskTranslation the attnlib attention function runs."""
 
     def __init__(self, monkeypatch):
-        self.plans = []
+        self.translations = []
         real = hf.translate
 
         def spy(*args, **kwargs):
-            plan, crop = real(*args, **kwargs)
-            self.plans.append(plan)
-            return plan, crop
+            got, crop = real(*args, **kwargs)
+            self.translations.append(got)
+            return got, crop
 
         monkeypatch.setattr(hf, "translate", spy)
 
     def masks(self):
-        return [p.mask for p in self.plans]
+        return [p.mask for p in self.translations]
 
 
 @pytest.fixture
 def rec(monkeypatch):
-    """The test's PlanRecorder, recording from the test's first line."""
-    return PlanRecorder(monkeypatch)
+    """The test's TranslationRecorder, recording from the test's first line."""
+    return TranslationRecorder(monkeypatch)
 
 
 def assert_causal_key_padding(rec, am, layers):
-    assert len(rec.plans) == layers
-    for plan in rec.plans:
-        assert plan.path == "direct" and plan.kind == "key_padding"
-        assert plan.mask.causal and plan.mask.window is None and torch.equal(plan.mask.valid, am.bool())
+    assert len(rec.translations) == layers
+    for t in rec.translations:
+        assert t.path == "direct" and t.kind == "key_padding"
+        assert t.mask.causal and t.mask.window is None and torch.equal(t.mask.valid, am.bool())
 
 
 def assert_greedy_tokens_match_eager(model, backend=None, **kw):
@@ -152,7 +152,7 @@ def test_generation_without_padding_decodes_with_no_mask_and_prefills_causal(lla
     model, _ = llama
     ids = token_ids((1, 5), 4)
     assert_greedy_tokens_match_eager(model, input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    kinds = [p.kind for p in rec.plans]
+    kinds = [p.kind for p in rec.translations]
     assert kinds[:2] == ["causal", "causal"] and set(kinds[2:]) == {"none"}
 
 
@@ -171,9 +171,9 @@ def test_static_cache_generation_matches_eager(llama, padded, rec):
         assert isinstance(prefill, KeyPadding) and prefill.causal and torch.equal(prefill.valid, am.bool())
     else:
         assert prefill == Causal()
-    assert all(p.path == "direct" for p in rec.plans)
+    assert all(p.path == "direct" for p in rec.translations)
     # decode: one query over the static cache slots, the unwritten ones hidden (none left: no mask)
-    assert {p.kind for p in rec.plans[2:]} <= {"key_padding", "none"} and rec.plans[2].kind == "key_padding"
+    assert {p.kind for p in rec.translations[2:]} <= {"key_padding", "none"} and rec.translations[2].kind == "key_padding"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -199,7 +199,7 @@ def test_padded_bidirectional_encoder_runs_key_padding(rec):
     assert_close_to_reference(got, hidden(copy.deepcopy(model).double(), "eager"), hidden(model, "eager"),
                               torch.float32, what="encoder states")
     assert all(isinstance(m, KeyPadding) and torch.equal(m.valid, am.bool()) for m in rec.masks())
-    assert {p.path for p in rec.plans} == {"direct"}
+    assert {p.path for p in rec.translations} == {"direct"}
 
 
 @pytest.fixture(scope="module")
@@ -263,9 +263,8 @@ def test_flash_style_cu_seq_lens_kwargs_run_as_block_diagonal():
 
 
 @pytest.mark.parametrize("kwargs, feature", [
-    (dict(softcap=30.0), "softcap"),
     (dict(dropout=0.1), "dropout"),
-    (dict(s_aux=torch.zeros(4)), "sinks"),
+    (dict(sinks=torch.zeros(1, 4, 6, 1)), "per-token sinks"),        # one sink per token, not per head
     (dict(position_bias=torch.zeros(1, 4, 6, 6)), "position_bias"),
 ])
 def test_unsupported_features_raise_naming_the_feature(kwargs, feature):
@@ -275,17 +274,17 @@ def test_unsupported_features_raise_naming_the_feature(kwargs, feature):
 
 
 def test_backend_selection_pin_context_and_env_are_honoured(monkeypatch, llama):
-    import attnlib.api
+    import attnlib.dispatch
 
     used = []
-    real = attnlib.api.select_backend
+    real = attnlib.dispatch.select_backend
 
     def spy(call, backend):
         chosen = real(call, backend)
         used.append(chosen.name)
         return chosen
 
-    monkeypatch.setattr(attnlib.api, "select_backend", spy)
+    monkeypatch.setattr(attnlib.dispatch, "select_backend", spy)
     model, _ = llama
     ids = token_ids((1, 4), 8)
     hf.register("attnlib_math", backend="math")
@@ -373,14 +372,14 @@ def _truth(kw):
 
 def _as_dense(obj, B, Sq, Sk):
     """bool [B, 1, Sq, Sk] of what the attention function runs for a TransformersMask."""
-    plan, crop = obj.resolve(B, Sq, Sk)
+    t, crop = obj.resolve(B, Sq, Sk)
     n = Sk if crop is None else crop
-    m = plan.mask
-    if plan.kind == "none":
+    m = t.mask
+    if t.kind == "none":
         got = torch.ones(B, 1, Sq, n, dtype=torch.bool)
-    elif plan.kind == "packed":
+    elif t.kind == "packed":
         full = torch.zeros(B * Sq, B * n, dtype=torch.bool)   # flat rows b*Sq+i, flat keys b*Sk+j
-        for part in plan.parts:
+        for part in t.parts:
             pm = part.mask.materialize()
             rows = torch.arange(B * Sq) if part.q_index is None else part.q_index
             cols = torch.arange(B * n) if part.kv_index is None else part.kv_index
@@ -479,7 +478,7 @@ def test_unrecognised_mask_functions_take_the_exact_dense_path():
         obj = hf.build_mask(**kw)
         assert obj.path == "dense" and "mask_function" in obj._why
         assert torch.equal(_as_dense(obj, 2, 5, 5), _truth(kw))
-        assert obj.plan().path == "dense"
+        assert obj.translation().path == "dense"
 
 
 def test_a_model_that_asks_for_a_materialized_mask_gets_the_tensor():
@@ -541,7 +540,7 @@ def assert_generation_matches(model, model64, rec, **kw):
     assert torch.equal(ref.sequences, want.sequences)
     for step, (g, r, n) in enumerate(zip(got.logits, ref.logits, want.logits)):
         assert_close_to_reference(g, r, n, torch.float32, what=f"logits of step {step}")
-    assert rec.plans and all(p.path == "direct" for p in rec.plans), [p.describe() for p in rec.plans]
+    assert rec.translations and all(p.path == "direct" for p in rec.translations), [p.describe() for p in rec.translations]
 
 
 @pytest.mark.parametrize("pattern", AMS)
@@ -550,7 +549,7 @@ def test_padded_generation_prefill_and_decode_match_eager_and_sdpa(pattern, llam
     am = AMS[pattern]
     ids = token_ids(am.shape, 14)
     assert_generation_matches(model, model64, rec, input_ids=ids, attention_mask=am, max_new_tokens=4)
-    prefill, decode = rec.plans[:2], rec.plans[2:]
+    prefill, decode = rec.translations[:2], rec.translations[2:]
     assert all(p.mask.causal and torch.equal(p.mask.valid, am.bool()) for p in prefill)
     # decode: one query, KeyPadding over the prompt's validity and the generated keys
     assert len(decode) == 2 * 3 and all(isinstance(p.mask, KeyPadding) and not p.mask.causal for p in decode)
@@ -568,10 +567,10 @@ def test_sliding_window_generation_matches_eager_and_sdpa(make, pattern, rec):
     kw = dict(input_ids=ids, attention_mask=am, max_new_tokens=4)
     assert_generation_matches(model, copy.deepcopy(model).double(), rec, **kw)
     window = model.config.sliding_window
-    windowed = [p.mask for p in rec.plans if getattr(p.mask, "window", None) == window]
+    windowed = [p.mask for p in rec.translations if getattr(p.mask, "window", None) == window]
     assert len(windowed) == (1 if make is tiny_qwen2_sliding else 2)   # the prefill's sliding layers
     # decode in the sliding layers: the newest `window` keys of the cache, as validity
-    sliding_decode = [p.mask for i, p in enumerate(rec.plans[2:]) if make is tiny_mistral or i % 2 == 0]
+    sliding_decode = [p.mask for i, p in enumerate(rec.translations[2:]) if make is tiny_mistral or i % 2 == 0]
     assert all(m is None or m.valid.shape[1] <= window for m in sliding_decode)
 
 
@@ -581,11 +580,11 @@ def test_packed_position_ids_in_two_rows_match_eager(make, rec):
     ids = token_ids((2, 8), 16)
     pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 0, 1, 2, 3, 4, 5]])
     assert_matches_eager(model, copy.deepcopy(model).double(), input_ids=ids, position_ids=pos, use_cache=False)
-    masks = {p.mask for p in rec.plans}
+    masks = {p.mask for p in rec.translations}
     window = getattr(model.config, "sliding_window", None)
     want = {BlockDiagonal([5, 3, 2, 6], causal=True)} | ({BlockDiagonal([5, 3, 2, 6], causal=True, window=window)}
                                                         if window else set())
-    assert masks == want and {p.path for p in rec.plans} == {"lengths"}
+    assert masks == want and {p.path for p in rec.translations} == {"lengths"}
 
 
 class HostReadError(AssertionError):
@@ -621,7 +620,7 @@ def test_padded_prefill_and_decode_read_no_tensor_on_the_host(backend, pattern, 
         with no_host_reads():
             model(input_ids=ids, attention_mask=am, cache=cache)              # prefill
             model(input_ids=ids[:, :1], attention_mask=am_next, cache=cache)  # one decode step
-        assert hf.last_plan().path == "direct"
+        assert hf.last_translation().path == "direct"
     # the check bites: transformers' dense mask analysed on the host trips it
     dense = mu.sdpa_mask(**_kw(3, 9, 9, pad=am.bool()))
     with no_host_reads(), pytest.raises(HostReadError):
@@ -666,7 +665,7 @@ def test_chunks_into_a_filled_static_cache_run_an_exact_device_built_mask(padded
     got = chunked(model, "attnlib")
     assert_close_to_reference(got, chunked(model64, "eager"), chunked(model, "eager"), torch.float32,
                               what="second chunk's logits")
-    second = rec.plans[2:]
+    second = rec.translations[2:]
     assert len(second) == 2 and all(p.path == "direct" and p.kind == "dense" for p in second)
 
 
@@ -690,7 +689,7 @@ def test_static_cache_generation_with_sliding_layers_matches_eager(rec):
     ids = token_ids(am.shape, 20)
     assert_greedy_tokens_match_eager(model, input_ids=ids, attention_mask=am, max_new_tokens=3, do_sample=False,
                                      pad_token_id=0, cache_implementation="static")
-    sliding, full = rec.plans[0::2], rec.plans[1::2]
+    sliding, full = rec.translations[0::2], rec.translations[1::2]
     assert sliding[0].mask.window == 3 and full[0].mask.causal and all(p.path == "direct" for p in full)
     assert all(p.path == "dense" and "materialized" in p.why for p in sliding[1:])
 

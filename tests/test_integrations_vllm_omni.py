@@ -38,7 +38,7 @@ def test_joint_text_tensors_are_joined_in_order_with_their_mask(backend, strateg
     order = (lambda a, b: torch.cat([b, a], 1)) if strategy == "front" else (lambda a, b: torch.cat([a, b], 1))
     valid = order(torch.ones(B, S, dtype=torch.bool), text_valid)
     assert out.shape == (B, S + J, H, D)
-    assert isinstance(layer.last_plan.mask, KeyPadding) and torch.equal(layer.last_plan.mask.valid, valid)
+    assert isinstance(layer.last_translation.mask, KeyPadding) and torch.equal(layer.last_translation.mask.valid, valid)
     check(out, order(q, jq), order(k, jk), order(v, jv), KeyPadding(valid), 0.125)
 
 
@@ -50,7 +50,7 @@ def test_2d_padding_mask_true_means_keep(backend):
     out = layer(q, k, v, AttentionMetadata(attn_mask=keep))
     check(out, q, k, v, KeyPadding(keep.bool()), D ** -0.5)
     layer(q, k, v, AttentionMetadata(attn_mask=torch.ones(2, 5, dtype=torch.bool)))
-    assert layer.last_plan.kind == "none"  # nothing padded: no mask at all
+    assert layer.last_translation.kind == "none"  # nothing padded: no mask at all
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -59,8 +59,8 @@ def test_causal_with_a_padding_mask_is_causal_key_padding(backend):
     keep = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]).bool()      # left and right padding
     layer = Attention(H, D, True, None, num_kv_heads=HKV, backend=backend)
     out = layer(q, k, v, AttentionMetadata(attn_mask=keep))
-    mask = layer.last_plan.mask
-    assert layer.last_plan.kind == "key_padding" and isinstance(mask, KeyPadding) and mask.causal
+    mask = layer.last_translation.mask
+    assert layer.last_translation.kind == "key_padding" and isinstance(mask, KeyPadding) and mask.causal
     assert torch.equal(mask.valid, keep)
     dense = DenseMask((Causal().materialize(6, 6)[None] & keep[:, None, :])[:, None])
     check(out, q, k, v, dense, D ** -0.5)
@@ -83,8 +83,8 @@ def test_causal_with_a_padding_mask_reads_nothing_back_to_the_host_and_matches_m
     assert torch.allclose(out, want, atol=1e-5)
 
 
-def _count_plans(monkeypatch):
-    counts = {"plan_for": 0, "plan_from_dense": 0}
+def _count_translations(monkeypatch):
+    counts = {"translate_metadata": 0, "translate_dense": 0}
     for name in counts:
         real = getattr(vllm_omni, name)
 
@@ -96,8 +96,8 @@ def _count_plans(monkeypatch):
     return counts
 
 
-def test_every_layer_after_the_first_reuses_the_plan_of_the_same_metadata(monkeypatch):
-    counts = _count_plans(monkeypatch)
+def test_every_layer_after_the_first_reuses_the_translation_of_the_same_metadata(monkeypatch):
+    counts = _count_translations(monkeypatch)
     B, S, J = 2, 6, 3
     q, k, v = rand(B, S, H, D), rand(B, S, HKV, D, seed=1), rand(B, S, HKV, D, seed=2)
     jq, jk, jv = rand(B, J, H, D, seed=3), rand(B, J, HKV, D, seed=4), rand(B, J, HKV, D, seed=5)
@@ -112,44 +112,44 @@ def test_every_layer_after_the_first_reuses_the_plan_of_the_same_metadata(monkey
         layers = [Attention(H, D, causal, None, num_kv_heads=HKV, backend="sdpa") for _ in range(3)]
         for meta in metas:
             before = dict(counts)
-            outs = [layer(q, k, v, meta) for layer in layers]                          # three layers, one plan
-            assert counts["plan_for"] == before["plan_for"] + 1, (causal, meta)
-            assert counts["plan_from_dense"] - before["plan_from_dense"] <= 1
-            assert all(layer.last_plan is layers[0].last_plan for layer in layers)
+            outs = [layer(q, k, v, meta) for layer in layers]                          # three layers, one translation
+            assert counts["translate_metadata"] == before["translate_metadata"] + 1, (causal, meta)
+            assert counts["translate_dense"] - before["translate_dense"] <= 1
+            assert all(layer.last_translation is layers[0].last_translation for layer in layers)
             assert all(torch.equal(o, outs[0]) for o in outs)
     # packed: cu_seqlens are read once, not once per layer
     cu = torch.tensor([0, 3, 8, 10], dtype=torch.int32)
     meta = AttentionMetadata(cu_seqlens_q=cu, cu_seqlens_k=cu)
-    before = counts["plan_for"]
+    before = counts["translate_metadata"]
     packed_q, packed_kv = rand(10, H, D), rand(10, HKV, D)
     for _ in range(3):
         Attention(H, D, True, None, num_kv_heads=HKV, backend="sdpa")(packed_q, packed_kv, packed_kv, meta)
-    assert counts["plan_for"] == before + 1
+    assert counts["translate_metadata"] == before + 1
 
 
-def test_the_cached_plan_follows_in_place_edits_shapes_and_the_causal_flag(monkeypatch):
-    counts = _count_plans(monkeypatch)
+def test_the_cached_translation_follows_in_place_edits_shapes_and_the_causal_flag(monkeypatch):
+    counts = _count_translations(monkeypatch)
     q, k, v = rand(2, 5, H, D), rand(2, 5, HKV, D, seed=1), rand(2, 5, HKV, D, seed=2)
     keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool()
     meta = AttentionMetadata(attn_mask=keep)
     layer = Attention(H, D, False, None, num_kv_heads=HKV, backend="sdpa")
     layer(q, k, v, meta)
-    assert layer.last_plan.kind == "key_padding" and counts["plan_for"] == 1
-    keep[0] = True                                          # an in-place edit of the mask: re-planned
+    assert layer.last_translation.kind == "key_padding" and counts["translate_metadata"] == 1
+    keep[0] = True                                          # an in-place edit of the mask: translated again
     out = layer(q, k, v, meta)
-    assert layer.last_plan.kind == "none" and counts["plan_for"] == 2
+    assert layer.last_translation.kind == "none" and counts["translate_metadata"] == 2
     check(out, q, k, v, None, D ** -0.5)
     Attention(H, D, True, None, num_kv_heads=HKV, backend="sdpa")(q, k, v, meta)          # another causal flag
-    assert counts["plan_for"] == 3
+    assert counts["translate_metadata"] == 3
     layer(q[:, :3], k, v, meta)                             # another query length
-    assert counts["plan_for"] == 4
+    assert counts["translate_metadata"] == 4
     meta.attn_mask = keep.clone()                           # another tensor in the same metadata object
     layer(q, k, v, meta)
-    assert counts["plan_for"] == 5
+    assert counts["translate_metadata"] == 5
 
 
 def test_inference_tensors_are_cached_per_metadata_object(monkeypatch):
-    counts = _count_plans(monkeypatch)
+    counts = _count_translations(monkeypatch)
     q, k, v = rand(2, 5, H, D), rand(2, 5, HKV, D, seed=1), rand(2, 5, HKV, D, seed=2)
     layer = Attention(H, D, True, None, num_kv_heads=HKV, backend="sdpa")
     with torch.inference_mode():
@@ -157,12 +157,12 @@ def test_inference_tensors_are_cached_per_metadata_object(monkeypatch):
         meta = AttentionMetadata(attn_mask=keep)
         layer(q, k, v, meta)
         layer(q, k, v, meta)
-        assert counts["plan_for"] == 1
-        layer(q, k, v, AttentionMetadata(attn_mask=keep))    # a new metadata object: planned again
-        assert counts["plan_for"] == 2
+        assert counts["translate_metadata"] == 1
+        layer(q, k, v, AttentionMetadata(attn_mask=keep))    # a new metadata object: translated again
+        assert counts["translate_metadata"] == 2
         layer(q, k, v, {"attn_mask": keep})                  # no weak reference, no version counter: not cached
         layer(q, k, v, {"attn_mask": keep})
-        assert counts["plan_for"] == 4
+        assert counts["translate_metadata"] == 4
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -188,7 +188,7 @@ def test_cu_seqlens_run_packed_sequences_as_block_diagonal(backend, where):
                                extra={"cu_seqlens_q": cu, "cu_seqlens_k": cu})
     layer = Attention(H, D, True, None, num_kv_heads=HKV, backend=backend)
     out = layer(q, k, v, meta)
-    assert layer.last_plan.mask == BlockDiagonal([3, 5, 2], causal=True)
+    assert layer.last_translation.mask == BlockDiagonal([3, 5, 2], causal=True)
     check(out, q, k, v, BlockDiagonal([3, 5, 2], causal=True), D ** -0.5)
     batched = layer(q[None], k[None], v[None], meta)  # [1, T, H, D] works too
     assert torch.equal(batched[0], out)

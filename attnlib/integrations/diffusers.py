@@ -15,6 +15,10 @@ rotated with the RoPE tables diffusers' ``QwenEmbedRope`` computed in the model 
 adjacent-pair rotation), then attend jointly as ``[text, image]``. The text padding mask becomes a
 ``KeyPadding`` over the joint keys (any pattern; padded text queries still attend, as in diffusers),
 and no mask at all when nothing is padded.
+
+Both processors take attnlib's score modifiers as options passed to every call (``softcap=``,
+``alibi_slopes=``, ``sinks=``; see :func:`attnlib.attention`): the models as diffusers ships them use
+none.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from ..api import attention
 from ..masks import KeyPadding
 from ..registry import canonical_name
 from ..rope import apply_rotary
-from ._structure import PlanCache
+from ._structure import TensorKeyedCache
 
 __all__ = ["QwenImageAttnProcessor", "FluxAttnProcessor", "use_attnlib", "PROCESSORS"]
 
@@ -54,7 +58,7 @@ def _rope_cos_sin(freqs) -> tuple[torch.Tensor, torch.Tensor]:
                     f"got {type(freqs).__name__}")
 
 
-_qwen_tables = PlanCache()
+_qwen_tables = TensorKeyedCache()
 
 
 def _cached_cos_sin(freqs):
@@ -75,11 +79,14 @@ class QwenImageAttnProcessor:
     """Drop-in for diffusers' ``QwenDoubleStreamAttnProcessor2_0`` running on attnlib.
 
     ``backend`` pins an attnlib backend; by default each call follows ``attnlib.use_backend`` /
-    ``$DIFFUSION_ATTENTION_BACKEND`` / auto.
+    ``$DIFFUSION_ATTENTION_BACKEND`` / auto. ``softcap``, ``alibi_slopes`` and ``sinks`` are passed to
+    :func:`attnlib.attention` on every call.
     """
 
-    def __init__(self, backend: str | None = None):
+    def __init__(self, backend: str | None = None, *, softcap: float | None = None,
+                 alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None):
         self.backend = None if backend is None else canonical_name(backend)
+        self.options = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  encoder_hidden_states_mask: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -115,7 +122,7 @@ class QwenImageAttnProcessor:
         k = torch.cat([txt_k, img_k], dim=1)
         v = torch.cat([txt_v, img_v], dim=1)
         mask = _joint_key_padding(encoder_hidden_states_mask, hidden_states)
-        out = attention(q, k, v, mask, backend=self.backend)
+        out = attention(q, k, v, mask, backend=self.backend, **self.options)
         out = out.flatten(2, 3).to(q.dtype)
 
         txt_out, img_out = out[:, :seq_txt], out[:, seq_txt:]
@@ -134,11 +141,14 @@ class FluxAttnProcessor:
     repeated for its adjacent pair (diffusers' ``use_real=True, use_real_unbind_dim=-1``); it is applied
     with ``attnlib.rope.apply_rotary(..., interleaved=True)`` on the de-duplicated ``[S, D/2]`` table
     (checked once per table). An ``attention_mask`` (through ``joint_attention_kwargs``) may be a 2-D
-    ``[B, S]`` key mask (True/1 = keep) over the joint keys: it becomes a ``KeyPadding``.
+    ``[B, S]`` key mask (True/1 = keep) over the joint keys: it becomes a ``KeyPadding``. ``backend``
+    and the score modifiers as in :class:`QwenImageAttnProcessor`.
     """
 
-    def __init__(self, backend: str | None = None):
+    def __init__(self, backend: str | None = None, *, softcap: float | None = None,
+                 alibi_slopes: torch.Tensor | None = None, sinks: torch.Tensor | None = None):
         self.backend = None if backend is None else canonical_name(backend)
+        self.options = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
@@ -163,7 +173,7 @@ class FluxAttnProcessor:
             q = apply_rotary(q, cos.to(q.device), sin.to(q.device), interleaved=True)
             k = apply_rotary(k, cos.to(k.device), sin.to(k.device), interleaved=True)
         mask = _key_mask(attention_mask, k)
-        out = attention(q, k, v, mask, backend=self.backend).flatten(2, 3).to(q.dtype)
+        out = attention(q, k, v, mask, backend=self.backend, **self.options).flatten(2, 3).to(q.dtype)
         if encoder_hidden_states is None:
             return out
         txt_len = encoder_hidden_states.shape[1]
@@ -172,7 +182,7 @@ class FluxAttnProcessor:
         return img_out, attn.to_add_out(txt_out.contiguous())
 
 
-_tables = PlanCache()
+_tables = TensorKeyedCache()
 
 
 def _flux_table(image_rotary_emb) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +218,7 @@ def _key_mask(attention_mask: torch.Tensor | None, k: torch.Tensor):
     return KeyPadding(valid)
 
 
-_masks = PlanCache()
+_masks = TensorKeyedCache()
 
 
 def _joint_key_padding(text_mask: torch.Tensor | None, hidden_states: torch.Tensor):
@@ -244,15 +254,16 @@ PROCESSORS = {
 }
 
 
-def use_attnlib(transformer, backend: str | None = None):
+def use_attnlib(transformer, backend: str | None = None, **options):
     """Route every attention of a diffusers transformer through attnlib; returns the transformer.
 
-    Raises ``NotImplementedError`` naming the model class when attnlib has no processor for it.
+    ``options`` (``softcap``, ``alibi_slopes``, ``sinks``) go to the processor. Raises
+    ``NotImplementedError`` naming the model class when attnlib has no processor for it.
     """
     name = type(transformer).__name__
     cls = PROCESSORS.get(name)
     if cls is None:
         raise NotImplementedError(f"attnlib has no attention processor for diffusers' {name}; supported: "
                                   f"{', '.join(sorted(PROCESSORS))}")
-    transformer.set_attn_processor(cls(backend=backend))
+    transformer.set_attn_processor(cls(backend=backend, **options))
     return transformer

@@ -35,12 +35,12 @@ per forward; all layers reuse the ``BlockDiagonal``), and ``cu_seq_lens_q/k`` ke
 bidirectional overlays, ``block_sequence_ids``), chunked attention, a model that asks for a
 materialized mask (``allow_is_causal_skip=False``, e.g. to add ALiBi), unknown combinations -- runs
 transformers' own ``sdpa_mask`` and recovers the structure from the dense mask
-(:func:`attnlib.integrations._structure.plan_from_dense`): exact, but it reads the mask on the host
+(:func:`attnlib.integrations._structure.translate_dense`): exact, but it reads the mask on the host
 once per mask. So does a static cache's decode step in sliding-window layers (transformers clears
 ``allow_is_causal_skip`` there itself, which the builder cannot tell from a model's request). While
 ``torch.compile`` traces, where neither the analysis nor reading the mask functions' closures is
 possible, those cases and the sliding-window and packed masks use transformers' dense mask as a
-``DenseMask`` (exact, built on the device). :func:`last_plan` says which path ran (``.path``:
+``DenseMask`` (exact, built on the device). :func:`last_translation` says which path ran (``.path``:
 ``"direct"``, ``"lengths"``, ``"dense"`` or ``"device_dense"``; ``.why`` for the dense paths).
 
 The builder recognises transformers' mask functions by the code objects of its public factories
@@ -49,9 +49,19 @@ The builder recognises transformers' mask functions by the code objects of its p
 ``packed_sequence_mask_function``) and reads their closure variables by name; a function it does not
 recognise takes the dense path, never a guess.
 
-Raises ``NotImplementedError`` naming the feature for: attention dropout in training, ``softcap``,
-attention sinks (``s_aux``/``sinks``), ``position_bias`` (T5-style) and
-transformers' paged cache (continuous batching).
+Score modifiers: ``softcap`` (Gemma 2) and per-head attention sinks (``s_aux``, gpt-oss) go to
+``attnlib.attention(softcap=, sinks=)``. No transformers model passes ALiBi slopes to its attention
+function (Falcon adds ALiBi to a materialized float mask, which runs as a ``DenseMask``).
+
+A :class:`TransformersMask` survives transformers' exporters: it is a ``torch.utils._pytree`` node
+whose one leaf is the dense mask it stands for (an exported graph takes that tensor as input and runs
+it as a ``DenseMask``: one graph for every mask of its shape, as with transformers' ``sdpa`` masks), it
+has no ``__dict__`` for generic object walkers to rewrite, and ``torch.cat`` of step masks along the
+query axis (how the exporter merges decode steps) gives the mask of the merged steps.
+
+Raises ``NotImplementedError`` naming the feature for: attention dropout in training, per-token
+sinks (``sinks`` that are not one logit per head), ``position_bias`` (T5-style) and transformers'
+paged cache (continuous batching).
 """
 from __future__ import annotations
 
@@ -77,41 +87,36 @@ import torch.nn.functional as F
 from ..masks import BlockDiagonal, Causal, DenseMask, KeyPadding
 from ..registry import canonical_name
 from ..userframe import user_stacklevel
-from ._structure import MaskPlan, PackedPart, PlanCache, plan_from_dense
+from ._structure import MaskTranslation, PackedCall, TensorKeyedCache, translate_dense
 
-__all__ = ["register", "attnlib_attention_forward", "make_attention_function", "translate", "last_plan",
-           "build_mask", "TransformersMask", "Plan", "NAME"]
+__all__ = ["register", "attnlib_attention_forward", "make_attention_function", "translate", "last_translation",
+           "build_mask", "TransformersMask", "MaskTranslation", "NAME"]
 
 NAME = "attnlib"
 
-_plans = PlanCache()
-_last_plan: list = [None]
+#: transformers' dense 4-D masks analysed on the host, one translation per mask tensor
+_dense_translations = TensorKeyedCache()
+_last_translation: list = [None]
 #: the dense tensors build_mask handed to models that asked for a materialized mask (by id)
 _materialized: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
 
 
-@dataclass(frozen=True, eq=False)
-class Plan(MaskPlan):
-    """A :class:`~attnlib.integrations._structure.MaskPlan` that also says how it was obtained.
+def _from_args(kind: str, mask=None, **fields) -> MaskTranslation:
+    """A translation built from transformers' mask arguments (``path="direct"``).
 
-    ``path``: ``"direct"`` (built from transformers' mask arguments, nothing read on the host),
-    ``"lengths"`` (packed sequences: their lengths read on the host once per mask object or
-    ``cu_seq_lens`` tensor), ``"dense"`` (transformers' dense mask analysed on the host; ``why`` says
-    why) or ``"device_dense"`` (under ``torch.compile``, where the analysis cannot run: transformers'
-    dense mask as a ``DenseMask``, exact but without structure).
+    The ``path`` of a translation here says how it was obtained: ``"direct"`` (from the mask
+    arguments, nothing read on the host), ``"lengths"`` (packed sequences: their lengths read on the
+    host once per mask object or ``cu_seq_lens`` tensor), ``"dense"`` (transformers' dense mask
+    analysed on the host; ``why`` says why) or ``"device_dense"`` (transformers' dense mask used as
+    it is, e.g. under ``torch.compile`` where the analysis cannot run: exact but without structure).
     """
-
-    path: str = "direct"
-    why: str = ""
+    return MaskTranslation(kind, mask, path="direct", **fields)
 
 
-def _as_plan(plan: MaskPlan, path: str, why: str = "") -> Plan:
-    return Plan(plan.kind, plan.mask, plan.reason, plan.parts, path=path, why=why)
-
-
-def last_plan() -> Plan | None:
-    """The plan of the most recent attention call (what mask attnlib ran): for tests and debugging."""
-    return _last_plan[0]
+def last_translation() -> MaskTranslation | None:
+    """What the most recent attention call ran (the attnlib mask and how it was obtained): for tests
+    and debugging. Calls inside a ``torch.compile``d region do not update it."""
+    return _last_translation[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,14 +223,23 @@ class TransformersMask:
     (``crop_k``: only the first ``crop_k`` keys can be visible, the rest are empty static-cache slots),
     or what is needed to build it once, on first use: the packed sequence ids (lengths read on the host
     once), or transformers' dense mask (analysed once). Every layer reuses the result.
-    ``ndim``/``shape`` describe the ``[B, 1, Sq, Sk]`` mask it stands for, so transformers can pass it
-    back into its mask functions (``generate`` prepares masks ahead of the forward with a static cache).
+    ``ndim``/``shape``/``dim()`` describe the ``[B, 1, Sq, Sk]`` mask it stands for, so transformers can
+    pass it back into its mask functions (``generate`` prepares masks ahead of the forward with a static
+    cache) and its exporters can merge decode steps (``torch.cat`` along the query axis).
+
+    For ``torch.export`` it is a pytree node with one leaf, the dense ``[B, 1, Sq, Sk]`` mask it stands
+    for: an exported graph takes that tensor as its input (as with transformers' ``sdpa`` masks) and
+    runs it as a ``DenseMask``. Rebuilt from its leaf inside the trace it knows no sizes of its own, so
+    they stay symbolic under dynamic shapes. ``__slots__`` (no ``__dict__``) keeps generic object
+    walkers (transformers' ``cast_leaf_tensors``) from rewriting its fields.
     """
 
     ndim = 4
+    __slots__ = ("batch_size", "q_length", "kv_length", "crop_k", "plain", "_kwargs", "_translation", "_segments",
+                 "_window", "_why", "_cropped")
 
-    def __init__(self, kwargs: dict, *, plan: Plan | None = None, crop_k: int | None = None, plain: bool = False,
-                 segments: torch.Tensor | None = None, window: int | None = None, why: str = ""):
+    def __init__(self, kwargs: dict, *, translation: MaskTranslation | None = None, crop_k: int | None = None,
+                 plain: bool = False, segments: torch.Tensor | None = None, window: int | None = None, why: str = ""):
         self.batch_size = int(kwargs["batch_size"])
         self.q_length = int(kwargs["q_length"])
         self.kv_length = int(kwargs["kv_length"])
@@ -233,32 +247,44 @@ class TransformersMask:
         #: no padding and no packing: the keyword ``cu_seq_lens_q/k`` (flash-style packing) may refine it
         self.plain = plain
         self._kwargs = kwargs
-        self._plan = plan
+        self._translation = translation
         self._segments = segments
         self._window = window
         self._why = why
         self._cropped: dict = {}
 
     @property
-    def shape(self) -> tuple[int, int, int, int]:
+    def shape(self) -> tuple:
         return (self.batch_size, 1, self.q_length, self.kv_length)
+
+    def dim(self) -> int:
+        return self.ndim
 
     @property
     def mask(self):
         """The attnlib mask (builds it on first use for the packed and dense paths)."""
-        return self.plan().mask
+        return self.translation().mask
 
     @property
     def path(self) -> str:
-        return self._plan.path if self._plan is not None else ("lengths" if self._segments is not None else "dense")
+        if self._translation is not None:
+            return self._translation.path
+        return "lengths" if self._segments is not None else "dense"
 
-    def plan(self) -> Plan:
-        # no lock (torch.compile cannot trace one): two threads racing here build the same plan
-        if self._plan is None:
-            self._plan = self._packed_plan() if self._segments is not None else self._dense_plan()
-        return self._plan
+    def fits(self, batch_size: int, q_length: int, kv_length: int) -> bool:
+        """Whether this mask was built for these sizes (a mask rebuilt from its leaves knows none: it fits)."""
+        if self.batch_size is None:
+            return True
+        return (self.batch_size, self.q_length, self.kv_length) == (batch_size, q_length, kv_length)
 
-    def _packed_plan(self) -> Plan:
+    def translation(self) -> MaskTranslation:
+        """The attnlib calls this mask runs as (built on first use)."""
+        # no lock (torch.compile cannot trace one): two threads racing here build the same translation
+        if self._translation is None:
+            self._translation = self._packed() if self._segments is not None else self._dense()
+        return self._translation
+
+    def _packed(self) -> MaskTranslation:
         seg = self._segments
         B, S = seg.shape
         # one read of the sequence ids on the host (all layers share this object)
@@ -266,22 +292,27 @@ class TransformersMask:
         lengths = torch.unique_consecutive(ids, return_counts=True)[1].tolist()
         window = self._window if self._window is not None and self._window < max(lengths) else None
         bd = BlockDiagonal(lengths, causal=True, window=window)
-        return Plan("packed", bd, parts=(PackedPart(bd),), path="lengths")
+        return MaskTranslation("packed", bd, parts=(PackedCall(bd),), path="lengths")
 
     def dense_tensor(self) -> torch.Tensor:
         """transformers' own boolean ``[B, 1, Sq, Sk]`` mask for these arguments (``sdpa_mask``)."""
+        if "mask_function" not in self._kwargs:
+            raise ValueError("this TransformersMask was rebuilt from its tensors (torch.export) and no longer has "
+                             "transformers' mask arguments; build the mask again with build_mask(...)")
         kw = dict(self._kwargs, allow_is_causal_skip=False, allow_is_bidirectional_skip=False)
         return sdpa_mask(**kw)
 
-    def _dense_plan(self, seqlen_k: int | None = None) -> Plan:
+    def _dense(self, seqlen_k: int | None = None) -> MaskTranslation:
         m = self.dense_tensor()
         if seqlen_k is not None and m.shape[-1] > seqlen_k:
             m = m[..., :seqlen_k]  # as transformers' sdpa path slices its mask to the keys
         sk = m.shape[-1]
-        return _as_plan(plan_from_dense(m, self.batch_size, self.q_length, sk), "dense", self._why)
+        return translate_dense(m, self.batch_size, self.q_length, sk).with_path("dense", self._why)
 
-    def resolve(self, batch: int, seqlen_q: int, seqlen_k: int) -> tuple[Plan, int | None]:
-        """The plan for a call with these sizes, and the number of keys to keep (None: all)."""
+    def resolve(self, batch: int, seqlen_q: int, seqlen_k: int) -> tuple[MaskTranslation, int | None]:
+        """The translation for a call with these sizes, and the number of keys to keep (None: all)."""
+        if self.batch_size is None:  # rebuilt from its leaf by torch.export: made for this call
+            return self.translation(), None
         if batch != self.batch_size or seqlen_q != self.q_length:
             raise ValueError(f"the attention mask was built for batch {self.batch_size} and {self.q_length} "
                              f"queries, the call has batch {batch} and {seqlen_q}")
@@ -290,15 +321,78 @@ class TransformersMask:
                 raise ValueError(f"the attention mask covers {self.kv_length} keys, the call has {seqlen_k}")
             # fewer keys than transformers sized the mask for: its sdpa path keeps the first columns
             if seqlen_k not in self._cropped:
-                self._cropped[seqlen_k] = self._dense_plan(seqlen_k)
+                self._cropped[seqlen_k] = self._dense(seqlen_k)
             return self._cropped[seqlen_k], None
-        plan = self.plan()
-        return plan, (self.crop_k if plan.path == "direct" else None)
+        t = self.translation()
+        return t, (self.crop_k if t.path == "direct" else None)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """``torch.cat(step_masks, dim=2)``: transformers' exporters merge the masks of consecutive decode
+        steps along the query axis. The result is the concatenation of transformers' dense masks of the
+        steps (exact whatever the steps were), run as a ``DenseMask`` built on the device."""
+        kwargs = kwargs or {}
+        if func is torch.cat:
+            masks = args[0] if args else kwargs.get("tensors")
+            dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+            if dim in (2, -2) and masks and all(isinstance(m, TransformersMask) for m in masks):
+                return cls._cat_queries(list(masks))
+        return NotImplemented
+
+    @classmethod
+    def _cat_queries(cls, masks: list) -> "TransformersMask":
+        first, last = masks[0], masks[-1]
+        if any((m.batch_size, m.kv_length) != (last.batch_size, last.kv_length) for m in masks):
+            raise ValueError("torch.cat of TransformersMasks along the query axis needs the same batch and key sizes, "
+                             f"got shapes {[m.shape for m in masks]}")
+        dense = torch.cat([m.dense_tensor().expand(m.batch_size, 1, m.q_length, m.kv_length) for m in masks], dim=2)
+        # the merged steps' arguments: the first step's query offset, the last step's padding (it spans the most)
+        kw = dict(last._kwargs, q_length=dense.shape[2], q_offset=first._kwargs["q_offset"])
+        return cls(kw, translation=MaskTranslation(
+            "dense", DenseMask(dense), reason="the dense masks of several steps, concatenated along the query axis",
+            path="device_dense"))
 
     def __repr__(self):
-        what = self._plan.describe() if self._plan is not None else f"<{self.path}, built on first use>"
+        if self._translation is not None:
+            what = self._translation.describe()
+        else:
+            what = f"<{self.path}, built on first use>"
         crop = f", keys cropped to {self.crop_k}" if self.crop_k is not None else ""
         return f"TransformersMask({what}, shape={list(self.shape)}{crop})"
+
+
+# -- torch.export: a pytree node whose one leaf is the dense mask ----------------------------------------------
+def _flatten(tm: TransformersMask):
+    """One leaf, the ``[B, 1, Sq, Sk]`` mask it stands for (transformers' own dense mask, or the dense mask
+    it already runs): what transformers' ``sdpa`` path hands an exporter. The exported graph then runs
+    a ``DenseMask`` (exact), and one graph serves every mask of its shape -- padded or not, one query or
+    several -- where a structured attnlib mask would tie it to the structure it was traced with."""
+    t = tm._translation
+    if t is not None and t.kind == "dense" and (t.path == "device_dense" or "mask_function" not in tm._kwargs):
+        dense = t.mask.mask
+    else:
+        dense = tm.dense_tensor()
+    return [dense], None
+
+
+def _unflatten(leaves, context) -> TransformersMask:
+    (dense,) = leaves
+    tm = TransformersMask.__new__(TransformersMask)
+    tm.batch_size = tm.q_length = tm.kv_length = tm.crop_k = None
+    tm.plain, tm._segments, tm._window, tm._why, tm._cropped, tm._kwargs = False, None, None, "", {}, {}
+    tm._translation = MaskTranslation("dense", DenseMask(dense), reason="transformers' dense mask (torch.export)",
+                                      path="device_dense")
+    return tm
+
+
+def _flatten_with_keys(tm: TransformersMask):
+    leaves, context = _flatten(tm)
+    return [(torch.utils._pytree.SequenceKey(0), leaves[0])], context
+
+
+torch.utils._pytree.register_pytree_node(
+    TransformersMask, _flatten, _unflatten, serialized_type_name=f"{__name__}.TransformersMask",
+    flatten_with_keys_fn=_flatten_with_keys)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,8 +429,9 @@ def _direct(kwargs: dict, pattern: _Pattern, why_not: list) -> TransformersMask 
 
     if not pattern.causal:  # bidirectional: only the padding
         if pad is None:
-            return TransformersMask(kwargs, plan=Plan("none"), plain=True)
-        return TransformersMask(kwargs, plan=Plan("key_padding", KeyPadding(_key_valid(pad, kv_offset, Sk))))
+            return TransformersMask(kwargs, translation=_from_args("none"), plain=True)
+        padding = KeyPadding(_key_valid(pad, kv_offset, Sk))
+        return TransformersMask(kwargs, translation=_from_args("key_padding", padding))
 
     valid = None if pad is None else _key_valid(pad, kv_offset, Sk)
     if isinstance(q_offset, torch.Tensor):
@@ -353,14 +448,14 @@ def _direct(kwargs: dict, pattern: _Pattern, why_not: list) -> TransformersMask 
                 keep &= kpos > q_offset - window
             keep = keep[None, :].expand(B, Sk)
             keep = keep & valid if valid is not None else keep.contiguous()
-            return TransformersMask(kwargs, plan=Plan("key_padding", KeyPadding(keep)))
+            return TransformersMask(kwargs, translation=_from_args("key_padding", KeyPadding(keep)))
         qpos = torch.arange(Sq, device=dev) + q_offset
         keep = kpos[None, :] <= qpos[:, None]
         if window is not None:
             keep &= kpos[None, :] > qpos[:, None] - window
         keep = keep[None, None].expand(B, 1, Sq, Sk)
         keep = keep & valid[:, None, None, :] if valid is not None else keep.contiguous()
-        return TransformersMask(kwargs, plan=Plan("dense", DenseMask(keep), reason=(
+        return TransformersMask(kwargs, translation=_from_args("dense", DenseMask(keep), reason=(
             "several queries against a filled static cache: their position is only known on the device")))
 
     if not isinstance(q_offset, int) or isinstance(q_offset, bool):
@@ -376,14 +471,15 @@ def _direct(kwargs: dict, pattern: _Pattern, why_not: list) -> TransformersMask 
         window = None  # no query sees more than n keys: the window never binds
     if valid is None:
         if Sq == 1 and window is None:
-            return TransformersMask(kwargs, plan=Plan("none"), crop_k=crop, plain=True)
-        return TransformersMask(kwargs, plan=Plan("causal", Causal(window=window)), crop_k=crop, plain=True)
+            return TransformersMask(kwargs, translation=_from_args("none"), crop_k=crop, plain=True)
+        return TransformersMask(kwargs, translation=_from_args("causal", Causal(window=window)), crop_k=crop,
+                                plain=True)
     valid = valid[:, :n] if crop is not None else valid
     if Sq == 1:  # one query: causal is every key; a window is the newest W keys
         if window is not None:
             valid = valid & (torch.arange(n, device=valid.device) >= n - window)
-        return TransformersMask(kwargs, plan=Plan("key_padding", KeyPadding(valid)), crop_k=crop)
-    return TransformersMask(kwargs, plan=Plan("key_padding", KeyPadding(valid, causal=True, window=window)),
+        return TransformersMask(kwargs, translation=_from_args("key_padding", KeyPadding(valid)), crop_k=crop)
+    return TransformersMask(kwargs, translation=_from_args("key_padding", KeyPadding(valid, causal=True, window=window)),
                             crop_k=crop)
 
 
@@ -402,8 +498,7 @@ def build_mask(batch_size: int, q_length: int | None = None, kv_length: int | No
         mask_function = _CAUSAL_FN
     if isinstance(attention_mask, TransformersMask):
         # a mask prepared ahead of the forward (generate with a static cache) comes back in
-        if (attention_mask.batch_size, attention_mask.q_length, attention_mask.kv_length) == (
-                batch_size, q_length, kv_length):
+        if attention_mask.fits(batch_size, q_length, kv_length):
             return attention_mask
         attention_mask = attention_mask._kwargs.get("attention_mask")
     kw = dict(kwargs, batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
@@ -432,8 +527,9 @@ def build_mask(batch_size: int, q_length: int | None = None, kv_length: int | No
     if compiling:
         # no host read inside a compiled graph: transformers' mask, built on the device, used as it is
         dense = sdpa_mask(**dict(kw, allow_is_causal_skip=False, allow_is_bidirectional_skip=False))
-        return TransformersMask(kw, plan=Plan("dense", DenseMask(dense), reason="transformers' dense mask, used as "
-                                              "it is while compiling", path="device_dense", why=why))
+        return TransformersMask(kw, translation=MaskTranslation(
+            "dense", DenseMask(dense), reason="transformers' dense mask, used as it is while compiling",
+            path="device_dense", why=why))
     return TransformersMask(kw, why=why)
 
 
@@ -452,8 +548,8 @@ def _materialize_requested(pattern: _Pattern, kw: dict) -> bool:
 # the attention function
 # ---------------------------------------------------------------------------------------------
 class _CuCache:
-    """One plan per ``cu_seq_lens_q/k`` tensor pair and layer kind (every layer gets the same tensors;
-    ``extra`` tells causal and windowed layers apart)."""
+    """One translation per ``cu_seq_lens_q/k`` tensor pair and layer kind (every layer gets the same
+    tensors; ``extra`` tells causal and windowed layers apart)."""
 
     def __init__(self, size: int = 4):
         self._size = size
@@ -481,11 +577,11 @@ _cu_cache = _CuCache()
 
 
 def translate(query_bhsd: torch.Tensor, key_bhsd: torch.Tensor, attention_mask, *, causal: bool,
-              sliding_window: int | None = None, cu_seqlens=None) -> tuple[Plan, int | None]:
-    """Turn what transformers passes into a :class:`Plan`.
+              sliding_window: int | None = None, cu_seqlens=None) -> tuple[MaskTranslation, int | None]:
+    """Turn what transformers passes into a :class:`MaskTranslation`.
 
-    Returns ``(plan, crop_k)``: ``crop_k`` (or None) is the number of keys to keep (the empty tail of
-    a static cache).
+    Returns ``(translation, crop_k)``: ``crop_k`` (or None) is the number of keys to keep (the empty
+    tail of a static cache).
     """
     B, _, Sq, _ = query_bhsd.shape
     Sk = key_bhsd.shape[2]
@@ -498,24 +594,24 @@ def translate(query_bhsd: torch.Tensor, key_bhsd: torch.Tensor, attention_mask, 
 
         def build():
             bd = BlockDiagonal.from_cu_seqlens(cu_q, cu_k, causal=causal, window=window)
-            return Plan("packed", bd, parts=(PackedPart(bd),), path="lengths")
+            return MaskTranslation("packed", bd, parts=(PackedCall(bd),), path="lengths")
 
-        plan = _cu_cache.get(cu_q, cu_k, (causal, window), build)
-        if plan.mask.total_q != Sq or plan.mask.total_k != Sk:
-            raise ValueError(f"cu_seq_lens_q/k cover {plan.mask.total_q}/{plan.mask.total_k} tokens but the call "
+        got = _cu_cache.get(cu_q, cu_k, (causal, window), build)
+        if got.mask.total_q != Sq or got.mask.total_k != Sk:
+            raise ValueError(f"cu_seq_lens_q/k cover {got.mask.total_q}/{got.mask.total_k} tokens but the call "
                              f"has {Sq} queries and {Sk} keys")
-        return plan, None
+        return got, None
     if isinstance(attention_mask, TransformersMask):
         return attention_mask.resolve(B, Sq, Sk)
     if attention_mask is None:
         if not causal or Sq == 1:
-            return Plan("none"), None
+            return _from_args("none"), None
         if Sq > Sk:
             raise ValueError(f"causal attention with more queries ({Sq}) than keys ({Sk}) and no mask")
         # a caller relying on the kwarg alone (flash-style, no mask) gets the window here: the W newest
         # keys, diagonal included; extra keys are unwritten cache slots (sdpa's top-left is_causal)
         window = sliding_window if sliding_window is not None and sliding_window < Sq else None
-        return Plan("causal", Causal(window=window)), (Sq if Sk > Sq else None)
+        return _from_args("causal", Causal(window=window)), (Sq if Sk > Sq else None)
     if not isinstance(attention_mask, torch.Tensor):
         raise NotImplementedError(f"attention_mask of type {type(attention_mask).__name__} (e.g. flex BlockMask) is "
                                   "not supported by the attnlib implementation; call register() so transformers "
@@ -530,7 +626,7 @@ def translate(query_bhsd: torch.Tensor, key_bhsd: torch.Tensor, attention_mask, 
                "False or allow_is_bidirectional_skip=False)")
     else:
         why = "the model passed a dense 4-D mask tensor"
-    return _plans.get(mask, lambda: _as_plan(plan_from_dense(mask, B, Sq, Sk), "dense", why)), None
+    return _dense_translations.get(mask, lambda: translate_dense(mask, B, Sq, Sk).with_path("dense", why)), None
 
 
 def make_attention_function(backend: str | None = None):
@@ -539,24 +635,29 @@ def make_attention_function(backend: str | None = None):
 
     def attnlib_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                                   scaling: float | None = None, is_causal: bool | None = None,
-                                  sliding_window: int | None = None, softcap: float | None = None, **kwargs):
-        """transformers attention function: BHSD in, ``(BSHD out, None)`` back."""
-        _reject_unsupported(module, dropout, softcap, kwargs)
+                                  sliding_window: int | None = None, softcap: float | None = None,
+                                  s_aux: torch.Tensor | None = None, **kwargs):
+        """transformers attention function: BHSD in, ``(BSHD out, None)`` back (or the weights with
+        ``output_attentions=True``). ``softcap`` and the per-head sinks ``s_aux`` (or ``sinks``) go to
+        attnlib's score modifiers."""
+        sinks = _per_head_sinks(s_aux if s_aux is not None else kwargs.get("sinks"), query.shape[1])
+        _reject_unsupported(dropout, kwargs)
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         cu = None
         if kwargs.get("cu_seq_lens_q") is not None:
             cu = (kwargs["cu_seq_lens_q"], kwargs.get("cu_seq_lens_k", kwargs["cu_seq_lens_q"]))
-        plan, crop_k = translate(query, key, attention_mask, causal=bool(causal), sliding_window=sliding_window,
-                                 cu_seqlens=cu)
-        _last_plan[0] = plan
+        got, crop_k = translate(query, key, attention_mask, causal=bool(causal), sliding_window=sliding_window,
+                                cu_seqlens=cu)
+        if not torch.compiler.is_compiling():  # a compiled graph cannot hand objects it built to Python state
+            _last_translation[0] = got
         full_k = key.shape[2]
         if crop_k is not None:
             key, value = key[:, :, :crop_k], value[:, :, :crop_k]
         q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        mods = dict(scale=scaling, softcap=softcap, sinks=sinks)
         if kwargs.get("output_attentions"):
-            return _with_weights(plan, q, k, v, scaling, full_k)
-        out = plan.run(q, k, v, scale=scaling, backend=backend)
-        return out, None
+            return _with_weights(got, q, k, v, full_k, **mods)
+        return got.run(q, k, v, backend=backend, **mods), None
 
     return attnlib_attention_forward
 
@@ -567,12 +668,13 @@ attnlib_attention_forward = make_attention_function()
 _weights_warned: list = [False]
 
 
-def _with_weights(plan, q, k, v, scale, full_k: int):
+def _with_weights(got: MaskTranslation, q, k, v, full_k: int, **mods):
     """``output_attentions=True``: output and weights ``[B, Hq, Sq, Sk]`` on the ``math`` reference path.
 
-    The weights are the attention of the same plan over one-hot values (value ``j`` = the unit vector of
-    key ``j``), so they follow exactly the mask the fast path runs -- packed rows, dropped padding and all;
-    rows that see no key have weight 0. Warns once: weights cost ``Sq x Sk`` memory per head and the
+    The weights are the attention of the same translation over one-hot values (value ``j`` = the unit
+    vector of key ``j``), so they follow exactly the mask the fast path runs -- packed rows, dropped
+    padding, softcap and sinks (the sink's share is in no key's weight, as in eager) and all; rows
+    that see no key have weight 0. Warns once: weights cost ``Sq x Sk`` memory per head and the
     reference path is slow.
     """
     if not _weights_warned[0]:
@@ -582,25 +684,28 @@ def _with_weights(plan, q, k, v, scale, full_k: int):
                       stacklevel=user_stacklevel())
     B, Sk, Hkv = k.shape[0], k.shape[1], k.shape[2]
     one_hot = torch.eye(Sk, dtype=q.dtype, device=q.device)[None, :, None, :].expand(B, Sk, Hkv, Sk)
-    weights = plan.run(q, k, one_hot, scale=scale, backend="math")              # [B, Sq, Hq, Sk]
-    out = plan.run(q, k, v, scale=scale, backend="math")
+    weights = got.run(q, k, one_hot, backend="math", **mods)                    # [B, Sq, Hq, Sk]
+    out = got.run(q, k, v, backend="math", **mods)
     weights = weights.transpose(1, 2)
     if Sk < full_k:                                                             # keys cropped from a static cache
         weights = torch.nn.functional.pad(weights, (0, full_k - Sk))
     return out, weights
 
 
-def _reject_unsupported(module, dropout, softcap, kwargs) -> None:
+def _per_head_sinks(sinks, heads: int):
+    """The model's attention sinks as attnlib's ``sinks`` (one logit per query head), or None."""
+    if sinks is None or (isinstance(sinks, torch.Tensor) and tuple(sinks.shape) == (heads,)):
+        return sinks
+    shape = tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__
+    raise NotImplementedError(f"attention sinks of shape {shape}: attn_implementation='{NAME}' takes one sink "
+                              f"logit per query head ([{heads}], gpt-oss' s_aux); per-token sinks are not "
+                              "supported; use 'eager' for this model")
+
+
+def _reject_unsupported(dropout, kwargs) -> None:
     if dropout and dropout > 0.0:
         raise NotImplementedError(f"attention dropout (p={dropout}) is not supported by attn_implementation="
                                   f"'{NAME}'; use model.eval() or set the config's attention_dropout to 0")
-    if softcap is not None:
-        raise NotImplementedError(f"logit softcap (softcap={softcap}) is not supported by attn_implementation="
-                                  f"'{NAME}'; use 'eager' for this model")
-    for name in ("s_aux", "sinks"):
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"attention sinks ({name}=...) are not supported by attn_implementation="
-                                      f"'{NAME}'; use 'eager' for this model")
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError(f"position_bias (T5-style relative bias) is not supported by attn_implementation="
                                   f"'{NAME}'; use 'eager' for this model")

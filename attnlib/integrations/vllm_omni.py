@@ -11,7 +11,10 @@ switch to::
 
 and keep their calls: ``Attention(num_heads, head_size, causal, softmax_scale, num_kv_heads=None)`` and
 ``forward(query, key, value, attn_metadata=None)`` on BSHD tensors. Needs no vLLM / vLLM-Omni install.
-Metadata is read by attribute (or dict key), so vLLM-Omni's own ``AttentionMetadata`` objects work too:
+attnlib's score modifiers are layer options passed to every call: ``softcap=``, ``alibi_slopes=``
+(float32 ``[num_heads]``) and ``sinks=`` (``[num_heads]``; an ``nn.Parameter`` is learnable), as in
+:func:`attnlib.attention`. Metadata is read by attribute (or dict key), so vLLM-Omni's own
+``AttentionMetadata`` objects work too:
 
 ==============================================  ==================================================
 metadata                                        attnlib mask
@@ -34,11 +37,11 @@ none, ``causal=False`` / ``causal=True``        ``None`` / ``Causal()`` (**botto
                                                 or ``[1, T, H, D]``), causal per block if ``causal``
 ==============================================  ==================================================
 
-The translated mask (``last_plan``) is built once per metadata, not once per layer: every layer of a
-model gets the same metadata object, and the plan is cached on the identity of its mask and
+The translated mask (``last_translation``) is built once per metadata, not once per layer: every layer
+of a model gets the same metadata object, and the translation is cached on the identity of its mask and
 ``cu_seqlens`` tensors (held weakly) and their version counters, with the causal flag, the joint
 strategy and the q/k shapes (a small bounded cache shared by all layers). An in-place edit of a mask
-tensor re-plans. Inference-mode tensors carry no version counter: their plans are cached per metadata
+tensor translates it again. Inference-mode tensors carry no version counter: their translations are cached per metadata
 object (when it accepts weak references, as ``AttentionMetadata`` does), so refill such a tensor in
 place only together with a new metadata object.
 
@@ -66,9 +69,9 @@ from ..api import attention
 from ..inputs import default_scale
 from ..masks import BlockDiagonal, Causal, KeyPadding
 from ..registry import canonical_name
-from ._structure import MaskPlan, PackedPart, plan_from_dense
+from ._structure import MaskTranslation, PackedCall, translate_dense
 
-__all__ = ["Attention", "AttentionMetadata", "plan_for"]
+__all__ = ["Attention", "AttentionMetadata", "translate_metadata"]
 
 _JOINT_STRATEGIES = ("front", "rear")
 #: vLLM-Omni layer arguments about sequence parallelism / bookkeeping, harmless on one device
@@ -116,8 +119,8 @@ def _as_valid(mask: torch.Tensor, name: str) -> torch.Tensor:
     return mask != 0
 
 
-def plan_for(q: torch.Tensor, k: torch.Tensor, meta, causal: bool) -> MaskPlan:
-    """The attnlib plan for already-joined BSHD (or packed) ``q``/``k`` and the layer's metadata."""
+def translate_metadata(q: torch.Tensor, k: torch.Tensor, meta, causal: bool) -> MaskTranslation:
+    """The attnlib calls for already-joined BSHD (or packed) ``q``/``k`` and the layer's metadata."""
     cu_q, cu_k = _get(meta, "cu_seqlens_q"), _get(meta, "cu_seqlens_k")
     attn_mask = _get(meta, "attn_mask")
     if cu_q is not None or cu_k is not None:
@@ -125,21 +128,21 @@ def plan_for(q: torch.Tensor, k: torch.Tensor, meta, causal: bool) -> MaskPlan:
             raise NotImplementedError("attn_mask together with cu_seqlens_q/k is not supported: packed sequences "
                                       "carry their boundaries in cu_seqlens; drop the padding tokens instead")
         bd = BlockDiagonal.from_cu_seqlens(cu_q if cu_q is not None else cu_k, cu_k, causal=causal)
-        return MaskPlan.packed([PackedPart(bd)])
+        return MaskTranslation.packed([PackedCall(bd)])
     if q.dim() != 4:
         raise ValueError(f"query must be BSHD [B, S, H, D] (or packed [T, H, D] with cu_seqlens_q/k in the metadata), "
                          f"got shape {tuple(q.shape)}")
     B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
     if attn_mask is None:
-        return MaskPlan("causal", Causal()) if causal else MaskPlan("none")
+        return MaskTranslation("causal", Causal()) if causal else MaskTranslation("none")
     if attn_mask.dim() == 2:
         if tuple(attn_mask.shape) != (B, Sk):
             raise ValueError(f"attn_mask must be [B={B}, Sk={Sk}] (True/1 = keep, over the joint keys), got "
                              f"{tuple(attn_mask.shape)}")
         valid = _as_valid(attn_mask, "attn_mask")
         if not causal:
-            return MaskPlan("none") if bool(valid.all()) else MaskPlan("key_padding", KeyPadding(valid))
-        return MaskPlan("key_padding", KeyPadding(valid, causal=True))     # no host read, no dense mask
+            return MaskTranslation("none") if bool(valid.all()) else MaskTranslation("key_padding", KeyPadding(valid))
+        return MaskTranslation("key_padding", KeyPadding(valid, causal=True))     # no host read, no dense mask
     if attn_mask.dim() == 4:
         mask = attn_mask
         if causal:
@@ -151,7 +154,7 @@ def plan_for(q: torch.Tensor, k: torch.Tensor, meta, causal: bool) -> MaskPlan:
                 raise NotImplementedError("an additive-bias attn_mask together with causal=True is not supported; "
                                           "fold the causal mask into the bias")
             mask = keep & Causal().materialize(Sq, Sk, mask.device)
-        return plan_from_dense(mask, B, Sq, Sk)
+        return translate_dense(mask, B, Sq, Sk)
     raise ValueError(f"attn_mask must be 2-D [B, Sk] (True/1 = keep) or 4-D [B, H, Sq, Sk], got shape "
                      f"{tuple(attn_mask.shape)}")
 
@@ -205,18 +208,18 @@ def _cat_key_masks(attn_mask, joint_mask, batch: int, key_len: int, joint_len: i
     return torch.cat([joint_mask, attn_mask] if strategy == "front" else [attn_mask, joint_mask], dim=1)
 
 
-#: the metadata fields a plan is built from
-_PLAN_FIELDS = ("attn_mask", "joint_attn_mask", "cu_seqlens_q", "cu_seqlens_k")
+#: the metadata fields a translation is built from
+_MASK_FIELDS = ("attn_mask", "joint_attn_mask", "cu_seqlens_q", "cu_seqlens_k")
 
 
-class _MetadataPlans:
-    """The translated :class:`MaskPlan` per metadata, shared by every layer (bounded, least recently used
+class _MetadataTranslations:
+    """The :class:`MaskTranslation` per metadata, shared by every layer (bounded, least recently used
     first out, thread-safe).
 
-    Keyed on what the plan is built from: the fields in ``_PLAN_FIELDS`` (tensors by identity, held
+    Keyed on what the translation is built from: the fields in ``_MASK_FIELDS`` (tensors by identity, held
     weakly and checked on a hit, with their version counter, storage, shape, strides, dtype and device;
     lists by value) and the caller's static key (causal flag, joint strategy, q/k shapes). Inference
-    tensors have no version counter: their plans are also keyed on the metadata object, held weakly,
+    tensors have no version counter: their translations are also keyed on the metadata object, held weakly,
     and not cached when it takes no weak reference.
     """
 
@@ -227,7 +230,7 @@ class _MetadataPlans:
 
     def get(self, meta, static_key: tuple, build):
         fingerprint, refs, versioned = [], [], True
-        for name in _PLAN_FIELDS:
+        for name in _MASK_FIELDS:
             value = _get(meta, name)
             if value is None:
                 fingerprint.append(None)
@@ -254,15 +257,15 @@ class _MetadataPlans:
             if entry is not None and all(r() is t for r, t in zip(entry[0], refs)):
                 self._entries.move_to_end(key)
                 return entry[1]
-        plan = build()
+        got = build()
         with self._lock:
-            self._entries[key] = (tuple(weakref.ref(t) for t in refs), plan)
+            self._entries[key] = (tuple(weakref.ref(t) for t in refs), got)
             while len(self._entries) > self._size:
                 self._entries.popitem(last=False)
-        return plan
+        return got
 
 
-_PLANS = _MetadataPlans()
+_TRANSLATIONS = _MetadataTranslations()
 
 
 class Attention(nn.Module):
@@ -270,7 +273,9 @@ class Attention(nn.Module):
 
     def __init__(self, num_heads: int, head_size: int, causal: bool, softmax_scale: float | None,
                  num_kv_heads: int | None = None, *, backend: str | None = None, ulysses_degree: int = 1,
-                 ring_degree: int = 1, sequence_parallel=None, skip_sequence_parallel: bool = False, **kwargs):
+                 ring_degree: int = 1, sequence_parallel=None, skip_sequence_parallel: bool = False,
+                 softcap: float | None = None, alibi_slopes: torch.Tensor | None = None,
+                 sinks: torch.Tensor | None = None, **kwargs):
         super().__init__()
         for name, val in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -296,7 +301,14 @@ class Attention(nn.Module):
         self.causal = bool(causal)
         self.softmax_scale = default_scale(head_size) if softmax_scale is None else float(softmax_scale)
         self.backend = None if backend is None else canonical_name(backend)
-        self.last_plan: MaskPlan | None = None
+        # score modifiers, passed to attnlib.attention as they are (it validates them)
+        self.softcap = softcap
+        self.register_buffer("alibi_slopes", alibi_slopes, persistent=False)
+        if isinstance(sinks, nn.Parameter):
+            self.sinks = sinks                      # learnable: a parameter of this layer
+        else:
+            self.register_buffer("sinks", sinks, persistent=False)
+        self.last_translation: MaskTranslation | None = None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_metadata=None) -> torch.Tensor:
         if self._sp_wanted:
@@ -310,16 +322,20 @@ class Attention(nn.Module):
             meta = {"attn_mask": _joined_mask(attn_metadata, strategy, key.shape[1], k),
                     "cu_seqlens_q": _get(attn_metadata, "cu_seqlens_q"),
                     "cu_seqlens_k": _get(attn_metadata, "cu_seqlens_k")}
-            return plan_for(q, k, meta, self.causal)
+            return translate_metadata(q, k, meta, self.causal)
 
         static = (self.causal, strategy, tuple(q.shape[:-1]), tuple(k.shape[:-1]), key.shape[1], str(q.device))
-        plan = _PLANS.get(attn_metadata, static, build)
-        self.last_plan = plan
+        got = _TRANSLATIONS.get(attn_metadata, static, build)
+        self.last_translation = got
         if q.dim() == 3:  # packed THD with cu_seqlens
-            return attention(q, k, v, plan.mask, scale=self.softmax_scale, backend=self.backend)
-        if plan.kind == "packed" and plan.parts[0].q_index is None and q.shape[0] != 1:
+            return attention(q, k, v, got.mask, **self._call_options())
+        if got.kind == "packed" and got.parts[0].q_index is None and q.shape[0] != 1:
             raise ValueError(f"cu_seqlens_q/k need packed tokens [T, H, D] or [1, T, H, D], got {tuple(q.shape)}")
-        return plan.run(q, k, v, scale=self.softmax_scale, backend=self.backend)
+        return got.run(q, k, v, **self._call_options())
+
+    def _call_options(self) -> dict:
+        return dict(scale=self.softmax_scale, backend=self.backend, softcap=self.softcap,
+                    alibi_slopes=self.alibi_slopes, sinks=self.sinks)
 
     @property
     def sequence_parallel(self):
@@ -341,36 +357,38 @@ class Attention(nn.Module):
                 or key.shape[-2] != self.num_kv_heads:
             raise ValueError(f"expected {self.num_heads} query heads and {self.num_kv_heads} kv heads (layer config), "
                              f"got query {tuple(query.shape)} and key {tuple(key.shape)}")
-        kw = dict(scale=self.softmax_scale, backend=self.backend)
+        kw = self._call_options()
         if not joint:
             mask = _whole_mask(meta, self.causal, query, key)
-            self.last_plan = _plan_of(mask)
+            self.last_translation = _translation_of(mask)
             return sp.attention(query, key, value, mask, **kw)
         strategy = _get(meta, "joint_strategy") or "front"
         if strategy not in _JOINT_STRATEGIES:
             raise ValueError(f"joint_strategy must be one of {_JOINT_STRATEGIES}, got {strategy!r}")
         mask = _whole_joint_mask(meta, self.causal, strategy, sp, query, jk)
-        self.last_plan = _plan_of(mask)
+        self.last_translation = _translation_of(mask)
         return sp.joint_attention(query, key, value, jq, jk, jv, mask, joint_strategy=strategy, **kw)
 
     def extra_repr(self) -> str:
         sp = "" if not self._sp_wanted else f", ulysses_degree={self.ulysses_degree}, ring_degree={self.ring_degree}"
         return (f"num_heads={self.num_heads}, head_size={self.head_size}, num_kv_heads={self.num_kv_heads}, "
-                f"causal={self.causal}, softmax_scale={self.softmax_scale:.4g}, backend={self.backend or 'auto'}{sp}")
+                f"causal={self.causal}, softmax_scale={self.softmax_scale:.4g}, backend={self.backend or 'auto'}{sp}"
+                + (f", softcap={self.softcap:g}" if self.softcap is not None else "")
+                + (", alibi" if self.alibi_slopes is not None else "") + (", sinks" if self.sinks is not None else ""))
 
 
 # -- sequence parallel: masks over the whole sequence ---------------------------------------------------------
-def _plan_of(mask) -> MaskPlan:
+def _translation_of(mask) -> MaskTranslation:
     from ..masks import DenseMask
 
     if mask is None:
-        return MaskPlan("none")
+        return MaskTranslation("none")
     kind = {Causal: "causal", KeyPadding: "key_padding", DenseMask: "dense"}.get(type(mask), "packed")
-    return MaskPlan(kind, mask, reason="the whole sequence's 4-D attn_mask" if kind == "dense" else "")
+    return MaskTranslation(kind, mask, reason="the whole sequence's 4-D attn_mask" if kind == "dense" else "")
 
 
 def _whole_mask(meta, causal: bool, query, key):
-    """The attnlib mask of the whole (sharded) sequence from the metadata: no dense plan, no host read."""
+    """The attnlib mask of the whole (sharded) sequence from the metadata: no dense analysis, no host read."""
     from ..masks import DenseMask
 
     cu_q, cu_k = _get(meta, "cu_seqlens_q"), _get(meta, "cu_seqlens_k")
