@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from . import dispatch
-from .inputs import default_scale, validate_call
+from .inputs import default_scale
 from .masks import Causal
 from .registry import canonical_name
 
@@ -50,9 +50,7 @@ def attention(q, k, v, mask=None, *, scale=None, softcap=None, alibi_slopes=None
                              "contiguous sequences)")
         return parallel.attention(q, k, v, mask, scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
                                   sinks=sinks, backend=backend, return_lse=return_lse)
-    call = validate_call(q, k, v, mask, scale, return_lse, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
-                         block_table=block_table)
-    out, lse = dispatch.run(call, backend)
+    out, lse = dispatch.attend(q, k, v, mask, scale, return_lse, softcap, alibi_slopes, sinks, block_table, backend)
     return (out, lse) if return_lse else out
 
 

@@ -95,6 +95,16 @@ class AttentionCall:
                 self.plan.mods, self.plan.kv)
         return AttentionCall(**fields)
 
+    def with_tensors(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> "AttentionCall":
+        """This call (validated, planned) on other tensors of the same shapes, dtypes and devices, given in
+        the caller's layout."""
+        if self.thd:
+            q = q.unsqueeze(0)
+            if self.plan.kv is None:
+                k, v = k.unsqueeze(0), v.unsqueeze(0)
+        return AttentionCall(q, k, v, self.mask, self.scale, self.return_lse, self.plan, self.batch, self.seqlen_q,
+                             self.seqlen_k, self.heads_q, self.heads_kv, self.head_dim, self.head_dim_v, self.thd)
+
     def restore(self, out: torch.Tensor, lse: torch.Tensor | None):
         """``(out, lse)`` in the caller's layout (THD: ``[Tq, Hq, Dv]`` and ``[Hq, Tq]``)."""
         if self.thd:

@@ -76,6 +76,8 @@ _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("attnlib_
 #: ContextVar, so inside a compiled region selection reads this (process-wide) value instead, and the
 #: compiled graph is guarded on it (entering ``use_backend`` with another name recompiles)
 _compiled_override: list = [None]
+#: bumped whenever the registry changes (a backend registered or replaced): caches of selections key on it
+generation: list = [0]
 _warned: set = set()          # (backend, reasons) already warned about; reset_warnings() clears it
 
 
@@ -91,6 +93,7 @@ def _load_builtins() -> None:
         except (ImportError, AttributeError) as e:  # a module that cannot even import is reported, not fatal
             backend = PlaceholderBackend(name, f"backend module failed to import: {e}")
         _registry[name] = backend
+        generation[0] += 1
     _aliases.update(ALIASES)
 
 
@@ -315,6 +318,8 @@ def select_backend(call: AttentionCall, backend: str | None = None) -> Backend:
     message = (f"attnlib: backend {name!r} (chosen by {source}) cannot serve this call: {'; '.join(why)}; "
                f"using {fallback.name!r} instead (set {ENV_FALLBACK}=error to raise)")
     key = (name, tuple(why))
+    if _fallback_log[0] is not None:
+        _fallback_log[0].append((key, message))
     if torch.compiler.is_compiling():    # warn once, when the graph is traced (not each time it runs)
         from torch._dynamo.comptime import comptime
 
@@ -322,6 +327,37 @@ def select_backend(call: AttentionCall, backend: str | None = None) -> Backend:
     else:
         _warn_once(key, message, user_stacklevel() + 1)
     return fallback
+
+
+#: where select_backend reports a fallback while :func:`record_fallback` is active
+_fallback_log: list = [None]
+
+
+@contextlib.contextmanager
+def record_fallback():
+    """Collect ``(key, message)`` of the fallback the selections inside make (warned or not)."""
+    seen: list = []
+    previous, _fallback_log[0] = _fallback_log[0], seen
+    try:
+        yield seen
+    finally:
+        _fallback_log[0] = previous
+
+
+def registry_warn_again(key, message: str) -> None:
+    """The fallback warning of a selection reused from an earlier call (once per process, as always)."""
+    if key not in _warned:
+        _warn_once(key, message, user_stacklevel() + 1)
+
+
+def registry_override():
+    """The ``use_backend`` name in effect (outside compiled regions)."""
+    return _override.get()
+
+
+def registry_generation() -> int:
+    """Changes whenever a backend is registered or replaced."""
+    return generation[0]
 
 
 def _warn_at_trace_time(ctx) -> None:

@@ -34,10 +34,14 @@ from ..caching import host_lru
 from ..inputs import AttentionCall
 from ..plan import Plan
 from .base import Backend, Capabilities
-from .common import NEG_INF, repeat_kv, run_tiles
+from .common import NEG_INF, repeat_kv, run_tiles, tile_plan
 
 #: the largest dense mask or bias (bytes) this backend materializes (ALiBi, device block layouts)
 DENSE_CAP_BYTES = 1 << 30
+#: many small tiles (packed short sequences) run padded in a few batched calls instead of one call per run:
+#: from this many runs of tiles, each at most BUCKET_MAX_LEN queries and keys
+BUCKET_MIN_RUNS = 16
+BUCKET_MAX_LEN = 256
 #: the dtypes PyTorch's CPU flash kernels take
 _CPU_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -65,6 +69,8 @@ class SdpaBackend(Backend):
             return _block_sparse(call)
         if plan.single is not None or not plan.structured or not plan.tiles:
             return _dense(call.q, call.k, call.v, plan, call.scale, call.return_lse, call.empty_rows())
+        if len(plan.runs()) >= BUCKET_MIN_RUNS and not plan.mods.any and _small_tiles(plan):
+            return _bucketed(call)
         return run_tiles(call, lambda c: _dense(c.q, c.k, c.v, c.plan, c.scale, c.return_lse, c.empty_rows()))
 
     def backward(self, call: AttentionCall, out, lse, dout, dlse):
@@ -268,6 +274,68 @@ def _block_sparse(call: AttentionCall):
     if l is not None:
         l = l.masked_fill(e, NEG_INF)
     return o, l
+
+
+def _small_tiles(plan: Plan) -> bool:
+    return all(t.q_len <= BUCKET_MAX_LEN and t.k_len <= BUCKET_MAX_LEN for t in plan.tiles)
+
+
+def _bucket_len(n: int) -> int:
+    """Tiles padded to a multiple of 8 (16 past 64, 32 past 128): little padding, few buckets."""
+    step = 8 if n <= 64 else (16 if n <= 128 else 32)
+    return max(step, -(-n // step) * step)
+
+
+def _buckets(plan: Plan, device: torch.device):
+    """Per length bucket ``(Lq, Lk)``: the tiles padded to it -- query and key token indices (padding points at
+    token 0), the bool mask ``[n, 1, Lq, Lk]`` of what each padded query row sees (each tile's own rule;
+    padded keys hidden; padded rows, and rows that see nothing, unmasked to one key so SDPA gives no NaN),
+    and which padded rows carry a result to which token. Host ints only; cached on the plan per device."""
+    key = ("buckets", str(device))
+    got = plan._cache.get(key)
+    if got is not None:
+        return got
+    groups: dict = {}
+    for t in plan.tiles:
+        groups.setdefault((_bucket_len(t.q_len), _bucket_len(t.k_len)), []).append(t)
+    out = []
+    for (lq, lk), tiles in groups.items():
+        n = len(tiles)
+        qi = torch.zeros(n, lq, dtype=torch.int64)
+        ki = torch.zeros(n, lk, dtype=torch.int64)
+        keep = torch.zeros(n, lq, lk, dtype=torch.bool)
+        rows = torch.zeros(n, lq, dtype=torch.bool)
+        for m, t in enumerate(tiles):
+            qi[m, :t.q_len] = torch.arange(t.q_start, t.q_start + t.q_len)
+            ki[m, :t.k_len] = torch.arange(t.k_start, t.k_start + t.k_len)
+            local = tile_plan(t).structure_grid()                             # [q_len, k_len]
+            keep[m, :t.q_len, :t.k_len] = local
+            rows[m, :t.q_len] = local.any(-1)
+        keep[..., 0] |= ~rows                              # rows that see nothing: one key, result dropped
+        sel = rows.reshape(-1).nonzero().squeeze(1)        # host tensors: no device sync
+        out.append((qi.reshape(-1).to(device), ki.reshape(-1).to(device), keep[:, None].to(device),
+                    sel.to(device), qi.reshape(-1).index_select(0, sel).to(device), n, lq, lk))
+    got = plan._cache[key] = tuple(out)
+    return got
+
+
+def _bucketed(call: AttentionCall):
+    """Many small tiles: gathered into a few padded batches (one per length bucket), one SDPA call each,
+    scattered back. Rows in no tile stay 0 / -inf."""
+    q, k, v = call.q[0], call.k[0], call.v[0]
+    hq, dv = call.heads_q, call.head_dim_v
+    out = q.new_zeros(call.seqlen_q, hq, dv)
+    lse = torch.full((hq, call.seqlen_q), NEG_INF, device=q.device) if call.return_lse else None
+    for qi, ki, keep, sel, dest, n, lq, lk in _buckets(call.plan, q.device):
+        qb = q.index_select(0, qi).view(n, lq, hq, -1).transpose(1, 2)
+        kb = k.index_select(0, ki).view(n, lk, k.shape[1], -1).transpose(1, 2)
+        vb = v.index_select(0, ki).view(n, lk, v.shape[1], -1).transpose(1, 2)
+        o, l = _sdpa_maybe_lse(qb, kb, vb, keep, call.scale, call.return_lse)
+        o = o.transpose(1, 2).reshape(n * lq, hq, dv)
+        out = out.index_copy(0, dest, o.index_select(0, sel))
+        if lse is not None:
+            lse = lse.index_copy(1, dest, l.transpose(0, 1).reshape(hq, n * lq).index_select(1, sel))
+    return out.unsqueeze(0), (lse.unsqueeze(0) if lse is not None else None)
 
 
 @host_lru(64)
