@@ -68,6 +68,10 @@ def attend(q, k, v, mask, scale, return_lse: bool, softcap, alibi_slopes, sinks,
             return call.restore(out, lse if return_lse else None)
     call = validate_call(q, k, v, mask, scale, return_lse, softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks,
                          block_table=block_table)
+    if key is None:                       # compiling (or not tensors: validation has raised)
+        chosen = select_backend(call, backend)
+        out, lse = execute(chosen, call)
+        return call.restore(out, lse if call.return_lse else None)
     with record_fallback() as seen:
         chosen = select_backend(call, backend)
     if key is not None:
