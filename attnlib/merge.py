@@ -16,7 +16,8 @@ __all__ = ["merge_partials", "apply_sinks"]
 
 def merge_partials(parts, like: torch.Tensor | None = None):
     """``(out, lse)`` of partial results ``[(out_i, lse_i), ...]`` over disjoint keys; ``out`` in the parts'
-    dtype, ``lse`` float32. An empty list needs ``like = (b, s, h, dv)``-shaped zeros."""
+    dtype, ``lse`` float32 (float64 for float64 parts). An empty list needs ``like = (b, s, h, dv)``-shaped
+    zeros."""
     parts = list(parts)
     if not parts:
         if like is None:
@@ -24,9 +25,10 @@ def merge_partials(parts, like: torch.Tensor | None = None):
         b, s, h, _ = like.shape
         return like.new_zeros(like.shape), torch.full((b, h, s), float("-inf"), dtype=torch.float32,
                                                       device=like.device)
+    cd = _compute_dtype(parts[0][0])
     if len(parts) == 1:
-        return parts[0][0], parts[0][1].float()
-    lse = torch.stack([l.float() for _, l in parts])                  # [n, B, H, S]
+        return parts[0][0], parts[0][1].to(cd)
+    lse = torch.stack([l.to(cd) for _, l in parts])                   # [n, B, H, S]
     top = lse.detach().amax(0)
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     total = torch.exp(lse - top).sum(0)
@@ -34,8 +36,8 @@ def merge_partials(parts, like: torch.Tensor | None = None):
     merged = top + torch.log(torch.where(seen, total, torch.ones_like(total)))
     out = None
     for o, l in parts:
-        w = torch.exp(l.float() - merged).transpose(1, 2).unsqueeze(-1)        # [B, S, H, 1]
-        term = w * o.float()
+        w = torch.exp(l.to(cd) - merged).transpose(1, 2).unsqueeze(-1)         # [B, S, H, 1]
+        term = w * o.to(cd)
         out = term if out is None else out + term
     lse = torch.where(seen, merged, torch.full_like(merged, float("-inf")))
     return out.to(parts[0][0].dtype), lse
@@ -44,9 +46,15 @@ def merge_partials(parts, like: torch.Tensor | None = None):
 def apply_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor):
     """Add one sink logit per head (``sinks [H]``) to finished ``(out, lse)``: the sink joins every row's
     softmax denominator and carries no value."""
-    s = sinks.float()[None, :, None]                                   # [1, H, 1]
-    lse = lse.float()
+    cd = _compute_dtype(out)
+    s = sinks.to(cd)[None, :, None]                                    # [1, H, 1]
+    lse = lse.to(cd)
     new = torch.logaddexp(lse, s.expand_as(lse))
     keep = torch.exp(lse - new)                                        # sigmoid(lse - sink); 0 for empty rows
-    out = (out.float() * keep.transpose(1, 2).unsqueeze(-1)).to(out.dtype)
+    out = (out.to(cd) * keep.transpose(1, 2).unsqueeze(-1)).to(out.dtype)
     return out, new
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for float64 results, float32 otherwise (and for the LSE)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

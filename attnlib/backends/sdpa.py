@@ -183,7 +183,7 @@ def _sdpa_with_lse(qh, kh, vh, attn_mask, is_causal: bool, scale: float):
             qp, kp = F.pad(qh, (0, dv - d)), F.pad(kx, (0, dv - d))
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qp, kp, vp, 0.0, is_causal, attn_mask=float_mask, scale=scale)
-        return out[..., :dv], lse.float()
+        return out[..., :dv], lse.to(_lse_dtype(qh))
     if qh.device.type == "cuda" and qh.dtype != torch.float64:
         try:
             bias = None if float_mask is None else float_mask.expand(qh.shape[0], qh.shape[1], qh.shape[2], kx.shape[2])
@@ -194,14 +194,20 @@ def _sdpa_with_lse(qh, kh, vh, attn_mask, is_causal: bool, scale: float):
             pass  # kernel constraints not met: exact second pass below
     out = F.scaled_dot_product_attention(qh, kx, vx, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
     with torch.no_grad():
-        scores = torch.matmul(qh.float(), kx.float().transpose(-1, -2)) * scale
+        cd = _lse_dtype(qh)
+        scores = torch.matmul(qh.to(cd), kx.to(cd).transpose(-1, -2)) * scale
         if is_causal:
             sq, sk = scores.shape[-2:]
             scores = scores.masked_fill(~torch.ones(sq, sk, dtype=torch.bool, device=qh.device).tril(), NEG_INF)
         if float_mask is not None:
-            scores = scores + float_mask.float()
+            scores = scores + float_mask.to(cd)
         lse = torch.logsumexp(scores, dim=-1)
     return out, lse
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for float64 inputs (their LSE merges and rescales at full precision)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def _block_sparse(call: AttentionCall):
