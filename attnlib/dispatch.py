@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .backends.base import Backend, native_parts
+from .backends.base import Backend, as_batch, gathers, native_parts
 from .inputs import AttentionCall
 from .merge import apply_sinks, merge_partials
 from .reference import attention_backward, sink_gradient
@@ -38,8 +38,12 @@ def run(call: AttentionCall, backend: str | None = None):
 def execute(backend: Backend, call: AttentionCall):
     """``call`` on ``backend`` (already selected): ``(out BSHD, lse [B, Hq, Sq] or None)``."""
     caps = backend.capabilities
-    if "paged" in call.plan.features and "paged" not in caps.features:
+    if gathers(call.plan, caps):
         call = gathered(call)
+    if call.plan.key_valid is not None and call.plan.packed:
+        batch = as_batch(call)
+        if batch is not None:
+            return _unbatch(call, *execute(backend, batch))
     if call.plan.key_valid is not None and not caps.isolates_padding:
         call = _zero_padding(call)
     parts = native_parts(call, caps)
@@ -61,6 +65,14 @@ def gathered(call: AttentionCall) -> AttentionCall:
     kv = call.plan.kv
     k, v = kv.gather(call.k).unsqueeze(0), kv.gather(call.v).unsqueeze(0)
     return call.replace(k=k, v=v, plan=call.plan.with_call(call.plan.mods, None))
+
+
+def _unbatch(call: AttentionCall, out, lse):
+    """``(out, lse)`` of :func:`~attnlib.backends.base.as_batch`'s call back in the packed call's layout (batch 1)."""
+    out = out.reshape(1, call.seqlen_q, *out.shape[2:])
+    if lse is not None:
+        lse = lse.transpose(0, 1).reshape(1, lse.shape[1], call.seqlen_q)
+    return out, lse
 
 
 def _zero_padding(call: AttentionCall) -> AttentionCall:
