@@ -35,16 +35,17 @@ def run(call: AttentionCall, backend: str | None = None):
     return call.restore(out, lse if call.return_lse else None)
 
 
-def execute(backend: Backend, call: AttentionCall):
+def execute(backend: Backend, call: AttentionCall, _padding_seen: bool = False):
     """``call`` on ``backend`` (already selected): ``(out BSHD, lse [B, Hq, Sq] or None)``."""
     caps = backend.capabilities
     if gathers(call.plan, caps):
+        _padding_seen = _empty_slots_seen(call.plan)
         call = gathered(call)
     if call.plan.key_valid is not None and call.plan.packed:
         batch = as_batch(call)
         if batch is not None:
-            return _unbatch(call, *execute(backend, batch))
-    if call.plan.key_valid is not None and not caps.isolates_padding:
+            return _unbatch(call, *execute(backend, batch, _padding_seen))
+    if call.plan.key_valid is not None and not caps.isolates_padding and not _padding_seen:
         call = _zero_padding(call)
     parts = native_parts(call, caps)
     sinks_here = call.plan.mods.sinks is not None and parts[0].plan.mods.sinks is None
@@ -65,6 +66,12 @@ def gathered(call: AttentionCall) -> AttentionCall:
     kv = call.plan.kv
     k, v = kv.gather(call.k).unsqueeze(0), kv.gather(call.v).unsqueeze(0)
     return call.replace(k=k, v=v, plan=call.plan.with_call(call.plan.mods, None))
+
+
+def _empty_slots_seen(plan) -> bool:
+    """The empty window slots of a paged call with device lengths hold a key every row of their request
+    sees (the newest: one new token per request, or no causal mask), so they need no zeroing."""
+    return plan.kv.kv_seqused is not None and all(t.q_len == 1 or not t.causal for t in plan.tiles)
 
 
 def _unbatch(call: AttentionCall, out, lse):

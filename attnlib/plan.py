@@ -256,7 +256,8 @@ class PagedKv:
     With ``kv_seqused`` (int ``[R]`` on the device: lengths the host does not know), ``kv_seqlens`` are
     host upper bounds and request ``r``'s keys sit right-aligned in a window of ``kv_seqlens[r]`` logical
     slots: window slot ``s`` holds key ``j = s - (kv_seqlens[r] - kv_seqused[r])``; slots with ``j < 0``
-    are empty (the plan's ``key_valid`` hides them, and they read pool slot 0)."""
+    are empty: the plan's ``key_valid`` hides them, and they read the request's newest key (a written key,
+    so no garbage reaches a kernel that weights hidden keys by 0)."""
 
     block_table: torch.Tensor
     page_size: int
@@ -275,11 +276,11 @@ class PagedKv:
             pages = table.reshape(-1).index_select(0, req).to(torch.int64)
             return pages * self.page_size + pos
         req, back = _windows(self.kv_seqlens, str(table.device))
-        j = back + self.kv_seqused.to(torch.int64).index_select(0, req)     # the key held by each window slot
-        valid = j >= 0
-        j = j.clamp(min=0)
+        used = self.kv_seqused.to(torch.int64).index_select(0, req)
+        j = back + used                                  # the key held by each window slot
+        j = torch.where(j >= 0, j, used - 1).clamp(min=0)
         pages = table.reshape(-1).index_select(0, req * table.shape[1] + j // self.page_size).to(torch.int64)
-        return torch.where(valid, pages * self.page_size + j % self.page_size, 0)
+        return pages * self.page_size + j % self.page_size
 
     def gather(self, pool: torch.Tensor) -> torch.Tensor:
         """The logical keys (or values) ``[Tk, Hkv, D]`` gathered from a page pool (only visible pages read)."""
