@@ -462,3 +462,17 @@ def test_cuda_graph_replays_every_decode_step(backend):
         want = eager(*new)
         torch.cuda.synchronize()
         _close(outs, want, atol=2e-2 if dt == torch.bfloat16 else 1e-5)
+
+
+def test_the_docs_examples_run_as_written(capsys):
+    """docs/paged.md: the cache walk-through (its printed page counts) and the static decode step."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "paged.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    namespace = {}
+    exec(compile(blocks[1], "paged-md-cache", "exec"), namespace)
+    assert capsys.readouterr().out.split() == ["4", "6"] and "# 4 pages held, 6 without sharing" in blocks[1]
+    exec(compile(blocks[2], "paged-md-static", "exec"), namespace)
+    assert namespace["out"].shape == (2, 8, 64) and namespace["static"].kv_seqlens == (43, 43)
