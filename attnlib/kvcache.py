@@ -163,13 +163,14 @@ class PagedKVCache:
         """Pages for ``n`` more tokens of each sequence (copy-on-write of a shared last page first); returns
         the flat pool slots of the new tokens in order and the lengths before the step."""
         ps = self.page_size
-        need = 0
+        need, refs = 0, {}                  # refs: shared last pages' counts as the copies below leave them
         for s, n in items:
             self._check(s)
             length, pages = self._lens[s], self._pages[s]
             need += -(-(length + n) // ps) - len(pages)
-            if length % ps and self._refs[pages[-1]] > 1:
+            if length % ps and refs.setdefault(pages[-1], self._refs[pages[-1]]) > 1:
                 need += 1
+                refs[pages[-1]] -= 1
         if need > len(self._free):
             raise RuntimeError(f"PagedKVCache is out of pages: this step needs {need} new pages, {len(self._free)} "
                                f"are free (of {self.num_pages}); free finished sequences or build a bigger cache")

@@ -692,7 +692,9 @@ class Plan:
             lines.append("  score modifiers: " + ", ".join(mods))
         if self.kv is not None:
             lines.append(f"  paged keys: {len(self.kv.kv_seqlens)} requests, page size {self.kv.page_size}, "
-                         f"block_table {list(self.kv.block_table.shape)}")
+                         f"block_table {list(self.kv.block_table.shape)}"
+                         + ("" if self.kv.kv_seqused is None else ", key lengths on the device (right-aligned "
+                            "windows)"))
         return "\n".join(lines)
 
     def __repr__(self):

@@ -337,6 +337,18 @@ def test_page_sharing_saves_pages_for_cfg_branches_and_beams():
     assert cache.pages_in_use == 9
 
 
+def test_a_full_cache_still_serves_a_step_that_fits_exactly():
+    """Three sequences share a half-filled page: the first two writers copy it, the last writes in place,
+    so the step needs exactly the two free pages."""
+    cache = PagedKVCache(1, 4, 4, HKV, D)
+    a = cache.new_sequence()
+    cache.step({a: 6})                                  # 2 pages, the last half full
+    b, c = cache.fork(a), cache.fork(a)
+    cache.step({a: 1, b: 1, c: 1})
+    assert cache.free_pages == 0 and len({cache.pages(s)[1] for s in (a, b, c)}) == 3
+    assert cache.pages(c)[1] == cache.pages(a)[0] + 1      # the original page stayed with the last writer
+
+
 def test_cache_errors():
     cache = PagedKVCache(1, 4, 4, HKV, D)
     a = cache.new_sequence()
