@@ -395,7 +395,7 @@ def _paged_mask(meta, tokens: int, causal: bool) -> BlockDiagonal:
                          f"one new token per request of block_table)")
     bound = _get(meta, "max_seqlen_k")
     if isinstance(seq_lens, torch.Tensor) and bound is not None:
-        return BlockDiagonal.from_device_lengths(q_lens, seq_lens.to(torch.int32), int(bound), causal=causal)
+        return BlockDiagonal.from_device_lengths(q_lens, seq_lens, int(bound), causal=causal)
     return BlockDiagonal(q_lens, seq_lens, causal=causal)
 
 
