@@ -57,9 +57,9 @@ def attention(q, k, v, mask=None, *, scale=None, softcap=None, alibi_slopes=None
 class Attention(nn.Module):
     """Attention for model code: fixed head counts, a default causal mask, a pinned backend.
 
-    ``forward(q, k, v, mask=None, *, return_lse=False)`` takes BSHD or THD tensors like
-    :func:`attention`. With ``causal=True``, ``mask=None`` means ``Causal()`` (bottom-right), a
-    ``BlockDiagonal`` mask becomes causal per block and ``KeyPadding(valid)`` becomes
+    ``forward(q, k, v, mask=None, *, return_lse=False, block_table=None)`` takes BSHD or THD tensors (or page
+    pools with ``block_table``) like :func:`attention`. With ``causal=True``, ``mask=None`` means ``Causal()``
+    (bottom-right), a ``BlockDiagonal`` mask becomes causal per block and ``KeyPadding(valid)`` becomes
     ``KeyPadding(valid, causal=True)``. ``softcap``, ``alibi_slopes`` and ``sinks`` are the score modifiers
     of :func:`attention`; ``sinks=True`` makes a learnable ``[num_heads]`` parameter (initialized to 0).
     """
@@ -93,7 +93,7 @@ class Attention(nn.Module):
             self.sinks = nn.Parameter(torch.as_tensor(sinks, dtype=torch.float32).clone())
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, *, return_lse: bool = False,
-                parallel=None):
+                parallel=None, block_table=None):
         if q.dim() >= 2 and (q.shape[-2] != self.num_heads or q.shape[-1] != self.head_size):
             raise ValueError(f"q must have {self.num_heads} heads of size {self.head_size} (Attention config), "
                              f"got shape {tuple(q.shape)}")
@@ -102,7 +102,8 @@ class Attention(nn.Module):
         if self.causal:
             mask = Causal() if mask is None else mask.causal_version()
         return attention(q, k, v, mask, scale=self.scale, softcap=self.softcap, alibi_slopes=self.alibi_slopes,
-                         sinks=self.sinks, backend=self.backend, return_lse=return_lse, parallel=parallel)
+                         sinks=self.sinks, backend=self.backend, return_lse=return_lse, parallel=parallel,
+                         block_table=block_table)
 
     def extra_repr(self) -> str:
         mods = (f", softcap={self.softcap:g}" if self.softcap is not None else "") + \

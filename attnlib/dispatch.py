@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from .backends.base import Backend, native_parts
+from .backends.base import Backend, as_batch, gathers, native_parts
 from .inputs import AttentionCall
 from .merge import apply_sinks, merge_partials
 from .reference import attention_backward, sink_gradient
@@ -103,14 +103,19 @@ def _signature(q, k, v, mask, scale, return_lse, softcap, alibi_slopes, sinks, b
             env.get(settings.TRITON_INTERPRET))
 
 
-def execute(backend: Backend, call: AttentionCall):
+def execute(backend: Backend, call: AttentionCall, _padding_seen: bool = False):
     """``call`` on ``backend`` (already selected): ``(out BSHD, lse [B, Hq, Sq] or None)``."""
     caps = backend.capabilities
     if not call.plan.tiles or call.seqlen_k == 0:       # no row sees a key (no keys, empty blocks): no kernel
         return _nothing_visible(call)
-    if "paged" in call.plan.features and "paged" not in caps.features:
+    if gathers(call.plan, caps):
+        _padding_seen = _empty_slots_seen(call.plan)
         call = gathered(call)
-    call, marked = _guard(call, caps)
+    if call.plan.key_valid is not None and call.plan.packed:
+        batch = as_batch(call)
+        if batch is not None:
+            return _unbatch(call, *execute(backend, batch, _padding_seen))
+    call, marked = _guard(call, caps, _padding_seen)
     parts = native_parts(call, caps)
     sinks_here = call.plan.mods.sinks is not None and parts[0].plan.mods.sinks is None
     lse_grad = call.return_lse and call.requires_grad and not backend.lse_has_gradient
@@ -159,7 +164,7 @@ def gathered(call: AttentionCall) -> AttentionCall:
     return call.replace(k=k, v=v, plan=call.plan.with_call(call.plan.mods, None))
 
 
-def _guard(call: AttentionCall, caps):
+def _guard(call: AttentionCall, caps, padding_seen: bool = False):
     """Garbage and non-finite inputs, for kernels that do not handle them: ``(call, mark)`` where ``mark`` is
     None or a tensor broadcastable to BSHD ``[B, Sq, Hq, 1]`` holding 0 or NaN, added to the output (and its
     transpose to the LSE) after the kernel. ``$ATTNLIB_NONFINITE_GUARD``:
@@ -179,7 +184,7 @@ def _guard(call: AttentionCall, caps):
     if mode == "strict" and not caps.isolates_hidden and not plan.full or plan.packed and not caps.isolates_sequences:
         return _sanitized(call)
     mark = None
-    if plan.key_valid is not None and not caps.isolates_padding:
+    if plan.key_valid is not None and not caps.isolates_padding and not padding_seen:
         keep = plan.key_valid[:, :, None, None]
         zero = torch.zeros((), dtype=call.k.dtype, device=call.k.device)
         call = call.replace(k=torch.where(keep, call.k, zero), v=torch.where(keep, call.v, zero))
@@ -199,6 +204,20 @@ def _sanitized(call: AttentionCall):
     k_ok = torch.isfinite(call.k).all(-1)                                     # [B, Sk, Hkv]
     v_ok = torch.isfinite(call.v).all(-1)
     bad = (~(k_ok & v_ok)).transpose(1, 2)
+def _empty_slots_seen(plan) -> bool:
+    """The empty window slots of a paged call with device lengths hold a key every row of their request
+    sees (the newest: one new token per request, or no causal mask), so they need no zeroing."""
+    return plan.kv.kv_seqused is not None and all(t.q_len == 1 or not t.causal for t in plan.tiles)
+
+
+def _unbatch(call: AttentionCall, out, lse):
+    """``(out, lse)`` of :func:`~attnlib.backends.base.as_batch`'s call back in the packed call's layout (batch 1)."""
+    out = out.reshape(1, call.seqlen_q, *out.shape[2:])
+    if lse is not None:
+        lse = lse.transpose(0, 1).reshape(1, lse.shape[1], call.seqlen_q)
+    return out, lse
+
+
     zero = torch.zeros((), dtype=call.k.dtype, device=call.k.device)
     call = call.replace(k=torch.where(k_ok[..., None], call.k, zero), v=torch.where(v_ok[..., None], call.v, zero))
     if call.gqa_ratio > 1:

@@ -253,25 +253,45 @@ def _validate_paged(q, k, v, mask, scale, return_lse, softcap, alibi_slopes, sin
     if block_table.shape[0] != requests:
         raise ValueError(f"block_table has {block_table.shape[0]} rows but the BlockDiagonal mask has {requests} "
                          "requests: one row of page ids per request")
-    kv = PagedKv(block_table, page_size, mask.kv_seqlens)
+    if page_size < 1:
+        raise ValueError(f"block_table needs page pools with page_size >= 1, got k {tuple(k.shape)}")
+    used = mask.kv_seqused
+    kv = PagedKv(block_table, page_size, mask.kv_seqlens, used)
     need = max(kv.pages_needed()) if kv.pages_needed() else 0
     if need > block_table.shape[1]:
         r = kv.pages_needed().index(need)
-        raise ValueError(f"block_table has {block_table.shape[1]} page columns but request {r} has "
-                         f"{mask.kv_seqlens[r]} keys, which need {need} pages of {page_size}: widen block_table")
-    if os.environ.get(settings.DEBUG_CHECKS, "0") == "1":       # page ids in range, checked on the device (no host read): a debugging aid
-        flat = block_table.reshape(-1).index_select(0, _used_entries(kv.pages_needed(), block_table.shape[1],
-                                                                      str(block_table.device)))
-        torch._assert_async(((flat >= 0) & (flat < num_pages)).all(),
-                            f"block_table holds a page id outside the pool's {num_pages} pages")
+        what = f"{mask.kv_seqlens[r]} keys" if used is None else f"up to max_seqlen_k={mask.kv_seqlens[r]} keys"
+        raise ValueError(f"block_table has {block_table.shape[1]} page columns but request {r} has {what}, which "
+                         f"need {need} pages of {page_size}: widen block_table")
     scale = _check_scale(scale, d)
     mask.check_call(packed=True, batch=1, seqlen_q=tq, seqlen_k=mask.total_k, heads_q=hq, device=q.device,
                     dtype=q.dtype)
+    if os.environ.get(settings.DEBUG_CHECKS, "0") == "1":     # page ids in range, on the device: a debugging aid
+        if used is None:
+            flat = block_table.reshape(-1).index_select(0, _used_entries(kv.pages_needed(), block_table.shape[1],
+                                                                          str(block_table.device)))
+            torch._assert_async(((flat >= 0) & (flat < num_pages)).all(),
+                                f"block_table holds a page id outside the pool's {num_pages} pages")
+        else:
+            _check_device_lengths(block_table, num_pages, page_size, mask)
     plan = as_plan(mask, tq, mask.total_k)
     mods = check_modifiers(softcap, alibi_slopes, sinks, 1, hq, q)
     plan = plan.with_call(mods, kv)
     return AttentionCall(q.unsqueeze(0), k, v, mask, scale, bool(return_lse), plan, 1, tq, mask.total_k, hq, hkv, d,
                          dv, True)
+
+
+def _check_device_lengths(block_table, num_pages: int, page_size: int, mask) -> None:
+    """``ATTNLIB_DEBUG_CHECKS``: device lengths within their bounds and the page ids they use in range
+    (asserted on the device: no host read)."""
+    used = mask.kv_seqused.to(torch.int64)
+    q_lens = torch.tensor(mask.q_seqlens, dtype=torch.int64).to(used.device)
+    torch._assert_async(((used >= q_lens) & (used <= mask.max_seqlen_k)).all(),
+                        f"BlockDiagonal kv_seqused outside [q_seqlens, max_seqlen_k={mask.max_seqlen_k}]")
+    cols = torch.arange(block_table.shape[1], device=used.device)
+    read = cols[None, :] < ((used + page_size - 1) // page_size)[:, None]
+    ok = (block_table >= 0) & (block_table < num_pages)
+    torch._assert_async((ok | ~read).all(), f"block_table holds a page id outside the pool's {num_pages} pages")
 
 
 @host_lru(64)

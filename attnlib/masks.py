@@ -32,13 +32,13 @@ Bottom-right causal for ``Sq=2, Sk=5`` (rows = queries, columns = keys)::
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, Sequence, Union
 
 import torch
 
 from .caching import host_lru
-from .plan import BlockLayout, Plan, Tile, causal_tiles, full_plan, host_blocks
+from .plan import BlockLayout, Plan, Tile, causal_tiles, full_plan, host_blocks, window_key_valid
 
 __all__ = ["Mask", "Causal", "BlockDiagonal", "KeyPadding", "DenseMask", "BlockSparse"]
 
@@ -231,12 +231,15 @@ class BlockDiagonal(Mask):
 
     Metadata is computed once here: ``cu_seqlens_q/k`` (int32, ``cu_seqlens_q_on(device)`` caches a
     copy per device) and ``max_seqlen_q/k`` as Python ints, so no backend syncs the device per layer.
+
+    Key lengths known only on the device (a captured CUDA-graph decode step): see :meth:`from_device_lengths`;
+    then ``kv_seqused`` holds them and ``kv_seqlens`` are the host bounds (``kv_seqused`` is None otherwise).
     """
 
     _kind = "block_diagonal"
     packed = True
     __slots__ = ("q_seqlens", "kv_seqlens", "causal", "window", "chunk", "sink", "max_seqlen_q", "max_seqlen_k",
-                 "total_q", "total_k", "_cu_q", "_cu_k", "_device_cache", "_hash")
+                 "total_q", "total_k", "_cu_q", "_cu_k", "_device_cache", "_hash", "kv_seqused", "_bounds")
 
     def __init__(self, q_seqlens: Sequence[int], kv_seqlens: Sequence[int] | None = None, causal: bool = False,
                  window: int | None = None, chunk: int | None = None, sink: int = 0):
@@ -270,6 +273,8 @@ class BlockDiagonal(Mask):
         set_(self, "_cu_k", self._cu_q if kv == q else torch.tensor((0,) + tuple(_cumsum(kv)), dtype=torch.int32))
         set_(self, "_device_cache", {})
         set_(self, "_hash", hash((q, kv, causal, window, chunk, sink)))
+        set_(self, "kv_seqused", None)
+        set_(self, "_bounds", None)
 
     def __setattr__(self, name, value):
         raise AttributeError("BlockDiagonal is immutable")
@@ -306,6 +311,42 @@ class BlockDiagonal(Mask):
             raise ValueError(f"segment ids differ between queries {q_ids} and keys {k_ids}: every query "
                              "segment needs its key segment, in the same order")
         return cls(q_lens, k_lens, **opts)
+
+    @classmethod
+    def from_device_lengths(cls, q_seqlens: Sequence[int], kv_seqused: torch.Tensor, max_seqlen_k: int, *,
+                            causal: bool = False, window: int | None = None) -> "BlockDiagonal":
+        """Key lengths that live on the device, bounded on the host: one mask (and one captured CUDA graph)
+        serves every decode step while the lengths grow, and nothing is read on the host.
+
+        ``q_seqlens``: new tokens per request (host ints, fixed); ``kv_seqused``: int32/int64 ``[R]`` on the
+        call's device, each request's keys (new tokens included), ``q_seqlens[r] <= kv_seqused[r] <=
+        max_seqlen_k``; ``max_seqlen_k``: the host bound. Request ``r``'s key axis is a window of
+        ``max_seqlen_k`` slots with its keys right-aligned (the newest at the end) and the slots before
+        them empty (hidden): with ``block_table`` the windows are filled from the pages (key ``j`` in page
+        ``block_table[r, j // page_size]``, as usual; the table needs ``ceil(max_seqlen_k / page_size)``
+        columns); with contiguous keys ``k`` holds the ``R`` windows packed (``R * max_seqlen_k`` rows,
+        left-padded). ``causal`` (bottom-right) and ``window`` are exact; ``chunk``/``sink`` are not
+        available (they depend on absolute key positions). Values outside the bounds are not checked
+        unless ``ATTNLIB_DEBUG_CHECKS=1`` (then on the device, with a paged call)."""
+        if not isinstance(kv_seqused, torch.Tensor) or kv_seqused.dim() != 1 or kv_seqused.dtype not in (
+                torch.int32, torch.int64):
+            got = f"{kv_seqused.dtype} {tuple(kv_seqused.shape)}" if isinstance(kv_seqused, torch.Tensor) else \
+                type(kv_seqused).__name__
+            raise TypeError(f"kv_seqused must be an int32 tensor [R] of key lengths on the device, got {got}")
+        q = _as_int_tuple(q_seqlens, "q_seqlens")
+        _check_positive(max_seqlen_k, "max_seqlen_k", "the host bound on every request's key count")
+        if kv_seqused.shape[0] != len(q):
+            raise ValueError(f"kv_seqused has {kv_seqused.shape[0]} entries but q_seqlens has {len(q)}: one key "
+                             "length per request")
+        if q and max(q) > max_seqlen_k:
+            raise ValueError(f"max_seqlen_k={max_seqlen_k} is smaller than a request's {max(q)} new tokens; the bound "
+                             "must hold every request's keys, new tokens included")
+        bounds = cls(q, (max_seqlen_k,) * len(q), causal=causal, window=window)
+        mask = cls(q, bounds.kv_seqlens, causal=causal, window=window)
+        object.__setattr__(mask, "kv_seqused", kv_seqused)
+        object.__setattr__(mask, "_bounds", bounds)
+        object.__setattr__(mask, "_hash", hash((mask._hash, id(kv_seqused))))
+        return mask
 
     # -- metadata -------------------------------------------------------------------------------
     @property
@@ -348,10 +389,16 @@ class BlockDiagonal(Mask):
         f = set(super().features())
         if self.sink and self.window is not None:       # a row sees its sink keys and its window: two runs
             f.add("multi_tile")
+        if self.kv_seqused is not None:                 # the empty window slots: a key mask
+            f.add("key_padding")
         return frozenset(f)
 
     def as_causal(self) -> "BlockDiagonal":
-        return self if self.causal else BlockDiagonal(self.q_seqlens, self.kv_seqlens, causal=True)
+        if self.causal:
+            return self
+        if self.kv_seqused is not None:
+            return BlockDiagonal.from_device_lengths(self.q_seqlens, self.kv_seqused, self.max_seqlen_k, causal=True)
+        return BlockDiagonal(self.q_seqlens, self.kv_seqlens, causal=True)
 
     def causal_version(self) -> "BlockDiagonal":
         return self.as_causal()
@@ -364,9 +411,18 @@ class BlockDiagonal(Mask):
         return (self.total_q, self.total_k)
 
     def plan(self, seqlen_q: int, seqlen_k: int) -> Plan:
-        return _block_diagonal_plan(self, int(seqlen_q), int(seqlen_k))
+        if self.kv_seqused is None:
+            return _block_diagonal_plan(self, int(seqlen_q), int(seqlen_k))
+        # device lengths: the bounds' structure (cached), the empty window slots hidden by a key mask
+        # computed on the device at every call (never cached: the lengths change in place between steps)
+        plan = _block_diagonal_plan(self._bounds, int(seqlen_q), int(seqlen_k))
+        valid = window_key_valid(self.kv_seqlens, self.kv_seqused)
+        return replace(plan, key_valid=valid[None])
 
     def check_call(self, *, packed, batch, seqlen_q, seqlen_k, heads_q, device, dtype) -> None:
+        if self.kv_seqused is not None and self.kv_seqused.device != torch.device(device):
+            raise ValueError(f"BlockDiagonal kv_seqused is on {self.kv_seqused.device} but q is on {device}; build "
+                             "it on the call's device")
         if self.total_q != seqlen_q:
             raise ValueError(f"BlockDiagonal q_seqlens sum to {self.total_q} but q has {seqlen_q} tokens; "
                              "the seqlens must cover every packed query token")
@@ -392,11 +448,12 @@ class BlockDiagonal(Mask):
         return torch.cat(tensors, dim=0)
 
     def materialize(self, seqlen_q: int | None = None, seqlen_k: int | None = None, device=None) -> torch.Tensor:
-        """bool ``[Tq, Tk]``: block structure, with the per-block causal options."""
+        """bool ``[Tq, Tk]``: block structure, with the per-block causal options (and, with device lengths,
+        the empty window slots hidden)."""
         tq, tk = self.total_q, self.total_k
         if seqlen_q is not None and seqlen_q != tq or seqlen_k is not None and seqlen_k != tk:
             raise ValueError(f"BlockDiagonal covers {tq} query and {tk} key tokens, asked for {seqlen_q}x{seqlen_k}")
-        return super().materialize(tq, tk, device)
+        return super().materialize(tq, tk, device).reshape(tq, tk)
 
     # -- identity -------------------------------------------------------------------------------
     def _key(self):
@@ -405,7 +462,7 @@ class BlockDiagonal(Mask):
     def __eq__(self, other):
         if not isinstance(other, BlockDiagonal):
             return NotImplemented
-        return self._key() == other._key()
+        return self._key() == other._key() and self.kv_seqused is other.kv_seqused
 
     def __hash__(self):
         return self._hash
@@ -414,14 +471,25 @@ class BlockDiagonal(Mask):
         kv = "" if self.self_attention else f", kv_seqlens={list(self.kv_seqlens)}"
         extra = ((", causal=True" if self.causal else "") + (f", window={self.window}" if self.window else "")
                  + (f", chunk={self.chunk}" if self.chunk else "") + (f", sink={self.sink}" if self.sink else ""))
+        if self.kv_seqused is not None:
+            used = self.kv_seqused
+            return (f"BlockDiagonal.from_device_lengths(q_seqlens={list(self.q_seqlens)}, kv_seqused=<{used.dtype} "
+                    f"{list(used.shape)} on {used.device}>, max_seqlen_k={self.max_seqlen_k}{extra})")
         return f"BlockDiagonal(q_seqlens={list(self.q_seqlens)}{kv}{extra})"
 
     def __reduce__(self):
+        if self.kv_seqused is not None:
+            return (_rebuild_device_lengths, (self.q_seqlens, self.kv_seqused, self.max_seqlen_k, self.causal,
+                                              self.window))
         return (_rebuild_block_diagonal, self._key())
 
 
 def _rebuild_block_diagonal(q, kv, causal, window, chunk=None, sink=0):
     return BlockDiagonal(q, kv, causal=causal, window=window, chunk=chunk, sink=sink)
+
+
+def _rebuild_device_lengths(q, used, bound, causal, window):
+    return BlockDiagonal.from_device_lengths(q, used, bound, causal=causal, window=window)
 
 
 @host_lru(1024)

@@ -251,11 +251,18 @@ NO_MODIFIERS = Modifiers()
 class PagedKv:
     """A paged KV layout: ``k``/``v`` are page pools ``[num_pages, page_size, Hkv, D]``; logical key ``j`` of
     request ``r`` (packed order: request 0's keys first) is slot ``j % page_size`` of page
-    ``block_table[r, j // page_size]``. ``kv_seqlens`` are the requests' key counts (host ints)."""
+    ``block_table[r, j // page_size]``. ``kv_seqlens`` are the requests' key counts (host ints).
+
+    With ``kv_seqused`` (int ``[R]`` on the device: lengths the host does not know), ``kv_seqlens`` are
+    host upper bounds and request ``r``'s keys sit right-aligned in a window of ``kv_seqlens[r]`` logical
+    slots: window slot ``s`` holds key ``j = s - (kv_seqlens[r] - kv_seqused[r])``; slots with ``j < 0``
+    are empty: the plan's ``key_valid`` hides them, and they read the request's newest key (a written key,
+    so no garbage reaches a kernel that weights hidden keys by 0)."""
 
     block_table: torch.Tensor
     page_size: int
     kv_seqlens: tuple
+    kv_seqused: torch.Tensor | None = None
 
     def pages_needed(self) -> tuple[int, ...]:
         return tuple(-(-n // self.page_size) for n in self.kv_seqlens)
@@ -263,10 +270,17 @@ class PagedKv:
     def slot_index(self) -> torch.Tensor:
         """int64 ``[Tk]``: the flat pool slot (``page * page_size + offset``) of every logical key, computed
         on the table's device from host-known positions (no host read of the table)."""
-        req, pos = _paged_positions(self.kv_seqlens, self.page_size, self.block_table.shape[1],
-                                    str(self.block_table.device))
-        pages = self.block_table.reshape(-1).index_select(0, req).to(torch.int64)
-        return pages * self.page_size + pos
+        table = self.block_table
+        if self.kv_seqused is None:
+            req, pos = _paged_positions(self.kv_seqlens, self.page_size, table.shape[1], str(table.device))
+            pages = table.reshape(-1).index_select(0, req).to(torch.int64)
+            return pages * self.page_size + pos
+        req, back = _windows(self.kv_seqlens, str(table.device))
+        used = self.kv_seqused.to(torch.int64).index_select(0, req)
+        j = back + used                                  # the key held by each window slot
+        j = torch.where(j >= 0, j, used - 1).clamp(min=0)
+        pages = table.reshape(-1).index_select(0, req * table.shape[1] + j // self.page_size).to(torch.int64)
+        return pages * self.page_size + j % self.page_size
 
     def gather(self, pool: torch.Tensor) -> torch.Tensor:
         """The logical keys (or values) ``[Tk, Hkv, D]`` gathered from a page pool (only visible pages read)."""
@@ -284,6 +298,24 @@ def _paged_positions(kv_seqlens: tuple, page_size: int, max_pages: int, device: 
         pos.append(j % page_size)
     cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.int64))
     return cat(req).to(device), cat(pos).to(device)
+
+
+@host_lru(64)
+def _windows(bounds: tuple, device: str):
+    """``(request of each window slot, slot - window length)`` as device int64 tensors (windows packed)."""
+    if bounds and min(bounds) == max(bounds):          # from_device_lengths: one bound for every request
+        t = torch.arange(len(bounds) * bounds[0], device=device)
+        return t // bounds[0], t % bounds[0] - bounds[0]
+    req = torch.tensor([r for r, n in enumerate(bounds) for _ in range(n)], dtype=torch.int64)
+    back = torch.tensor([j - n for n in bounds for j in range(n)], dtype=torch.int64)
+    return req.to(device), back.to(device)
+
+
+def window_key_valid(bounds: tuple, used: torch.Tensor) -> torch.Tensor:
+    """bool ``[sum(bounds)]`` on ``used``'s device: window slot ``s`` of request ``r`` (``bounds[r]`` slots,
+    keys right-aligned) holds a key, i.e. ``s >= bounds[r] - used[r]``. No host read."""
+    req, back = _windows(tuple(bounds), str(used.device))
+    return back + used.to(torch.int64).index_select(0, req) >= 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -677,7 +709,9 @@ class Plan:
             lines.append("  score modifiers: " + ", ".join(mods))
         if self.kv is not None:
             lines.append(f"  paged keys: {len(self.kv.kv_seqlens)} requests, page size {self.kv.page_size}, "
-                         f"block_table {list(self.kv.block_table.shape)}")
+                         f"block_table {list(self.kv.block_table.shape)}"
+                         + ("" if self.kv.kv_seqused is None else ", key lengths on the device (right-aligned "
+                            "windows)"))
         return "\n".join(lines)
 
     def __repr__(self):

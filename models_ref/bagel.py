@@ -20,6 +20,9 @@ What this block pins, and the attnlib feature that makes it right on every backe
 
 Layout: ``x [T, hidden]``, ``positions [T]`` int, ``seqlens`` the new tokens per sequence, ``gen [T]``
 bool (True = generation expert) or None.
+
+The cache is a :class:`BagelKVCache` (per-sequence tensors, one per layer) or a step of an
+``attnlib.kvcache.PagedKVCache`` shared by all layers (paged keys: the block's ``layer_idx`` picks the pools).
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import torch
 from torch import nn
 
 import attnlib
+from attnlib.kvcache import PagedStep
 from attnlib.masks import BlockDiagonal
 from attnlib.rope import RotaryEmbedding, apply_rotary
 
@@ -112,8 +116,9 @@ class PackedAttentionMoT(nn.Module):
 
     def __init__(self, hidden_size: int, num_attention_heads: int, num_key_value_heads: int,
                  head_dim: int | None = None, rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6,
-                 qk_norm: bool = True, backend: str | None = None):
+                 qk_norm: bool = True, backend: str | None = None, layer_idx: int = 0):
         super().__init__()
+        self.layer_idx = layer_idx
         head_dim = head_dim or hidden_size // num_attention_heads
         self.num_heads, self.num_kv_heads, self.head_dim = num_attention_heads, num_key_value_heads, head_dim
         q_dim, kv_dim = num_attention_heads * head_dim, num_key_value_heads * head_dim
@@ -164,7 +169,9 @@ class PackedAttentionMoT(nn.Module):
             x: ``[T, hidden]`` new tokens, sequence after sequence (``T == sum(seqlens)``).
             seqlens: new tokens per sequence (Python ints).
             positions: ``[T]`` RoPE position ids (see :class:`BagelPositions`).
-            cache: per-sequence past keys/values (``cache.num_seqs == len(seqlens)``), or None.
+            cache: per-sequence past keys/values (``cache.num_seqs == len(seqlens)``), a step of a
+                ``PagedKVCache`` over the same sequences (``step.q_seqlens == seqlens``; this layer's pools
+                are ``layer_idx``'s), or None.
             causal: True for text (prefill and decode, bottom-right against the cache), False for an
                 image block (ViT prefill, VAE context, the noised generation target).
             gen: ``[T]`` bool, True where the generation expert serves the token (VAE tokens); None
@@ -185,7 +192,15 @@ class PackedAttentionMoT(nn.Module):
             raise ValueError(f"positions must be [T={x.shape[0]}], got {tuple(positions.shape)}")
         if gen is not None and (gen.dtype != torch.bool or gen.shape != (x.shape[0],)):
             raise ValueError(f"gen must be a bool [T={x.shape[0]}] expert selector, got {gen.dtype} {tuple(gen.shape)}")
-        if cache is not None and cache.num_seqs != len(seqlens):
+        paged = isinstance(cache, PagedStep)
+        if paged:
+            if tuple(seqlens) != cache.q_seqlens:
+                raise ValueError(f"the paged step holds new tokens {list(cache.q_seqlens)} per sequence but seqlens is "
+                                 f"{seqlens}")
+            if not update_cache or parallel is not None:
+                raise NotImplementedError("a paged cache step always stores the new keys (update_cache=True) and "
+                                          "runs on one process (parallel=None)")
+        elif cache is not None and cache.num_seqs != len(seqlens):
             raise ValueError(f"cache holds {cache.num_seqs} sequences but seqlens names {len(seqlens)}")
 
         if gen is not None:
@@ -203,6 +218,10 @@ class PackedAttentionMoT(nn.Module):
             k = parallel.gather(k, 0, total=total, sum_gradients=True)
             v = parallel.gather(v, 0, total=total, sum_gradients=True)
 
+        if paged:
+            k_pool, v_pool = cache.update(self.layer_idx, k, v)
+            o = self.attn(q, k_pool, v_pool, cache.mask_for(causal=causal), block_table=cache.block_table)
+            return self._out(o.flatten(1), gen)
         if cache is None:
             keys, values, kv_lens = k, v, seqlens
         else:

@@ -10,6 +10,11 @@
 * :class:`TalkerConditionStream` -- the thinker->talker hand-off when thinker output arrives in chunks.
 
 Tensors are BSHD inside (``[B, S, heads, head_dim]``); hidden states are ``[B, S, hidden]``.
+
+Caches: a :class:`KVCache` (contiguous, grown per layer) or a step of an ``attnlib.kvcache.PagedKVCache``
+(paged; each layer's ``layer_idx`` picks its pools). With a paged step the ``B * S`` tokens are the step's new
+tokens, sequence after sequence (``[1, T]`` packed, or ``[B, S]`` when every sequence brings ``S``): the
+sequences keep their own lengths, so no padding mask is needed.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnlib
+from attnlib.kvcache import PagedStep
 from attnlib.masks import Causal, KeyPadding
 from attnlib.rope import RotaryEmbedding, apply_rotary
 
@@ -67,6 +73,20 @@ def _padded_causal(attn, q, k, v, key_valid: torch.Tensor, window: int | None):
     return out.masked_fill(~key_valid[:, sk - sq:, None, None], 0.0)
 
 
+def _paged(attn, q, k, v, step: PagedStep, layer: int, window: int | None, key_valid):
+    """Attention of BSHD ``q, k, v`` (the step's new tokens, in its order) over the paged cache."""
+    if key_valid is not None:
+        raise ValueError("attention_mask with a paged cache step: the step's per-sequence lengths replace the padding "
+                         "mask; pass only the real tokens")
+    b, s = q.shape[:2]
+    if b * s != step.num_tokens:
+        raise ValueError(f"the paged step holds {step.num_tokens} new tokens ({list(step.q_seqlens)} per sequence) but "
+                         f"hidden_states has {b} x {s}")
+    k_pool, v_pool = step.update(layer, k.flatten(0, 1), v.flatten(0, 1))
+    out = attn(q.flatten(0, 1), k_pool, v_pool, step.mask_for(causal=True, window=window), block_table=step.block_table)
+    return out.unflatten(0, (b, s))
+
+
 class _QKNormAttention(nn.Module):
     """q/k/v/o projections, per-head RMSNorm on q and k, rotary, attnlib attention (Qwen3 layout)."""
 
@@ -90,6 +110,8 @@ class _QKNormAttention(nn.Module):
         v = self.v_proj(hidden_states).unflatten(-1, split)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
+        if isinstance(cache, PagedStep):
+            return self.o_proj(_paged(self.attn, q, k, v, cache, layer, window, key_valid).flatten(2))
         if cache is not None:
             k, v = cache.update(layer, k, v)
         if key_valid is None:
@@ -147,7 +169,8 @@ class CodePredictor(nn.Module):
 
     ``forward(inputs_embeds [B, S, hidden], cache=None, position_ids=None) -> [B, S, hidden]`` (the
     final-normed hidden states, transformers' ``last_hidden_state``). Positions default to
-    ``cache.length() + arange(S)``. Build it from a transformers config with :meth:`from_config`.
+    ``cache.length() + arange(S)`` (with a paged step: each new token's position in its sequence). Build it
+    from a transformers config with :meth:`from_config`.
     """
 
     def __init__(self, hidden_size: int = 1024, intermediate_size: int = 3072, num_hidden_layers: int = 5,
@@ -188,7 +211,9 @@ class CodePredictor(nn.Module):
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         if inputs_embeds.dim() != 3:
             raise ValueError(f"inputs_embeds must be [B, S, hidden], got {tuple(inputs_embeds.shape)}")
-        if position_ids is None:
+        if position_ids is None and isinstance(cache, PagedStep):
+            position_ids = cache.positions(inputs_embeds.device).view(inputs_embeds.shape[:2])
+        elif position_ids is None:
             past = cache.length() if cache is not None else 0
             position_ids = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)
         cos, sin = self.rotary.cos_sin(position_ids)

@@ -9,13 +9,14 @@ one key run per row, sinks on kernels without them, paged keys for kernels that 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
 from ..inputs import AttentionCall
-from ..plan import FEATURES
+from ..plan import FEATURES, Modifiers
+from .common import tile_plan
 
 #: every plan feature a backend can list (``attnlib.plan.Plan.features`` produces subsets of these)
 ALL_FEATURES = FEATURES
@@ -166,12 +167,14 @@ def native_parts(call: AttentionCall, caps: Capabilities) -> list[AttentionCall]
     ``multi_tile``, sinks left out (and applied through the LSE) unless it lists ``sinks``. The one place
     this rule lives: the dispatch and ``why_not`` both read it."""
     plan = call.plan
-    feats = plan.features
-    if "paged" in feats and "paged" not in caps.features:      # contiguous keys (stand-ins: nothing gathered)
+    if gathers(plan, caps):         # the gathered call, with stand-ins for the logical keys
         plan = plan.with_call(plan.mods, None)
-        shape = (1, call.seqlen_k, call.heads_kv)
-        call = call.replace(k=call.k.new_empty(()).expand(*shape, call.head_dim),
-                            v=call.v.new_empty(()).expand(*shape, call.head_dim_v), plan=plan)
+        call = call.replace(plan=plan, k=_stand_in(call.k, plan.seqlen_k), v=_stand_in(call.v, plan.seqlen_k))
+    if plan.key_valid is not None and plan.packed:
+        batch = as_batch(call)
+        if batch is not None:
+            call, plan = batch, batch.plan
+    feats = plan.features
     layered = "multi_tile" in feats and "multi_tile" not in caps.features
     sinks_here = plan.mods.sinks is not None and (layered or "sinks" not in caps.features)
     if layered:
@@ -181,6 +184,38 @@ def native_parts(call: AttentionCall, caps: Capabilities) -> list[AttentionCall]
     else:
         return [call] if plan is call.plan else [call.replace(plan=plan)]
     return [call.replace(plan=p, return_lse=True) for p in plans]
+
+
+def _stand_in(pool: torch.Tensor, seqlen_k: int) -> torch.Tensor:
+    """A ``[1, Sk, Hkv, D]`` stand-in (stride 0, no memory) for the keys gathered from ``pool``."""
+    return pool.new_empty(()).expand(1, seqlen_k, *pool.shape[2:])
+
+
+def as_batch(call: AttentionCall) -> AttentionCall | None:
+    """A packed call with a key mask whose sequences all have one shape (one run of equal tiles over
+    every query and key, e.g. the windows of ``BlockDiagonal.from_device_lengths``) as a batch of those
+    sequences: kernels take the key mask per sequence instead of a ``[Tq, Tk]`` grid. None otherwise.
+    The dispatch runs it; ``why_not`` asks the backend about it."""
+    plan = call.plan
+    if plan.max_runs != 1 or len(plan.runs()) != 1:
+        return None
+    q0, k0, n, step, tile = plan.runs()[0]
+    if (q0, k0) != (0, 0) or step != tile.k_len or n * tile.q_len != call.seqlen_q or n * step != call.seqlen_k:
+        return None
+    q = call.q.reshape(n, tile.q_len, *call.q.shape[2:])
+    k, v = (x.reshape(n, tile.k_len, *x.shape[2:]) for x in (call.k, call.v))
+    mods = plan.modifiers
+    if mods is not None and mods.alibi is not None and mods.alibi.dim() == 2:     # [1, Hq]: one row per sequence
+        mods = Modifiers(mods.softcap, mods.alibi.expand(n, -1), mods.sinks)
+    sub = replace(tile_plan(tile), key_valid=plan.key_valid.reshape(n, tile.k_len), modifiers=mods)
+    return call.replace(q=q, k=k, v=v, plan=sub, batch=n, seqlen_q=tile.q_len, seqlen_k=tile.k_len, thd=False)
+
+
+def gathers(plan, caps: Capabilities) -> bool:
+    """The dispatch gathers the paged keys of ``plan`` for this backend: it does not list ``paged``, or the
+    key lengths live on the device (``PagedKv.kv_seqused``: right-aligned windows, served by the gather)."""
+    kv = plan.kv
+    return kv is not None and ("paged" not in caps.features or kv.kv_seqused is not None)
 
 
 class PlaceholderBackend(Backend):

@@ -65,7 +65,8 @@ class PackedCall:
 class MaskTranslation:
     """A host mask translated into attnlib calls.
 
-    ``kind``: ``"none"``, ``"causal"``, ``"key_padding"``, ``"packed"`` or ``"dense"``. For every kind
+    ``kind``: ``"none"``, ``"causal"``, ``"key_padding"``, ``"packed"``, ``"dense"`` or ``"paged"`` (a
+    vLLM-Omni layer's paged metadata: the ``BlockDiagonal`` of its requests). For every kind
     but ``"packed"`` the attnlib ``mask`` is used on the dense BSHD tensors as they are; ``"packed"``
     gathers the visible query rows and key runs into THD tensors (one call per :class:`PackedCall`: a
     causal call and a full one when rows of both shapes occur, as with right padding) and scatters

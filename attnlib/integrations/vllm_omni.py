@@ -35,6 +35,13 @@ none, ``causal=False`` / ``causal=True``        ``None`` / ``Causal()`` (**botto
                                                 ``causal=True`` runs over the joined sequence
 ``cu_seqlens_q/k`` (+ ``max_seqlen_q/k``)       ``BlockDiagonal`` on the packed tokens (``[T, H, D]``
                                                 or ``[1, T, H, D]``), causal per block if ``causal``
+``block_table`` + ``seq_lens`` (+                paged KV: ``key``/``value`` are page pools
+``cu_seqlens_q``, ``max_seqlen_k``)              ``[num_pages, page_size, Hkv, D]``, ``seq_lens`` each
+                                                request's keys (new tokens included), ``cu_seqlens_q``
+                                                the packed new tokens (default: one per request);
+                                                ``seq_lens`` a tensor with ``max_seqlen_k`` given:
+                                                ``BlockDiagonal.from_device_lengths`` (never read on
+                                                the host: CUDA-graph decode)
 ==============================================  ==================================================
 
 The translated mask (``last_translation``) is built once per metadata, not once per layer: every layer
@@ -93,6 +100,8 @@ class AttentionMetadata:
     cu_seqlens_k: torch.Tensor | None = None
     max_seqlen_q: int | None = None
     max_seqlen_k: int | None = None
+    block_table: torch.Tensor | None = None
+    seq_lens: torch.Tensor | list | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -209,7 +218,7 @@ def _cat_key_masks(attn_mask, joint_mask, batch: int, key_len: int, joint_len: i
 
 
 #: the metadata fields a translation is built from
-_MASK_FIELDS = ("attn_mask", "joint_attn_mask", "cu_seqlens_q", "cu_seqlens_k")
+_MASK_FIELDS = ("attn_mask", "joint_attn_mask", "cu_seqlens_q", "cu_seqlens_k", "seq_lens")
 
 
 class _MetadataTranslations:
@@ -311,6 +320,9 @@ class Attention(nn.Module):
         self.last_translation: MaskTranslation | None = None
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_metadata=None) -> torch.Tensor:
+        block_table = _get(attn_metadata, "block_table")
+        if block_table is not None:
+            return self._paged_forward(query, key, value, attn_metadata, block_table)
         if self._sp_wanted:
             return self._parallel_forward(query, key, value, attn_metadata)
         q, k, v, strategy = _join(attn_metadata, query, key, value)
@@ -336,6 +348,15 @@ class Attention(nn.Module):
     def _call_options(self) -> dict:
         return dict(scale=self.softmax_scale, backend=self.backend, softcap=self.softcap,
                     alibi_slopes=self.alibi_slopes, sinks=self.sinks)
+
+    def _paged_forward(self, query, key, value, meta, block_table):
+        """Packed new tokens ``[T, H, D]`` (or ``[1, T, H, D]``) against page pools through ``block_table``."""
+        q = query[0] if query.dim() == 4 and query.shape[0] == 1 else query
+        static = ("paged", self.causal, tuple(q.shape[:-1]), str(q.device), _get(meta, "max_seqlen_k"))
+        mask = _TRANSLATIONS.get(meta, static, lambda: _paged_mask(meta, q.shape[0], self.causal))
+        self.last_translation = MaskTranslation("paged", mask)
+        out = attention(q, key, value, mask, block_table=block_table, **self._call_options())
+        return out if q is query else out[None]
 
     @property
     def sequence_parallel(self):
@@ -375,6 +396,25 @@ class Attention(nn.Module):
                 f"causal={self.causal}, softmax_scale={self.softmax_scale:.4g}, backend={self.backend or 'auto'}{sp}"
                 + (f", softcap={self.softcap:g}" if self.softcap is not None else "")
                 + (", alibi" if self.alibi_slopes is not None else "") + (", sinks" if self.sinks is not None else ""))
+
+
+def _paged_mask(meta, tokens: int, causal: bool) -> BlockDiagonal:
+    """The ``BlockDiagonal`` of paged metadata: ``seq_lens`` (keys per request) and ``cu_seqlens_q``."""
+    seq_lens, cu_q = _get(meta, "seq_lens"), _get(meta, "cu_seqlens_q")
+    if seq_lens is None:
+        raise ValueError("paged metadata (block_table) needs seq_lens: each request's key count, new tokens included")
+    n = seq_lens.shape[0] if isinstance(seq_lens, torch.Tensor) else len(seq_lens)
+    if cu_q is None:
+        q_lens = (1,) * n
+    else:
+        q_lens = BlockDiagonal.from_cu_seqlens(cu_q).q_seqlens
+    if sum(q_lens) != tokens:
+        raise ValueError(f"cu_seqlens_q covers {sum(q_lens)} new tokens but query has {tokens} (without cu_seqlens_q: "
+                         f"one new token per request of block_table)")
+    bound = _get(meta, "max_seqlen_k")
+    if isinstance(seq_lens, torch.Tensor) and bound is not None:
+        return BlockDiagonal.from_device_lengths(q_lens, seq_lens, int(bound), causal=causal)
+    return BlockDiagonal(q_lens, seq_lens, causal=causal)
 
 
 # -- sequence parallel: masks over the whole sequence ---------------------------------------------------------
