@@ -204,6 +204,15 @@ def _sanitized(call: AttentionCall):
     k_ok = torch.isfinite(call.k).all(-1)                                     # [B, Sk, Hkv]
     v_ok = torch.isfinite(call.v).all(-1)
     bad = (~(k_ok & v_ok)).transpose(1, 2)
+    zero = torch.zeros((), dtype=call.k.dtype, device=call.k.device)
+    call = call.replace(k=torch.where(k_ok[..., None], call.k, zero), v=torch.where(v_ok[..., None], call.v, zero))
+    if call.gqa_ratio > 1:
+        bad = bad.repeat_interleave(call.gqa_ratio, 1)
+    rows = call.plan.rows_seeing(bad).transpose(1, 2).unsqueeze(-1)          # [B, Sq, Hq, 1]
+    nan = torch.full((), float("nan"), device=call.q.device)
+    return call, torch.where(rows, nan, 0.0) + _nan_where_nonfinite(call.q)
+
+
 def _empty_slots_seen(plan) -> bool:
     """The empty window slots of a paged call with device lengths hold a key every row of their request
     sees (the newest: one new token per request, or no causal mask), so they need no zeroing."""
@@ -216,15 +225,6 @@ def _unbatch(call: AttentionCall, out, lse):
     if lse is not None:
         lse = lse.transpose(0, 1).reshape(1, lse.shape[1], call.seqlen_q)
     return out, lse
-
-
-    zero = torch.zeros((), dtype=call.k.dtype, device=call.k.device)
-    call = call.replace(k=torch.where(k_ok[..., None], call.k, zero), v=torch.where(v_ok[..., None], call.v, zero))
-    if call.gqa_ratio > 1:
-        bad = bad.repeat_interleave(call.gqa_ratio, 1)
-    rows = call.plan.rows_seeing(bad).transpose(1, 2).unsqueeze(-1)          # [B, Sq, Hq, 1]
-    nan = torch.full((), float("nan"), device=call.q.device)
-    return call, torch.where(rows, nan, 0.0) + _nan_where_nonfinite(call.q)
 
 
 def _first_key_mark(call: AttentionCall) -> torch.Tensor:
