@@ -56,7 +56,8 @@ def attend(q, k, v, mask, scale, return_lse: bool, softcap, alibi_slopes, sinks,
     the signature alone)."""
     key = None
     if not torch.compiler.is_compiling() and isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) \
-            and isinstance(v, torch.Tensor) and (sinks is None or isinstance(sinks, torch.Tensor)):
+            and isinstance(v, torch.Tensor) and (sinks is None or isinstance(sinks, torch.Tensor)) \
+            and not getattr(mask, "replans", False):
         key = _signature(q, k, v, mask, scale, return_lse, softcap, alibi_slopes, sinks, block_table, backend)
         hit = _PREPARED.get(key)
         if hit is not None and all(a is b for a, b in zip(hit[2], (_anchor(mask), alibi_slopes, sinks, block_table))):

@@ -92,6 +92,8 @@ class Mask:
     _kind: str = ""
     #: the mask describes sequences packed along the token axis (THD inputs)
     packed: bool = False
+    #: its plan depends on tensor values that change between calls (it is rebuilt at every call)
+    replans: bool = False
 
     def features(self) -> frozenset[str]:
         f = {self._kind} if self._kind else set()
@@ -409,6 +411,11 @@ class BlockDiagonal(Mask):
 
     def lengths(self) -> tuple[int, int]:
         return (self.total_q, self.total_k)
+
+    @property
+    def replans(self) -> bool:
+        """Its plan is rebuilt at every call (device lengths change in place between steps)."""
+        return self.kv_seqused is not None
 
     def plan(self, seqlen_q: int, seqlen_k: int) -> Plan:
         if self.kv_seqused is None:
