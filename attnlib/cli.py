@@ -1,4 +1,5 @@
-"""``attnlib`` command line: ``info`` (environment, backends) and ``check`` (the conformance matrix)."""
+"""``attnlib`` command line: ``info`` (environment, backends), ``check`` (the conformance matrix) and ``bench``
+(the backends that can run here, timed on named workloads or your shapes)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,7 @@ import time
 
 import torch
 
-from . import conformance, settings, versions
+from . import benchmark, conformance, settings, versions
 from .backends.base import ALL_FEATURES, dtype_name
 from .registry import alias_map, auto_order, get_backend, list_backends
 
@@ -425,7 +426,12 @@ def main(argv=None) -> int:
                         "runs every case on that backend, --case picks cases")
     c.add_argument("--timeout", type=float, default=300.0, metavar="S",
                    help="with --parallel: stop the processes after S seconds (default 300)")
+    b = sub.add_parser("bench", help="time every backend that can run here (each checked against math first) on "
+                                     "named workloads or --shape; table, JSON, chart")
+    benchmark.add_arguments(b)
     args = p.parse_args(argv)
+    if args.cmd == "bench":
+        return benchmark.main(args)
     if args.cmd == "info":
         tables = [(args.capabilities, capability_matrix), (args.aliases, alias_table),
                   (args.env, settings.markdown_table)]

@@ -1,0 +1,186 @@
+"""``attnlib bench`` as a user runs it (tiny shapes): the table, pytest-benchmark JSON that ``pytest-benchmark
+compare`` reads, the PNG chart, the check against math before timing, and the counting behind TFLOP/s."""
+import dataclasses
+import json
+import random
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attnlib.backends as attnlib_backends
+from attnlib import BlockDiagonal, Causal, DenseMask, KeyPadding, benchmark, cli, masks
+from attnlib.progress import Progress
+
+FAST = ["--min-time", "0.01"]
+
+
+def _bench(*args):
+    return cli.main(["bench", *FAST, *args])
+
+
+def test_a_shape_end_to_end_table_json_and_chart(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    js, png = tmp_path / "b.json", tmp_path / "b.png"
+    assert _bench("--shape", "2,16,24,4,2,8", "--mask", "causal", "--backends", "sdpa,math", "--json", str(js),
+                  "--plot", str(png)) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("  sdpa ", "  math "))}
+    assert set(rows) == {"sdpa", "math"}
+    assert rows["sdpa"][4] == "1.00x" and rows["sdpa"][-1] == "ok" and rows["math"][-1] == "ok"
+    # visible pairs of Causal() with Sq=16, Sk=24 (offset 8): rows see 9..24 keys, x B=2 x Hq=4
+    assert f"{2 * 4 * sum(range(9, 25)) / 1e6:.4g}M visible" in out
+    assert "checked: whole call" in out and "not run:" not in out.split("checked:")[0]
+
+    data = json.loads(js.read_text())
+    assert [b["name"] for b in data["benchmarks"]] == ["shape 2,16,24,4,2,8 causal[sdpa]",
+                                                       "shape 2,16,24,4,2,8 causal[math]"]
+    sdpa, math_ = data["benchmarks"]
+    assert sdpa["extra_info"]["baseline"] and not math_["extra_info"]["baseline"]
+    assert sdpa["stats"]["rounds"] >= benchmark.MIN_ROUNDS == len(sdpa["stats"]["data"])
+    assert sdpa["extra_info"]["visible_pairs"] == 2 * 4 * sum(range(9, 25))
+    assert sdpa["extra_info"]["check"]["error"] <= sdpa["extra_info"]["check"]["tol"]
+    proc = subprocess.run([sys.executable, "-m", "pytest_benchmark", "compare", str(js), "--columns=median,rounds"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0 and "causal[sdpa]" in proc.stdout and "causal[math]" in proc.stdout, proc.stderr
+
+    head = png.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", head[16:24])
+    assert width > 500 and height > 200
+
+
+def test_a_named_workload_runs_at_tiny_sizes(monkeypatch, capsys):
+    tiny = dataclasses.replace(benchmark.workload("varlen"), sizes={"cpu": dict(lens=(5, 17, 9), Hq=4, Hkv=2, D=16)})
+    monkeypatch.setattr(benchmark, "WORKLOADS", (tiny,))
+    monkeypatch.setattr(benchmark, "FULL_CHECK_SCORES", 0)              # exercise the subset check
+    assert _bench("--workloads", "varlen", "--backends", "sdpa", "--device", "cpu") == 0
+    out = capsys.readouterr().out
+    assert "BlockDiagonal(3 blocks: q [5, 17, 9], causal)" in out
+    assert "checked: query head 3 of 4 (kv head 1)" in out
+
+
+def test_missing_features_skip_their_workloads_with_a_reason():
+    paged = benchmark.workload("paged_decode").needs()
+    sparse = benchmark.workload("video_sparse").needs()
+    import inspect
+
+    assert (paged is None) == ("block_table" in inspect.signature(__import__("attnlib").attention).parameters)
+    assert (sparse is None) == hasattr(masks, "BlockSparse")
+    if paged:
+        assert "block_table" in paged
+    if sparse:
+        assert "BlockSparse" in sparse
+
+
+class _Wrong(attnlib_backends.Backend):
+    name = "fake_wrong"
+    implementation = "returns q"
+
+    def forward(self, call):
+        return call.q.clone(), None
+
+
+def test_a_wrong_backend_is_reported_and_not_timed(isolated_registry, tmp_path, capsys):
+    isolated_registry.register_backend(_Wrong())
+    js = tmp_path / "b.json"
+    assert _bench("--shape", "1,8,8,2,2,8", "--backends", "sdpa,fake_wrong", "--json", str(js)) == 1
+    out = capsys.readouterr().out
+    assert "WRONG: not timed" in out and "FAILED: fake_wrong on shape 1,8,8,2,2,8 causal" in out
+    assert [b["param"] for b in json.loads(js.read_text())["benchmarks"]] == ["sdpa"]
+
+
+def test_backends_that_cannot_serve_say_why(capsys):
+    # flex cannot take fp64: listed with its reason, sdpa is timed
+    assert _bench("--shape", "1,8,8,2,2,8", "--backends", "sdpa,flex", "--dtype", "fp64") == 0
+    out = capsys.readouterr().out
+    assert "flex: cannot serve this call: dtype=fp64" in out
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--shape", "1,2,3"], "--shape 1,2,3: give six positive ints"),
+    (["--shape", "1,8,8,3,2,8"], "Hq (3) must be a multiple of Hkv (2)"),
+    (["--workloads", "bogus"], "--workloads bogus: unknown; choose from prefill,"),
+    (["--shape", "1,8,8,2,2,8", "--mask", "bogus"], "--mask bogus: unknown; choose from none, causal"),
+    (["--shape", "1,8,8,2,2,8", "--mask", "window"], "--mask window: write it as window=N"),
+    (["--backends", "bogus"], "--backends: unknown attention backend 'bogus'"),
+    (["--mask", "none"], "--mask applies to --shape calls"),
+    (["--min-time", "0"], "--min-time 0"),
+])
+def test_bad_arguments_are_one_line_and_exit_2(args, needle, capsys):
+    assert _bench(*args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_list_names_every_workload_and_mask(capsys):
+    assert _bench("--list") == 0
+    out = capsys.readouterr().out
+    assert all(w.name in out for w in benchmark.WORKLOADS) and all(m.name in out for m in benchmark.USER_MASKS)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 6, 7, 8, 13])
+def test_statistics_are_pytest_benchmarks(n):
+    stats_mod = pytest.importorskip("pytest_benchmark.stats")
+    rng = random.Random(n)
+    data = [rng.uniform(1e-3, 2e-3) for _ in range(n)]
+    theirs = stats_mod.Stats()
+    for x in data:
+        theirs.update(x)
+    ours = benchmark.stats(data)
+    for name in stats_mod.Stats.fields:
+        assert ours[name] == pytest.approx(getattr(theirs, name)) if isinstance(ours[name], float) \
+            else ours[name] == getattr(theirs, name), name
+
+
+def _materialized_pairs(mask, b, h, sq, sk):
+    m = mask.materialize(sq, sk, "cpu") if mask is not None else torch.ones(sq, sk, dtype=torch.bool)
+    return int(m.expand(b, h, sq, sk).sum()) if m.dim() <= 4 and not isinstance(mask, BlockDiagonal) else h * int(m.sum())
+
+
+@pytest.mark.parametrize("mask,b,sq,sk", [
+    (None, 2, 5, 7),
+    (Causal(), 2, 5, 9), (Causal(), 1, 9, 5), (Causal(align="top_left"), 1, 6, 11),
+    (Causal(window=3), 2, 7, 7), (Causal(window=4), 1, 3, 10),
+    (BlockDiagonal([3, 1, 5], [4, 6, 2], causal=True), 1, 9, 12),
+    (BlockDiagonal([3, 4], [5, 2], causal=True, window=2), 1, 7, 7),
+    (BlockDiagonal([3, 4]), 1, 7, 7),
+    (KeyPadding(torch.tensor([[1, 1, 0, 1, 0, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)), 2, 4, 6),
+    (KeyPadding(torch.tensor([[1, 1, 0, 1, 0, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.bool), causal=True, window=3),
+     2, 4, 6),
+    (DenseMask(torch.rand(2, 1, 4, 6, generator=torch.Generator().manual_seed(0)) > 0.5), 2, 4, 6),
+])
+def test_visible_pairs_equal_the_materialized_mask(mask, b, sq, sk):
+    assert benchmark.visible_pairs(mask, b, 3, sq, sk) == _materialized_pairs(mask, b, 3, sq, sk)
+
+
+class _Stream:
+    def __init__(self, tty):
+        self.text, self.tty = "", tty
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return self.tty
+
+
+def test_progress_redraws_one_line_on_a_terminal_and_prints_rarely_elsewhere():
+    tty = _Stream(True)
+    p = Progress(4, "job", stream=tty)
+    p.update("a", advance=1)
+    p.update("b", advance=2)
+    p.close()
+    assert tty.text.count("\r\033[K") >= 3 and "\n" not in tty.text and "3/4" in tty.text and "[###" in tty.text
+    log = _Stream(False)
+    p = Progress(4, "job", stream=log, interval=3600)
+    p.update("a", advance=4)
+    assert log.text == ""                                          # a short run prints nothing
+    p = Progress(4, "job", stream=log, interval=0)
+    p.update("b", advance=1)
+    assert log.text.startswith("job: 1/4 b (") and "\r" not in log.text
