@@ -33,8 +33,8 @@ from . import masks
 from .masks import BlockDiagonal, Causal, DenseMask, KeyPadding
 
 #: the seconds of timed calls each measurement aims for, per device type (``--min-time`` overrides)
-DEFAULT_MIN_TIME = {"cpu": 0.3, "cuda": 0.2}
-MIN_ROUNDS = 5
+DEFAULT_MIN_TIME = {"cpu": 0.5, "cuda": 0.2}
+MIN_ROUNDS = 7
 MAX_ROUNDS = 2000
 #: calls with at most this many scores (B * Hq * Sq * Sk) are checked whole; bigger ones on a subset
 FULL_CHECK_SCORES = 1 << 22
@@ -631,7 +631,7 @@ def machine_info(device: torch.device) -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    info = {"node": platform.node(), "processor": platform.processor(), "machine": platform.machine(),
+    info = {"processor": platform.processor(), "machine": platform.machine(),
             "python_implementation": platform.python_implementation(), "python_version": platform.python_version(),
             "system": platform.system(), "release": platform.release(),
             "cpu": {"brand_raw": cpu, "count": os.cpu_count()}}

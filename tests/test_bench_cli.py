@@ -39,7 +39,7 @@ def test_a_shape_end_to_end_table_json_and_chart(tmp_path, capsys):
                                                        "shape 2,16,24,4,2,8 causal[math]"]
     sdpa, math_ = data["benchmarks"]
     assert sdpa["extra_info"]["baseline"] and not math_["extra_info"]["baseline"]
-    assert sdpa["stats"]["rounds"] >= benchmark.MIN_ROUNDS == len(sdpa["stats"]["data"])
+    assert sdpa["stats"]["rounds"] == len(sdpa["stats"]["data"]) >= benchmark.MIN_ROUNDS
     assert sdpa["extra_info"]["visible_pairs"] == 2 * 4 * sum(range(9, 25))
     assert sdpa["extra_info"]["check"]["error"] <= sdpa["extra_info"]["check"]["tol"]
     proc = subprocess.run([sys.executable, "-m", "pytest_benchmark", "compare", str(js), "--columns=median,rounds"],
@@ -184,3 +184,11 @@ def test_progress_redraws_one_line_on_a_terminal_and_prints_rarely_elsewhere():
     p = Progress(4, "job", stream=log, interval=0)
     p.update("b", advance=1)
     assert log.text.startswith("job: 1/4 b (") and "\r" not in log.text
+
+
+def test_docs_list_every_workload():
+    import pathlib
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md").read_text()
+    assert all(f"| `{w.name}` |" in text for w in benchmark.WORKLOADS)
+    assert all(f"`{benchmark._mask_usage(m)}`" in text for m in benchmark.USER_MASKS if m.needs() is None)
