@@ -530,6 +530,7 @@ class Row:
     why: list = field(default_factory=list)
     times: list = field(default_factory=list)
     check: Any = None                  # attnlib.testing.Comparison
+    error: str = ""                    # what it raised
     flops: float = 0.0
     implementation: str = ""
 
@@ -605,17 +606,20 @@ def run_workload(w: Workload, backends: list[str], device: torch.device, dtype: 
         def call(name=name):
             return attention(p.q, p.k, p.v, p.mask, backend=name, **p.kwargs)
 
-        with torch.no_grad():
-            out = call()                                      # also compiles (flex) before anything is timed
-            if ref is None:
-                ref = reference(p, subset)
-            got = out[subset.index] if subset.index else out
-            row.check = compare(got, ref[0], ref[1], dtype, "out")
-            if row.check.passed:
-                if progress:
-                    progress.update(f"{w.name}: {name}, timing")
-                row.times = measure(call, device, min_time)
-        del out
+        try:
+            with torch.no_grad():
+                out = call()                                  # also compiles (flex) before anything is timed
+                if ref is None:
+                    ref = reference(p, subset)
+                row.check = compare(out[subset.index] if subset.index else out, ref[0], ref[1], dtype, "out")
+                del out
+                if row.check.passed:
+                    if progress:
+                        progress.update(f"{w.name}: {name}, timing")
+                    row.times = measure(call, device, min_time)
+        except Exception as e:  # noqa: BLE001 - a backend that raises is reported, the others still run
+            row.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            row.times = []
         if progress:
             progress.update(advance=1)
     return section
@@ -691,13 +695,17 @@ def format_table(sections: list[Section], meta: dict, unavailable: list[dict]) -
         for r in s.rows:
             if r.why:
                 continue
+            if r.error:
+                lines.append(f"  {r.backend:10s} {'-':>10s} {'-':>8s} {'-':>8s} {'-':>8s} {'-':>6s}  ERROR: {r.error}")
+                continue
             err = f"{r.check.error:.1e} / {r.check.tol:.1e} " + ("ok" if r.check.passed else "WRONG: not timed")
             if not r.times:
                 lines.append(f"  {r.backend:10s} {'-':>10s} {'-':>8s} {'-':>8s} {'-':>8s} {'-':>6s}  {err}")
                 continue
             st = stats(r.times)
             ratio = f"{r.median / base.median:.2f}x" if base else "-"
-            lines.append(f"  {r.backend:10s} {1e3 * r.median:10.3f} {1e3 * st['iqr']:8.3f} {r.flops / r.median / per:8.3g} "
+            rate = r.flops / r.median / per
+            lines.append(f"  {r.backend:10s} {1e3 * r.median:10.3f} {1e3 * st['iqr']:8.3f} {rate:8.3g} "
                          f"{ratio:>8s} {st['rounds']:6d}  {err}")
         for r in s.rows:
             if r.why:
@@ -913,7 +921,7 @@ def main(args) -> int:
         progress.close()
     meta.update(seconds=time.perf_counter() - t0, load_after=_load())
     print(format_table(sections, meta, unavailable))
-    wrong = [r for s in sections for r in s.rows if r.check is not None and not r.check.passed]
+    wrong = [r for s in sections for r in s.rows if r.error or r.check is not None and not r.check.passed]
     timed = [r for s in sections for r in s.rows if r.times]
     if args.json:
         with open(args.json, "w") as f:
@@ -923,7 +931,7 @@ def main(args) -> int:
         plot(sections, meta, args.plot)
         print(f"wrote {args.plot}")
     if wrong:
-        print(f"FAILED: {', '.join(f'{r.backend} on {r.workload}' for r in wrong)} disagreed with math "
+        print(f"FAILED: {', '.join(f'{r.backend} on {r.workload}' for r in wrong)} raised or disagreed with math "
               f"(not timed)")
         return 1
     if not timed:

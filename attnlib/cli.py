@@ -465,8 +465,8 @@ def main(argv=None) -> int:
     c.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     c.add_argument("--grad", action="store_true", help="also compare gradients")
     c.add_argument("--full", action="store_true",
-                   help="every dtype on compiled/interpreted backends too (slow on cpu); on a cpu with triton installed "
-                        "it reruns itself under TRITON_INTERPRET=1 so that the triton backend runs, interpreted")
+                   help="every dtype on compiled/interpreted backends too (slow on cpu); on a cpu with triton "
+                        "installed it reruns itself under TRITON_INTERPRET=1 so that the triton backend runs")
     c.add_argument("--skip-section", action="append", metavar="NAME",
                    help="leave out a section contributed by a package (repeatable; e.g. models)")
     c.add_argument("--no-models", action="store_true", help="same as --skip-section models")

@@ -102,7 +102,8 @@ def _num(cell: str) -> float:
     return float(re.match(r"[-0-9.]+", cell.replace(",", "")).group(0))
 
 
-def ratio_groups(t: Table, group: str, variant: str, ms: str, ratio: str, skip: Callable[[str], bool] = lambda v: False):
+def ratio_groups(t: Table, group: str, variant: str, ms: str, ratio: str,
+                 skip: Callable[[str], bool] = lambda v: False):
     """Rows of ``t`` as ``json_groups`` gives them; a ratio cell ``baseline`` (or ``1.00x`` first) is the base."""
     out = defaultdict(list)
     for row in t.rows:
@@ -216,7 +217,8 @@ def plot_flex(path):
     t = table("flex_cpu.md", "The CPU shape guard's cost", "workload")
     ratio_figure(ratio_groups(t, "workload", "variant", "median (ms)", "vs first row",
                               skip=lambda v: "guard off" in v),
-                 "Packed varlen / CFG vs a dense [T, T] mask: per-sequence loop (baseline), attnlib sdpa and flex (CPU)",
+                 "Packed varlen / CFG vs a dense [T, T] mask: per-sequence loop (baseline), attnlib sdpa and flex "
+                 "(CPU)",
                  "2-core AMD EPYC VM, nothing else running (load average 0.5-1.0, the benchmark itself); "
                  "2026-12-01; torch 2.13.0+cpu, fp32, H=8, D=64; medians of 11 interleaved rounds\n"
                  "(bench/bench_flex.py, bench/results/flex_cpu.md, \"The CPU shape guard's cost\")",
@@ -302,7 +304,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("json", nargs="?", help="a pytest-benchmark JSON file (--benchmark-json or attnlib bench --json)")
     p.add_argument("--plot", metavar="PNG", help="with JSON: also draw the ratios to each group's baseline")
-    p.add_argument("--plots", nargs="*", metavar="NAME", help=f"redraw these pictures (default all): {', '.join(PLOTS)}")
+    p.add_argument("--plots", nargs="*", metavar="NAME",
+                   help=f"redraw these pictures (default all): {', '.join(PLOTS)}")
     args = p.parse_args(argv)
     if args.plots is not None:
         for name in args.plots or PLOTS:
@@ -319,8 +322,8 @@ def main(argv=None) -> int:
         groups = {g: [(v, ms, r if r is not None else 1.0, b) for v, ms, r, b in rows]
                   for g, rows in json_groups(data).items()}
         load = data.get("load_average", {}).get("before")
-        ratio_figure(groups, pathlib.Path(args.json).name, json_machine(data) + (f"; load average {load}" if load else ""),
-                     pathlib.Path(args.plot), xlabel=LOWER)
+        caption = json_machine(data) + (f"; load average {load}" if load else "")
+        ratio_figure(groups, pathlib.Path(args.json).name, caption, pathlib.Path(args.plot), xlabel=LOWER)
         print(f"wrote {args.plot}")
     return 0
 

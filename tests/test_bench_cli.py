@@ -83,12 +83,21 @@ class _Wrong(attnlib_backends.Backend):
         return call.q.clone(), None
 
 
-def test_a_wrong_backend_is_reported_and_not_timed(isolated_registry, tmp_path, capsys):
+class _Raises(attnlib_backends.Backend):
+    name = "fake_raises"
+
+    def forward(self, call):
+        raise RuntimeError("boom\nsecond line")
+
+
+def test_a_wrong_or_raising_backend_is_reported_and_not_timed(isolated_registry, tmp_path, capsys):
     isolated_registry.register_backend(_Wrong())
+    isolated_registry.register_backend(_Raises())
     js = tmp_path / "b.json"
-    assert _bench("--shape", "1,8,8,2,2,8", "--backends", "sdpa,fake_wrong", "--json", str(js)) == 1
+    assert _bench("--shape", "1,8,8,2,2,8", "--backends", "fake_raises,sdpa,fake_wrong", "--json", str(js)) == 1
     out = capsys.readouterr().out
-    assert "WRONG: not timed" in out and "FAILED: fake_wrong on shape 1,8,8,2,2,8 causal" in out
+    assert "WRONG: not timed" in out and "ERROR: RuntimeError: boom\n" in out
+    assert "FAILED: fake_raises on shape 1,8,8,2,2,8 causal, fake_wrong on shape 1,8,8,2,2,8 causal" in out
     assert [b["param"] for b in json.loads(js.read_text())["benchmarks"]] == ["sdpa"]
 
 
@@ -137,7 +146,9 @@ def test_statistics_are_pytest_benchmarks(n):
 
 def _materialized_pairs(mask, b, h, sq, sk):
     m = mask.materialize(sq, sk, "cpu") if mask is not None else torch.ones(sq, sk, dtype=torch.bool)
-    return int(m.expand(b, h, sq, sk).sum()) if m.dim() <= 4 and not isinstance(mask, BlockDiagonal) else h * int(m.sum())
+    if isinstance(mask, BlockDiagonal):
+        return h * int(m.sum())
+    return int(m.expand(b, h, sq, sk).sum())
 
 
 @pytest.mark.parametrize("mask,b,sq,sk", [

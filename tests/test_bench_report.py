@@ -16,7 +16,8 @@ _DATA = {"machine_info": {"cpu": {"brand_raw": "Test CPU", "count": 2}, "python_
          "datetime": "2026-12-07T00:00:00", "benchmarks": [
              {"group": "g", "name": "a", "stats": {"median": 0.002}, "extra_info": {"variant": "new", "torch": "2.x",
                                                                                   "device": "cpu"}},
-             {"group": "g", "name": "b", "stats": {"median": 0.004}, "extra_info": {"variant": "old", "baseline": True}},
+             {"group": "g", "name": "b", "stats": {"median": 0.004},
+              "extra_info": {"variant": "old", "baseline": True}},
          ]}
 
 
