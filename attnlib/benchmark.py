@@ -884,7 +884,9 @@ def list_text() -> str:
     for w in WORKLOADS:
         state = w.needs()
         lines.append(f"  {w.name:13s} {w.what}" + (f"  [skipped: {state}]" if state else ""))
-        lines.append(f"  {'':13s} cpu {w.sizes['cpu']}\n  {'':13s} cuda {w.sizes['cuda']}")
+        for dev in ("cpu", "cuda"):
+            sizes = ", ".join(f"{k}={_lens_text(v) if isinstance(v, tuple) else v}" for k, v in w.sizes[dev].items())
+            lines.append(f"  {'':13s} {dev + ':':5s} {sizes}")
     lines.append("--mask choices for --shape:")
     for m in USER_MASKS:
         state = m.needs()

@@ -203,3 +203,29 @@ def test_docs_list_every_workload():
     text = (pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md").read_text()
     assert all(f"| `{w.name}` |" in text for w in benchmark.WORKLOADS)
     assert all(f"`{benchmark._mask_usage(m)}`" in text for m in benchmark.USER_MASKS if m.needs() is None)
+
+
+def test_the_paged_workload_builds_a_pool_whose_pages_are_the_contiguous_caches():
+    w = benchmark.workload("paged_decode")
+    p = w.build(dict(kv_lens=(5, 17, 1), page=4, Hq=4, Hkv=2, D=8), torch.device("cpu"), torch.float32,
+                torch.Generator().manual_seed(0))
+    table = p.kwargs["block_table"]
+    assert table.dtype == torch.int32 and table.shape == (3, 5) and p.k.shape == (5 + 2 + 1 + 4, 4, 2, 8)
+    used = [int(x) for r, n in enumerate((2, 5, 1)) for x in table[r, :n]]
+    assert len(set(used)) == len(used)                       # no page shared between requests
+    k, v = p.reference_kv
+    for r, (start, n) in enumerate(((0, 5), (5, 17), (22, 1))):
+        for j in range(n):
+            assert torch.equal(k[start + j], p.k[table[r, j // 4], j % 4])
+    assert p.mask == BlockDiagonal([1, 1, 1], [5, 17, 1], causal=True) and p.q.shape == (3, 4, 8)
+
+
+def test_the_sparse_video_layout_keeps_each_frame_and_the_first(monkeypatch):
+    monkeypatch.setattr(masks, "BlockSparse", lambda layout, block_size: ("layout", layout, block_size),
+                        raising=False)
+    w = benchmark.workload("video_sparse")
+    p = w.build(dict(B=1, S=64, H=2, D=8, block=8, frames=4, extra=0.0), torch.device("cpu"), torch.float32,
+                torch.Generator().manual_seed(0))
+    _, layout, bs = p.mask
+    frame_of_block = [0, 0, 1, 1, 2, 2, 3, 3]                # 4 frames of 16 tokens, 2 blocks each
+    assert bs == 8 and layout.tolist() == [[f == g or g == 0 for g in frame_of_block] for f in frame_of_block]
