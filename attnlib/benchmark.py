@@ -78,7 +78,8 @@ def _mask_text(mask) -> str:
     if isinstance(mask, BlockDiagonal):
         q, kv = mask.q_seqlens, mask.kv_seqlens
         kv_text = "" if kv == q else f", kv {_lens_text(kv)}"
-        extra = (", causal" if mask.causal else "") + (f", window={mask.window}" if mask.window else "")
+        extra = (", causal" if mask.causal else "") + "".join(
+            f", {name}={getattr(mask, name)}" for name in ("window", "chunk", "sink") if getattr(mask, name, None))
         return f"BlockDiagonal({len(q)} blocks: q {_lens_text(q)}{kv_text}{extra})"
     if mask is None:
         return "no mask"
@@ -237,7 +238,7 @@ WORKLOADS: tuple[Workload, ...] = (
     # block-sparse video attention: on as soon as attnlib.masks has BlockSparse
     Workload("video_sparse", "video with a block-sparse layout (own frame + first frame + ~10 % others)",
              _video_sparse,
-             {"cpu": dict(B=1, S=2048, H=8, D=64, block=64, frames=2, extra=0.1),
+             {"cpu": dict(B=1, S=2048, H=8, D=64, block=64, frames=8, extra=0.1),
               "cuda": dict(B=1, S=16384, H=24, D=128, block=128, frames=16, extra=0.1)},
              needs=_mask_exists("BlockSparse")),
 )
@@ -380,6 +381,12 @@ def visible_pairs(mask, batch: int, heads: int, seqlen_q: int, seqlen_k: int) ->
         seen = (hi >= lo)
         counts = prefix[:, (hi + 1).clamp(min=0)] - prefix[:, lo.clamp(max=sk)]
         return heads * int((counts * seen).sum())
+    if type(mask) is getattr(masks, "BlockSparse", None) and not mask.causal:
+        (bq, bk), lay = mask.block_size, mask.layout.to("cpu", torch.int64)
+        rows = torch.tensor([min(bq, sq - i) for i in range(0, sq, bq)])      # the last blocks may be partial
+        cols = torch.tensor([min(bk, sk - j) for j in range(0, sk, bk)])
+        repeat = batch * heads // math.prod(lay.shape[:-2])                 # layout [nQ, nK], [Hq, ...], [B, Hq, ...]
+        return repeat * int((lay * (rows[:, None] * cols[None, :])).sum())
     m = mask.materialize(sq, sk, "cpu")
     target = (batch, heads, sq, sk)
     factor = 1
@@ -408,6 +415,8 @@ def _head_independent(mask) -> bool:
         return True
     if type(mask) is DenseMask:
         return mask.mask.dim() < 3 or mask.mask.shape[-3] == 1
+    if type(mask) is getattr(masks, "BlockSparse", None):
+        return mask.layout.dim() == 2
     return False
 
 

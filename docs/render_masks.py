@@ -78,9 +78,12 @@ PICTURES: tuple[Picture, ...] = (
     Picture("key_padding_causal", lambda: (KeyPadding(_valid("001111", "111111"), causal=True), 6, 6)),
     Picture("key_padding_empty_row", lambda: (KeyPadding(_valid("0011111", "0000000")), 3, 7)),
     Picture("dense", lambda: (DenseMask((torch.arange(6)[:, None] + 2 * torch.arange(9)[None, :]) % 3 != 0), 6, 9)),
-    # pictures of masks that attnlib does not have yet: each appears (and its test starts) with its feature
+    # chunks, sinks, block-sparse layouts: drawn when this attnlib has them
     Picture("causal_chunk", lambda: (Causal(chunk=3), 9, 9), needs=_causal_has("chunk")),
+    Picture("causal_chunk_window", lambda: (Causal(chunk=3, window=2), 9, 9), needs=_causal_has("chunk")),
     Picture("causal_window_sink", lambda: (Causal(window=3, sink=2), 9, 9), needs=_causal_has("sink")),
+    Picture("block_diagonal_chunk", lambda: (BlockDiagonal([4, 6], causal=True, chunk=2), 10, 10),
+            needs=_causal_has("chunk")),
     Picture("block_sparse", _block_sparse,
             needs=lambda: None if hasattr(attnlib.masks, "BlockSparse") else "attnlib.masks has no BlockSparse"),
 )

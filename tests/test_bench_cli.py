@@ -162,6 +162,15 @@ def _materialized_pairs(mask, b, h, sq, sk):
     (KeyPadding(torch.tensor([[1, 1, 0, 1, 0, 1], [0, 0, 1, 1, 1, 1]], dtype=torch.bool), causal=True, window=3),
      2, 4, 6),
     (DenseMask(torch.rand(2, 1, 4, 6, generator=torch.Generator().manual_seed(0)) > 0.5), 2, 4, 6),
+    *([] if not hasattr(masks, "BlockSparse") else [
+        (masks.BlockSparse(torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool), (3, 4)), 2, 5, 10),
+        (masks.BlockSparse(torch.rand(3, 2, 3, generator=torch.Generator().manual_seed(1)) > 0.5, (3, 4)), 2, 5, 10),
+        (masks.BlockSparse(torch.tensor([[1, 0, 1], [1, 1, 0]], dtype=torch.bool), (3, 4), causal=True), 1, 5, 10),
+    ]),
+    *([] if "chunk" not in getattr(Causal, "__dataclass_fields__", {}) else [
+        (Causal(chunk=3, window=2, sink=1), 1, 7, 9),
+        (BlockDiagonal([4, 5], causal=True, chunk=2, sink=1), 1, 9, 9),
+    ]),
 ])
 def test_visible_pairs_equal_the_materialized_mask(mask, b, sq, sk):
     assert benchmark.visible_pairs(mask, b, 3, sq, sk) == _materialized_pairs(mask, b, 3, sq, sk)
