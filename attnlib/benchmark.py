@@ -34,7 +34,7 @@ from .masks import BlockDiagonal, Causal, DenseMask, KeyPadding
 
 #: the seconds of timed calls each measurement aims for, per device type (``--min-time`` overrides)
 DEFAULT_MIN_TIME = {"cpu": 0.5, "cuda": 0.2}
-MIN_ROUNDS = 7
+MIN_ROUNDS = 5
 MAX_ROUNDS = 2000
 #: calls with at most this many scores (B * Hq * Sq * Sk) are checked whole; bigger ones on a subset
 FULL_CHECK_SCORES = 1 << 22
@@ -226,19 +226,19 @@ WORKLOADS: tuple[Workload, ...] = (
              {"cpu": dict(q=(1024, 1024), kv=(1250, 1101), Hq=8, Hkv=8, D=64),
               "cuda": dict(q=(4096, 4096), kv=(4608, 4173), Hq=24, Hkv=24, D=128)}),
     Workload("decode", "1 new token per sequence against its KV cache", _decode,
-             {"cpu": dict(B=4, Sk=8192, Hq=32, Hkv=8, D=128), "cuda": dict(B=32, Sk=8192, Hq=32, Hkv=8, D=128)}),
+             {"cpu": dict(B=4, Sk=4096, Hq=32, Hkv=8, D=128), "cuda": dict(B=32, Sk=8192, Hq=32, Hkv=8, D=128)}),
     Workload("video", "video DiT self-attention, bidirectional (frames x 32 x 32 latent patches)", _video,
              {"cpu": dict(B=1, S=2048, H=8, D=64), "cuda": dict(B=1, S=16384, H=24, D=128)}),
     # paged KV: on as soon as attention() takes block_table
     Workload("paged_decode", "decode against caches in a shared page pool (block_table)", _paged_decode,
-             {"cpu": dict(kv_lens=(1200, 4096, 517, 3000), page=16, Hq=32, Hkv=8, D=128),
+             {"cpu": dict(kv_lens=(600, 2048, 517, 1500), page=16, Hq=32, Hkv=8, D=128),
               "cuda": dict(kv_lens=tuple(512 + (i * 2689) % 15872 for i in range(32)), page=16, Hq=32, Hkv=8,
                            D=128)},
              needs=_attention_takes("block_table")),
     # block-sparse video attention: on as soon as attnlib.masks has BlockSparse
     Workload("video_sparse", "video with a block-sparse layout (own frame + first frame + ~10 % others)",
              _video_sparse,
-             {"cpu": dict(B=1, S=2048, H=8, D=64, block=64, frames=8, extra=0.1),
+             {"cpu": dict(B=1, S=1024, H=8, D=64, block=64, frames=8, extra=0.1),
               "cuda": dict(B=1, S=16384, H=24, D=128, block=128, frames=16, extra=0.1)},
              needs=_mask_exists("BlockSparse")),
 )
@@ -471,11 +471,11 @@ def _sync(device: torch.device) -> None:
 
 def measure(fn: Callable[[], Any], device: torch.device, min_time: float, *, min_rounds: int = MIN_ROUNDS,
             max_rounds: int = MAX_ROUNDS) -> list[float]:
-    """Seconds per call of ``fn``: warm-up (2 calls, then until ~10 % of ``min_time``), then enough rounds to
-    fill ``min_time`` (``min_rounds`` .. ``max_rounds``). CUDA: an event pair around each call, one sync at the
-    end; CPU: ``time.perf_counter`` around each call."""
+    """Seconds per call of ``fn`` (called once before, e.g. by the check): warm-up (1 call, then until ~10 % of
+    ``min_time``), then enough rounds to fill ``min_time`` (``min_rounds`` .. ``max_rounds``). CUDA: an event
+    pair around each call, one sync at the end; CPU: ``time.perf_counter`` around each call."""
     t0, n = time.perf_counter(), 0
-    while n < 2 or (time.perf_counter() - t0 < 0.1 * min_time and n < 50):
+    while n < 1 or (time.perf_counter() - t0 < 0.1 * min_time and n < 50):
         fn()
         _sync(device)
         n += 1
