@@ -1,14 +1,19 @@
-"""``attnlib`` command line: ``info`` (environment, backends) and ``check`` (the conformance matrix)."""
+"""``attnlib`` command line: ``info`` (environment, backends), ``check`` (the conformance matrix) and ``bench``
+(the backends that can run here, timed on named workloads or your shapes)."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
+import os
+import platform
+import subprocess
 import sys
 import time
 
 import torch
 
-from . import conformance, settings, versions
+from . import benchmark, conformance, settings, versions
 from .backends.base import ALL_FEATURES, dtype_name
 from .registry import alias_map, auto_order, get_backend, list_backends
 
@@ -206,6 +211,43 @@ def _defects_section(names, dev) -> int:
     return failures
 
 
+#: seconds between progress lines of `attnlib check` when stderr is not a terminal (a terminal gets a live bar)
+PROGRESS_INTERVAL = 30.0
+
+
+def _reexec_interpreted(args, argv) -> int | None:
+    """``check --full`` on a CPU: the triton backend only runs under ``TRITON_INTERPRET=1`` set before triton
+    is imported, so rerun this command in a child process with it set; its exit status, or None to go on."""
+    if not args.full or os.environ.get(settings.TRITON_INTERPRET) == "1" or importlib.util.find_spec("triton") is None:
+        return None
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    asked = args.backend and "triton" not in {n.lower() for n in args.backend}
+    if dev != "cpu" or asked:
+        return None
+    print("attnlib check --full: rerunning under TRITON_INTERPRET=1 (the triton backend's kernels, interpreted on "
+          "the CPU)", flush=True)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    env = {**os.environ, settings.TRITON_INTERPRET: "1"}
+    return subprocess.call([sys.executable, "-m", "attnlib", *argv], env=env)
+
+
+def _summary(verdict: str, counts: dict, sections_failed: int, names, dtypes, dev: str, seconds: float) -> str:
+    """One line to paste into a bug report: verdict, counts, versions, machine, what ran, time."""
+    from . import __version__
+    from .benchmark import device_text, machine_info
+
+    optional = [f"{label} {v}" for label, mod in (("triton", "triton"), ("flash-attn", "flash_attn"),
+                                                  ("xformers", "xformers"))
+                if not (v := _version(mod)).startswith("not installed")]
+    interp = ", TRITON_INTERPRET=1" if os.environ.get(settings.TRITON_INTERPRET) == "1" else ""
+    meta = {"machine_info": machine_info(torch.device(dev))}
+    return (f"summary: attnlib check {verdict}: {counts['ok']} ok, {counts['FAIL']} failed, {counts['n/a']} n/a, "
+            f"{counts['--full']} need --full; sections {sections_failed} failed | attnlib {__version__}, torch "
+            f"{torch.__version__}, " + "".join(f"{o}, " for o in optional) + f"python {platform.python_version()} | "
+            f"{dev}: {device_text(meta)}{interp} | backends {','.join(names)} | "
+            f"{','.join(dtype_name(d) for d in dtypes)} | {seconds:.0f} s")
+
+
 def cmd_check(args) -> int:
     try:
         dev, names, unavailable, dtypes, cases = _check_plan(args)
@@ -217,25 +259,34 @@ def cmd_check(args) -> int:
             print(f"FAIL: {r['name']} was asked for and cannot run here: {r['reason']}")
         print("FAILED: no backend to check")
         return 1
+    from .progress import Progress
+
     t0 = time.perf_counter()
     print(f"attnlib check: {len(names)} backend(s) x {len(cases)} cases x {len(dtypes)} dtypes x GQA "
           f"{list(conformance.HEADS)} on {dev}, vs float64 math (tolerance: attnlib.testing)")
     print()
     failures, ran = 0, 0
+    counts = {"ok": 0, "FAIL": 0, "n/a": 0, "--full": 0}
     header = f"{'case':24s} {'mask':15s} {'dtype':5s} " + " ".join(f"{n:>18s}" for n in names)
     print(header)
     print("-" * len(header))
+    progress = Progress(len(cases) * len(dtypes) * len(names), "attnlib check", interval=PROGRESS_INTERVAL)
     for case in cases:
         for dtype in dtypes:
             cells = []
             for name in names:
+                progress.update(f"{case.name} {dtype_name(dtype)} {name}")
                 text, bad, skip = _cell(args, name, case, dtype, dev)
+                progress.update(advance=1)
                 cells.append(text)
                 failures += bad
+                counts[text.split()[-1]] += 1
                 ran += not text.strip().startswith(("n/a", "--full"))
                 if args.verbose and skip:
-                    print(f"    [{name} skips {case.name}: {skip}]")
-            print(f"{case.name:24s} {case.kind:15s} {dtype_name(dtype):5s} " + " ".join(cells))
+                    progress.print(f"    [{name} skips {case.name}: {skip}]")
+            progress.print(f"{case.name:24s} {case.kind:15s} {dtype_name(dtype):5s} " + " ".join(cells))
+    progress.close()
+    matrix_failures = failures
     print()
     print("cells: worst max|error| / tolerance over GQA 1,2,4 and {out, lse" + (", grads" if args.grad else "")
           + "}; n/a = the backend cannot serve that call (`attnlib check -v` says why)")
@@ -256,12 +307,15 @@ def cmd_check(args) -> int:
     for section_name, section in conformance.check_sections().items():
         if section_name not in skip:
             failures += section(list(names), dev)
+    dt = time.perf_counter() - t0
+    sections_failed = failures - matrix_failures - len(unavailable)
     if ran == 0:
         print("\nFAILED: no comparison ran (no backend could serve the cases and dtypes asked for)")
+        print(_summary("FAILED", counts, sections_failed, names, dtypes, dev, dt))
         return 1
-    dt = time.perf_counter() - t0
     print()
     print(f"{'FAILED' if failures else 'PASSED'}: {failures} failing comparison(s), {ran} cells checked, {dt:.1f}s")
+    print(_summary("FAILED" if failures else "PASSED", counts, sections_failed, names, dtypes, dev, dt))
     return 1 if failures else 0
 
 
@@ -410,7 +464,9 @@ def main(argv=None) -> int:
     c.add_argument("--case", action="append", help="only this case (repeatable)")
     c.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     c.add_argument("--grad", action="store_true", help="also compare gradients")
-    c.add_argument("--full", action="store_true", help="every dtype on compiled/interpreted backends too (slow on cpu)")
+    c.add_argument("--full", action="store_true",
+                   help="every dtype on compiled/interpreted backends too (slow on cpu); on a cpu with triton "
+                        "installed it reruns itself under TRITON_INTERPRET=1 so that the triton backend runs")
     c.add_argument("--skip-section", action="append", metavar="NAME",
                    help="leave out a section contributed by a package (repeatable; e.g. models)")
     c.add_argument("--no-models", action="store_true", help="same as --skip-section models")
@@ -425,7 +481,12 @@ def main(argv=None) -> int:
                         "runs every case on that backend, --case picks cases")
     c.add_argument("--timeout", type=float, default=300.0, metavar="S",
                    help="with --parallel: stop the processes after S seconds (default 300)")
+    b = sub.add_parser("bench", help="time every backend that can run here (each checked against math first) on "
+                                     "named workloads or --shape; table, JSON, chart")
+    benchmark.add_arguments(b)
     args = p.parse_args(argv)
+    if args.cmd == "bench":
+        return benchmark.main(args)
     if args.cmd == "info":
         tables = [(args.capabilities, capability_matrix), (args.aliases, alias_table),
                   (args.env, settings.markdown_table)]
@@ -435,6 +496,9 @@ def main(argv=None) -> int:
         return cmd_info(args)
     if args.parallel is not None:
         return cmd_check_parallel(args)
+    rerun = _reexec_interpreted(args, argv)
+    if rerun is not None:
+        return rerun
     args.dtype = args.dtype or ["fp32", "bf16", "fp16"]
     return cmd_check(args)
 

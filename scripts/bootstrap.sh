@@ -32,6 +32,6 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/constraints
     torch_pin="torch==${ATTNLIB_TORCH_VERSION:-2.13.0}"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check "$torch_pin"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check ${upgrade[@]+"${upgrade[@]}"} \
-        ${constraints[@]+"${constraints[@]}"} -e ".[test,triton,hf]" "$torch_pin"
+        ${constraints[@]+"${constraints[@]}"} -e ".[test,triton,hf,plot]" "$torch_pin"
     "$venv/bin/python" -c "import torch, attnlib" && touch "$stamp"
 fi

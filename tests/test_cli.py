@@ -145,3 +145,42 @@ def test_check_parallel_usage_errors(args, needle, capsys):
     assert cli.main(["check", *args]) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_check_ends_with_a_one_line_summary_to_paste(capsys):
+    assert _check("--backend", "sdpa", "--backend", "math", "--dtype", "fp32", "--case", "full", "--case",
+                  "causal") == 0
+    out = capsys.readouterr().out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("summary: attnlib check PASSED: 4 ok, 0 failed, 0 n/a, 0 need --full; sections 0 failed")
+    assert f"torch {torch.__version__}" in last and "| backends sdpa,math | fp32 |" in last
+    assert f"| {'cuda' if torch.cuda.is_available() else 'cpu'}: " in last
+
+
+def test_check_progress_on_stderr_only_when_long_or_on_a_terminal(monkeypatch, capsys):
+    assert _check("--backend", "sdpa", "--dtype", "fp32", "--case", "full", "--case", "causal") == 0
+    assert capsys.readouterr().err == ""                       # a short run into a pipe: no progress lines
+    monkeypatch.setattr(cli, "PROGRESS_INTERVAL", 0.0)         # as if every cell took longer than the interval
+    assert _check("--backend", "sdpa", "--dtype", "fp32", "--case", "full", "--case", "causal") == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("attnlib check: 0/2 full fp32 sdpa (") and err[-1].startswith("attnlib check: 2/2 ")
+
+
+def test_full_reruns_itself_under_the_triton_interpreter(monkeypatch, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None or torch.cuda.is_available():
+        pytest.skip("needs triton installed and no CUDA device")
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, env: calls.append((cmd, env)) or 3)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    argv = ["check", "--full", "--backend", "triton", "--case", "full", "--fuzz", "0", "--no-models"]
+    assert cli.main(argv) == 3                                 # the child's exit status
+    (cmd, env), = calls
+    assert cmd[1:] == ["-m", "attnlib", *argv] and env["TRITON_INTERPRET"] == "1"
+    assert "rerunning under TRITON_INTERPRET=1" in capsys.readouterr().out
+    calls.clear()
+    assert _check("--backend", "sdpa", "--dtype", "fp32", "--case", "full", "--full") == 0   # triton not asked for
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert _check("--backend", "triton", "--dtype", "fp32", "--case", "full", "--full") == 0  # already interpreted
+    assert calls == []

@@ -564,9 +564,12 @@ def _forward(call: AttentionCall):
     lse_in_kernel = call.return_lse and dev.type != "cpu"
     d_pad, dv_pad = _padded_head_dim(call.head_dim, dev, static), _padded_head_dim(dv, dev, static)
     # flex bakes the scale (and a softcap) into the kernel: a new value compiles once, under its own key;
-    # head counts too: flex marks them static, so each count would recompile under a shared key
+    # head counts too: flex marks them static, so each count would recompile under a shared key.
+    # static (the CPU guard): one kernel per padded shape, so the shape is part of the key; a shared key would
+    # recompile per shape and hit dynamo's recompile limit (a warning, then a fresh function) in long runs
     key = (dev.type, low.family, low.score_mod is not None, call.plan.max_runs, call.dtype, d_pad, dv_pad,
-           call.heads_q, call.heads_kv, lse_in_kernel, call.scale, call.plan.mods.softcap, static)
+           call.heads_q, call.heads_kv, lse_in_kernel, call.scale, call.plan.mods.softcap, static) \
+        + ((b, psq, psk) if static else ())
     qk, kk, vk = qh, kh, vh
     if static:   # padded, and one contiguous BHSD layout whether padded or not (strides are guarded too)
         qk, kk, vk = (_pad_dim(t, 2, n, _PAD_VALUE).contiguous() for t, n in ((qh, psq), (kh, psk), (vh, psk)))
