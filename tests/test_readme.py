@@ -31,6 +31,13 @@ def test_readme_usage_example_runs():
     assert all(x.filename == "README-usage" for x in w if "attnlib:" in str(x.message))
 
 
+def test_readme_beyond_masks_example_runs():
+    code = _python_block("import torch, attnlib\nfrom attnlib import BlockDiagonal, BlockSparse, Causal\n")
+    namespace = {}
+    exec(compile(code, "README-beyond", "exec"), namespace)
+    assert namespace["out"].shape == (2, 8, 64) and torch.isfinite(namespace["out"]).all()
+
+
 def _sequence_parallel_code() -> str:
     return _python_block("import torch, torch.distributed as dist, attnlib\n")
 

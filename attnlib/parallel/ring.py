@@ -27,8 +27,16 @@ from ..registry import select_backend
 
 
 def _sees_something(p) -> bool:
-    """Some query of the restricted plan ``p`` may see a key (by structure)."""
-    return p.seqlen_q > 0 and p.seqlen_k > 0 and any(a < z for a, z in (t.visible_rows() for t in p.tiles))
+    """Some query of the restricted plan ``p`` may see a key: by structure, and for a host block layout by
+    the layout's blocks over the slice (empty sparse blocks are skipped like the causal future)."""
+    if not (p.seqlen_q > 0 and p.seqlen_k > 0 and any(a < z for a, z in (t.visible_rows() for t in p.tiles))):
+        return False
+    sp = p.sparse
+    if sp is not None and sp.layout.device.type == "cpu":      # a host tensor: reading it syncs nothing
+        q0, k0 = sp.q_origin // sp.bq, sp.k_origin // sp.bk
+        q1, k1 = (sp.q_origin + p.seqlen_q - 1) // sp.bq + 1, (sp.k_origin + p.seqlen_k - 1) // sp.bk + 1
+        return bool(sp.layout[..., q0:q1, k0:k1].any())
+    return True
 
 
 # -- the ring ----------------------------------------------------------------------------------------------
