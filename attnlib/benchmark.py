@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from . import masks
+from .arguments import UsageError, backend_args, device_arg
 from .masks import BlockDiagonal, Causal, DenseMask, KeyPadding
 
 #: the seconds of timed calls each measurement aims for, per device type (``--min-time`` overrides)
@@ -41,10 +42,6 @@ FULL_CHECK_SCORES = 1 << 22
 DEFAULT_DTYPE = {"cpu": "fp32", "cuda": "bf16"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 BASELINE = "sdpa"
-
-
-class UsageError(Exception):
-    """A bad ``attnlib bench`` argument: printed as one line, exit status 2."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -830,13 +827,9 @@ def _split(values) -> list[str]:
 
 def _plan(args):
     """``(device, dtype, workloads, backends, unavailable)`` or ``UsageError``."""
-    from .registry import canonical_name, list_backends
+    from .registry import list_backends
 
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev not in ("cpu", "cuda"):
-        raise UsageError(f"--device {dev!r}: use cpu or cuda")
-    if dev == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device cuda: torch {torch.__version__} sees no CUDA device here; use --device cpu")
+    dev = device_arg(args.device)
     device = torch.device(dev)
     dtype = DTYPES[args.dtype or DEFAULT_DTYPE[dev]]
     if args.min_time is not None and not args.min_time > 0:
@@ -857,18 +850,9 @@ def _plan(args):
         mask, n = parse_mask(mask_args[i if len(mask_args) > 1 else 0])
         chosen.append(shape_workload(parse_shape(text), mask, n))
     rows = {r["name"]: r for r in list_backends()}
-    backends = []
-    for n in _split(args.backends):
-        try:
-            c = canonical_name(n)
-        except ValueError as e:
-            raise UsageError(f"--backends: {e}") from None
-        if c == "auto":
-            raise UsageError("--backends auto: name the backends to compare (or leave --backends out for all)")
-        backends += [c] if c not in backends else []
-    if backends:
-        unavailable = [rows[n] for n in backends if not rows[n]["available"]]
-        backends = [n for n in backends if rows[n]["available"]]
+    backends, unavailable = backend_args(_split(args.backends), "--backends",
+                                         "compare (or leave --backends out for all)")
+    if _split(args.backends):
         if not backends:
             raise UsageError("--backends: none of them can run here: " + "; ".join(
                 f"{r['name']}: {r['reason']}" for r in unavailable))

@@ -14,6 +14,7 @@ import time
 import torch
 
 from . import benchmark, conformance, settings, versions
+from .arguments import UsageError, backend_args, device_arg
 from .backends.base import ALL_FEATURES, dtype_name
 from .registry import alias_map, auto_order, get_backend, list_backends
 
@@ -115,36 +116,13 @@ def _fmt(x: float) -> str:
     return f"{x:.1e}" if x else "0"
 
 
-class UsageError(Exception):
-    """A bad ``attnlib check`` argument: printed as one line, exit status 2."""
-
-
 def _check_plan(args):
     """Validate the arguments: ``(device, names, unavailable, dtypes, cases)`` or ``UsageError``."""
-    from .registry import canonical_name
-
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if dev not in ("cpu", "cuda"):
-        raise UsageError(f"--device {dev!r}: use cpu or cuda")
-    if dev == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device cuda: torch {torch.__version__} sees no CUDA device here; use --device cpu")
-    rows = {r["name"]: r for r in list_backends()}
+    dev = device_arg(args.device)
     if args.backend:
-        names = []
-        for n in args.backend:
-            try:
-                c = canonical_name(n)
-            except ValueError as e:
-                raise UsageError(f"--backend: {e}") from None
-            if c == "auto":
-                raise UsageError("--backend auto: name the backends to check (or leave --backend out for all)")
-            if c not in names:
-                names.append(c)
-        unavailable = [rows[n] for n in names if not rows[n]["available"]]
-        names = [n for n in names if rows[n]["available"]]
+        names, unavailable = backend_args(args.backend, "--backend", "check (or leave --backend out for all)")
     else:
-        names = [n for n, r in rows.items() if r["available"]]
-        unavailable = []
+        names, unavailable = [r["name"] for r in list_backends() if r["available"]], []
     dtypes = [_DTYPES[d] for d in args.dtype]
     cases = list(conformance.CASES)
     if args.fuzz:
@@ -324,7 +302,6 @@ def _parallel_plan(args):
     import torch.distributed as dist
 
     from .parallel import conformance as spc
-    from .registry import canonical_name
 
     world = args.parallel
     if world < 2:
@@ -337,9 +314,7 @@ def _parallel_plan(args):
     if not dist.is_available():
         raise UsageError(f"--parallel: torch {torch.__version__} was built without torch.distributed")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    dev = args.device or ("cuda" if gpus >= world and dist.is_nccl_available() else "cpu")
-    if dev not in ("cpu", "cuda"):
-        raise UsageError(f"--device {dev!r}: use cpu or cuda")
+    dev = device_arg(args.device, "cuda" if gpus >= world and dist.is_nccl_available() else "cpu")
     if dev == "cuda" and gpus < world:
         fewer = f"--parallel {gpus} or fewer, or " if gpus >= 2 else ""
         raise UsageError(f"--device cuda --parallel {world}: NCCL needs one GPU per process and torch sees {gpus} "
@@ -348,19 +323,8 @@ def _parallel_plan(args):
         raise UsageError("--device cuda --parallel: this torch has no NCCL; use --device cpu (gloo)")
     if dev == "cpu" and not dist.is_gloo_available():
         raise UsageError("--parallel on cpu needs the gloo backend, which this torch lacks")
-    rows = {r["name"]: r for r in list_backends()}
-    backends, unavailable = [], []
-    for n in args.backend or ():
-        try:
-            c = canonical_name(n)
-        except ValueError as e:
-            raise UsageError(f"--backend: {e}") from None
-        if c == "auto":
-            raise UsageError("--backend auto: name the backends to check (or leave --backend out for the cases' own)")
-        if rows[c]["available"]:
-            backends += [c] if c not in backends else []
-        elif rows[c] not in unavailable:
-            unavailable.append(rows[c])
+    backends, unavailable = backend_args(args.backend, "--backend",
+                                         "check (or leave --backend out for the cases' own)")
     matrix = spc.cases(world)
     if args.case:
         wrong = [c for c in args.case if c not in matrix]

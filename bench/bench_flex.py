@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import attnlib
 from attnlib import BlockDiagonal
 
-from harness import DEVICE, DTYPE, run as _run, sync
+from harness import DEVICE, DTYPE, interleaved_medians, run as _run
 
 H, D = 8, 64
 ROUNDS = 10 if DEVICE == "cpu" else 100
@@ -148,26 +148,13 @@ def variants(group):
 
 def interleaved(rounds: int = 15) -> None:
     """Round-robin timing, medians in ms, ratios to the per-sequence loop, as a markdown table."""
-    import statistics
-    import time
     print(f"torch {torch.__version__}, device {DEVICE}, dtype {str(DTYPE)[6:]}, threads {torch.get_num_threads()}, "
           f"{rounds} interleaved rounds")
     print()
     print("| workload | variant | median (ms) | vs first row |")
     print("|---|---|---:|---:|")
     for group in [*CASES, *DENSE]:
-        fns = variants(group)
-        for fn in fns.values():      # warm-up: compiles, block masks, caches
-            fn(), fn()
-            sync()
-        times = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                sync()
-                times[name].append(time.perf_counter() - t0)
-        med = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+        med = {name: t * 1e3 for name, t in interleaved_medians(variants(group), rounds).items()}
         base = next(iter(med.values()))
         for name, ms in med.items():
             print(f"| {group} | {name} | {ms:.1f} | {ms / base:.2f}x |")

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import statistics
-import time
 
 import pytest
 import torch
@@ -27,7 +25,7 @@ import attnlib
 from attnlib import BlockDiagonal
 from attnlib.kvcache import PagedKVCache
 
-from harness import DEVICE, DTYPE, run as _run, sync
+from harness import DEVICE, DTYPE, interleaved_medians, run as _run
 
 if os.environ.get("ATTNLIB_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["ATTNLIB_BENCH_THREADS"]))
@@ -156,18 +154,7 @@ def interleaved(rounds: int = 11) -> None:
             continue
         case = _case(b, L, page)
         for backend in BACKENDS:
-            fns = case.variants(backend)
-            for fn in fns.values():           # warm-up: compiles, plans, caches
-                fn(), fn()
-                sync()
-            times = {name: [] for name in fns}
-            for _ in range(rounds):
-                for name, fn in fns.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    sync()
-                    times[name].append(time.perf_counter() - t0)
-            med = {name: statistics.median(t) for name, t in times.items()}
+            med = interleaved_medians(case.variants(backend), rounds)
             base = med["contiguous"]
             for name, s in med.items():
                 print(f"| {backend} | {b} | {L // 2}..{L} | {page} | {name} | {s * 1e3:.2f} | {b / s:,.0f} | "
