@@ -205,7 +205,7 @@ def _reexec_interpreted(args, argv) -> int | None:
     print("attnlib check --full: rerunning under TRITON_INTERPRET=1 (the triton backend's kernels, interpreted on "
           "the CPU)", flush=True)
     argv = list(sys.argv[1:] if argv is None else argv)
-    env = {**os.environ, settings.TRITON_INTERPRET: "1"}
+    env = dict(os.environ, TRITON_INTERPRET="1")
     return subprocess.call([sys.executable, "-m", "attnlib", *argv], env=env)
 
 

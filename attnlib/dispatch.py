@@ -96,12 +96,11 @@ def _anchor(mask):
 def _signature(q, k, v, mask, scale, return_lse, softcap, alibi_slopes, sinks, block_table, backend) -> tuple:
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or
                                         (sinks is not None and sinks.requires_grad))
-    env = os.environ
     return (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, grad,
             mask if _structured(mask) else id(mask), scale, return_lse, softcap, id(alibi_slopes), id(sinks),
             id(block_table), backend, registry_override(), registry_generation(),
-            env.get(settings.BACKEND), env.get(settings.FALLBACK), env.get(settings.NONFINITE_GUARD),
-            env.get(settings.TRITON_INTERPRET))
+            os.environ.get(settings.BACKEND), os.environ.get(settings.FALLBACK),
+            os.environ.get(settings.NONFINITE_GUARD), os.environ.get(settings.TRITON_INTERPRET))
 
 
 def execute(backend: Backend, call: AttentionCall, _padding_seen: bool = False):
@@ -187,8 +186,7 @@ def _guard(call: AttentionCall, caps, padding_seen: bool = False):
     mark = None
     if plan.key_valid is not None and not caps.isolates_padding and not padding_seen:
         keep = plan.key_valid[:, :, None, None]
-        zero = torch.zeros((), dtype=call.k.dtype, device=call.k.device)
-        call = call.replace(k=torch.where(keep, call.k, zero), v=torch.where(keep, call.v, zero))
+        call = call.replace(k=torch.where(keep, call.k, 0.0), v=torch.where(keep, call.v, 0.0))
     if not caps.propagates_nonfinite:
         mark = _nan_where_nonfinite(call.q) + _first_key_mark(call)          # [B, Sq, Hq, 1]
     return call, mark

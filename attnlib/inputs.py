@@ -93,7 +93,10 @@ class AttentionCall:
         if "plan" not in changes and {"mask", "seqlen_q", "seqlen_k"} & set(changes):
             fields["plan"] = as_plan(fields["mask"], fields["seqlen_q"], fields["seqlen_k"]).with_call(
                 self.plan.mods, self.plan.kv)
-        return AttentionCall(**fields)
+        new = AttentionCall(**fields)
+        if changes.keys() <= {"k", "v", "return_lse"} and "empty" in self._memo:     # same plan, same q
+            new._memo["empty"] = self._memo["empty"]
+        return new
 
     def with_tensors(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> "AttentionCall":
         """This call (validated, planned) on other tensors of the same shapes, dtypes and devices, given in
