@@ -206,6 +206,21 @@ class BlockLayout:
         kj = (torch.arange(sk, device=lay.device) + self.k_origin) // self.bk
         return lay[:, :, qi][:, :, :, kj]
 
+    def empty_rows(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """bool ``[B?, H?, Sq]``: the rows that see no key, from the rows' key runs ``lo..hi`` ``[R, Sq]``
+        (:meth:`Plan.runs_table`) and prefix counts of the listed blocks: ``O(Sq)`` on the layout's
+        device, no token grid, no host read."""
+        lay = self.as4d().to(lo.device)
+        csum = torch.nn.functional.pad(lay.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
+        qi = (torch.arange(lo.shape[1], device=lo.device) + self.q_origin) // self.bq
+        seen = torch.zeros(lay.shape[:2] + (lo.shape[1],), dtype=torch.bool, device=lo.device)
+        for r in range(lo.shape[0]):
+            first = (lo[r] + self.k_origin) // self.bk
+            last = (hi[r].clamp(min=0) + self.k_origin) // self.bk
+            listed = csum[:, :, qi, last + 1] - csum[:, :, qi, first]
+            seen = seen | ((listed > 0) & (hi[r] >= lo[r]))
+        return ~seen
+
 
 def host_blocks(layout: torch.Tensor) -> tuple:
     """``(idx, count, most)`` of a CPU layout (see :attr:`BlockLayout.host`); reads it on the host."""
@@ -568,7 +583,9 @@ class Plan:
         """bool, broadcastable to ``[B, Hq, Sq]``: rows that see no key; None when none can.
         Structured plans: from :meth:`empty_row_runs` (cached per device); with a tensor restriction:
         computed on the device (no host read)."""
-        if self.dense is not None or self.sparse is not None:
+        if self.sparse is not None:
+            return self.sparse.empty_rows(*self.runs_table_on(device))
+        if self.dense is not None:
             m = self.materialize(device)
             m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
             return ~m.any(dim=-1)
