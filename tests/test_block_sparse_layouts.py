@@ -13,7 +13,7 @@ from attnlib.testing import compare, gradient_magnitudes
 from reference64 import attention64
 
 BACKENDS = ["math", "sdpa"]
-N_EXAMPLES = 10
+N_EXAMPLES = 12
 
 
 def _example(seed: int):
@@ -27,7 +27,7 @@ def _example(seed: int):
     sq, sk = int(torch.randint(5, 70, (1,), generator=g)), int(torch.randint(5, 70, (1,), generator=g))
     bq, bk = pick(4, 8, 16), pick(4, 8, 16)
     nq, nk = -(-sq // bq), -(-sk // bk)
-    lead = pick((), (hq,), (b, hq))
+    lead = pick((), (hq,), (b, hq), (b, 1), (1, hq))
     density = pick(0.15, 0.4, 0.8)
     layout = torch.rand(*lead, nq, nk, generator=g) < density
     layout[..., 0, :] = False                       # a query block that sees nothing
@@ -78,11 +78,12 @@ def test_examples_cover_the_cases():
     for seed in range(N_EXAMPLES):
         q, k, v, m = _example(seed)
         seen.add(("rank", m.layout.dim()))
+        seen.add(("lead", tuple(x > 1 for x in m.layout.shape[:-2])))
         seen.add(("causal", m.causal))
         seen.add(("partial q", q.shape[1] % m.block_size[0] != 0))
         seen.add(("partial k", k.shape[1] % m.block_size[1] != 0))
         seen.add(("gqa", q.shape[2] != k.shape[2]))
-    want = {("rank", 2), ("rank", 3), ("rank", 4), ("causal", True), ("causal", False), ("partial q", True),
+    want = {("rank", 2), ("rank", 3), ("rank", 4), ("lead", (True, False)), ("causal", True), ("causal", False), ("partial q", True),
             ("partial k", True), ("gqa", True), ("gqa", False)}
     assert want <= seen, want - seen
 
