@@ -1,7 +1,10 @@
 """attnlib.video: token orders, the layouts against hand-written examples and against token-level rules
 re-derived here from each token's (frame, row, column), the top-k selection, and a layout run end to end
 (model order in, attention order inside, model order out) against the float64 oracle."""
+import importlib.util
 import math
+import pathlib
+import re
 
 import pytest
 import torch
@@ -322,3 +325,33 @@ def test_topk_blocks_run_without_a_host_read():
     ref, _ = attention64(q.double(), k.double(), v.double(), m)
     naive, _ = attention64(q, k, v, m, dtype=torch.float32)
     assert_close_to_reference(out, ref, naive, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# docs: the examples run, the pictures are the layouts
+# ---------------------------------------------------------------------------------------------------
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def test_docs_examples_run():
+    text = (ROOT / "docs" / "video.md").read_text()
+    namespace = {}
+    for code in re.findall(r"```python\n(.*?)```", text, re.S):
+        exec(compile(code, "video-md", "exec"), namespace)
+    grid, sta = namespace["grid"], namespace["sta"]
+    assert namespace["out"].shape == (1, grid.tokens, 8, 64)
+    q, k, v = namespace["q"], namespace["k"], namespace["v"]
+    torch.testing.assert_close(sta.attention(q, k, v), sta.attention(q, k, v, backend="math"))
+    assert namespace["mask"].causal and namespace["mask"].window == 3
+
+
+def test_pictures_are_rendered_from_the_layouts():
+    spec = importlib.util.spec_from_file_location("render_video_layouts", ROOT / "scripts" / "render_video_layouts.py")
+    render = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(render)
+    pictures = render.pictures()
+    text = (ROOT / "docs" / "video.md").read_text()
+    for name, data in pictures.items():
+        assert f"images/{name}" in text, f"docs/video.md does not show {name}"
+        assert (ROOT / "docs" / "images" / name).read_bytes() == data, \
+            f"docs/images/{name} is stale: run python scripts/render_video_layouts.py"
