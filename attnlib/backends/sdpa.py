@@ -226,19 +226,22 @@ def _block_sparse(call: AttentionCall):
         vs = vp.permute(0, 2, 1, 3).reshape(1, b * hkv * nk, bk, 1, dv)
         heads = (1, 1)
     bb = qs.shape[0]
-    out = q.new_zeros(bb, qs.shape[1], heads[0], bq, dv)                  # units that see nothing stay 0
+    out = q.new_zeros(bb, qs.shape[1], bq, heads[0], dv)                  # units that see nothing stay 0
     lse = torch.full((bb, qs.shape[1], heads[0], bq), NEG_INF, device=dev) if call.return_lse else None
     lo, hi = plan.runs_table_on(dev)
     lo = F.pad(lo[0], (0, nq * bq - sq), value=0).view(nq, bq)
     hi = F.pad(hi[0], (0, nq * bq - sq), value=-1).view(nq, bq)
     structure_full = plan.structure_full and sk == nk * bk
     per_key = bb * bk * heads[1] * (d + dv) * k.element_size()
-    for c, units, rows, blocks in _units(idx, count, lead, b, hq, hkv, nq, nk, str(dev)):
+    for c, units, rows, blocks, first in _units(idx, count, lead, b, hq, hkv, nq, nk, str(dev)):
         step = max(1, _GATHER_BYTES // (c * per_key))
         for s0 in range(0, units.shape[0], step):
             u, r = units[s0:s0 + step], rows[s0:s0 + step].reshape(-1)   # [U] units, [U * c] key block rows
             n = u.shape[0]
-            qg = qs.index_select(1, u).reshape(bb * n, bq, heads[0], d).transpose(1, 2)
+            # consecutive units (e.g. every query block sees as many key blocks): views, not copies
+            where = u if first is None else slice(first + s0, first + s0 + n)
+            qg = (qs.index_select(1, u) if first is None else qs[:, where]).reshape(bb * n, bq, heads[0], d)
+            qg = qg.transpose(1, 2)
             kg = ks.index_select(1, r).reshape(bb * n, c * bk, heads[1], d).transpose(1, 2)
             vg = vs.index_select(1, r).reshape(bb * n, c * bk, heads[1], dv).transpose(1, 2)
             mask = None
@@ -249,11 +252,11 @@ def _block_sparse(call: AttentionCall):
                 keep = keep | ~keep.any(-1, keepdim=True)      # rows with no key: unmasked (no NaN), zeroed after
                 mask = keep[None].expand(bb, n, bq, c * bk).reshape(bb * n, 1, bq, c * bk)
             o, l = _sdpa_maybe_lse(qg, kg, vg, mask, call.scale, call.return_lse)
-            out[:, u] = o.reshape(bb, n, heads[0], bq, dv)
+            out[:, where] = o.transpose(1, 2).reshape(bb, n, bq, heads[0], dv)      # SDPA's output is BSHD in memory
             if l is not None:
-                lse[:, u] = l.reshape(bb, n, heads[0], bq)
+                lse[:, where] = l.reshape(bb, n, heads[0], bq)
     if shared:
-        out = out.permute(0, 1, 3, 2, 4).reshape(b, nq * bq, hq, dv)[:, :sq]
+        out = out.reshape(b, nq * bq, hq, dv)[:, :sq]
         lse = None if lse is None else lse.permute(0, 2, 1, 3).reshape(b, hq, nq * bq)[..., :sq]
     else:
         out = out.reshape(b, hq, nq * bq, dv)[:, :, :sq].transpose(1, 2)
@@ -274,10 +277,11 @@ def _pad_blocks(x: torch.Tensor, n: int) -> torch.Tensor:
 def _units(idx: torch.Tensor, count: torch.Tensor, lead: tuple, b: int, hq: int, hkv: int, nq: int, nk: int,
            device: str):
     """A host layout's units grouped by how many key blocks they see: ``[(c, units [U], rows [U, c],
-    blocks [U, c]), ...]`` for each count ``c > 0``, on ``device``. A unit is a query block (a layout shared
-    by batch and heads) or a flat ``(batch, head, query block)``; ``rows`` index the gathered key tensor (the
-    block, or the block of the unit's kv head), ``blocks`` are the key block numbers. ``lead``: the layout's
-    ``(batch, heads)`` dims (each 1 or full)."""
+    blocks [U, c], first), ...]`` for each count ``c > 0``, on ``device``. A unit is a query block (a layout
+    shared by batch and heads) or a flat ``(batch, head, query block)``; ``rows`` index the gathered key tensor
+    (the block, or the block of the unit's kv head), ``blocks`` are the key block numbers; ``first``: the
+    first unit when the group's units are consecutive, else None. ``lead``: the layout's ``(batch, heads)``
+    dims (each 1 or full)."""
     if lead != (1, 1) and lead != (b, hq):               # broadcast over the batch or the heads: one row per (b, h)
         idx = idx.view(*lead, nq, -1).expand(b, hq, nq, idx.shape[-1]).reshape(b * hq, nq, -1)
         count = count.view(*lead, nq).expand(b, hq, nq).reshape(b * hq, nq)
@@ -291,7 +295,8 @@ def _units(idx: torch.Tensor, count: torch.Tensor, lead: tuple, b: int, hq: int,
         if lead != (1, 1):                               # (b, h, i) -> rows of (b, h // group): (b*hkv + h//g)*nk + j
             bh = units // nq
             rows = ((bh // hq) * hkv + (bh % hq) // (hq // hkv))[:, None] * nk + blocks
-        out.append((c, units.to(device), rows.contiguous().to(device), blocks.contiguous().to(device)))
+        first = int(units[0]) if int(units[-1]) - int(units[0]) == units.numel() - 1 else None
+        out.append((c, units.to(device), rows.contiguous().to(device), blocks.contiguous().to(device), first))
     return out
 
 
