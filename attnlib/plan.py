@@ -195,6 +195,11 @@ class BlockLayout:
         """Block coordinates start at the call's origin (not a restricted plan's slice)."""
         return self.q_origin == 0 and self.k_origin == 0
 
+    def covers(self, sq: int, sk: int) -> bool:
+        """The layout is exactly the block grid of a ``Sq x Sk`` call at its origin, so :attr:`host` indexes
+        the call's own blocks (a restricted plan's slice, even one starting at 0, is not)."""
+        return self.aligned and tuple(self.layout.shape[-2:]) == (-(-sq // self.bq), -(-sk // self.bk))
+
     def as4d(self) -> torch.Tensor:
         t = self.layout
         return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
@@ -456,7 +461,11 @@ class Plan:
 
     @property
     def may_have_empty_rows(self) -> bool:
-        """False only when no query row can be empty (the structure says so and no tensor hides keys)."""
+        """False only when no query row can be empty (the structure says so and no tensor hides keys, or the
+        tensor is a host block layout that lists a block in every row of a structure that hides nothing)."""
+        sp = self.sparse
+        if sp is not None and sp.host is not None and self.structure_full and sp.covers(self.seqlen_q, self.seqlen_k):
+            return bool((sp.host[1] == 0).any())
         return bool(self.empty_row_runs()) or not self.structured
 
     def runs(self) -> tuple[tuple[int, int, int, int, Tile], ...]:

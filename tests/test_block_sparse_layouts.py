@@ -9,6 +9,10 @@ import torch
 
 import attnlib
 from attnlib import BlockSparse
+from attnlib.dispatch import execute
+from attnlib.inputs import call_for
+from attnlib.masks import DenseMask
+from attnlib.registry import get_backend
 from attnlib.testing import compare, gradient_magnitudes
 from reference64 import attention64
 
@@ -110,3 +114,36 @@ def test_empty_rows_from_block_counts_equal_the_grid(seed):
         grid = p.materialize()
         grid = grid.reshape((1,) * (4 - grid.dim()) + tuple(grid.shape))
         assert torch.equal(p.empty_rows_on("cpu"), ~grid.any(-1))
+
+
+def test_empty_rows_are_skipped_only_when_none_can_exist():
+    """A host layout with a block in every row and no causal cut has no empty rows (the dispatch then skips
+    its empty-row pass); an empty layout row, causal attention or a device-side question keep it."""
+    full_rows = torch.eye(4, dtype=torch.bool)
+    assert not BlockSparse(full_rows, 8).plan(32, 32).may_have_empty_rows
+    assert BlockSparse(full_rows, 8, causal=True).plan(32, 32).may_have_empty_rows
+    holes = full_rows.clone()
+    holes[2, 2] = False
+    assert BlockSparse(holes, 8).plan(32, 32).may_have_empty_rows
+    per_head = torch.stack([full_rows, holes])
+    assert BlockSparse(per_head, 8).plan(32, 32).may_have_empty_rows
+    assert BlockSparse(full_rows, 8).plan(32, 32).restrict((0, 32), (0, 16)).may_have_empty_rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("q_range, k_range", [((0, 32), (0, 16)), ((0, 16), (0, 32)), ((8, 29), (5, 27))])
+def test_restricted_plans_match_float64(backend, q_range, k_range):
+    """A slice of a block-sparse plan (a ring step, chunked prefill), also one starting at 0, runs the slice."""
+    lay = torch.eye(4, dtype=torch.bool)
+    lay[3, 0] = lay[1, 3] = True
+    mask = BlockSparse(lay, 8)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 32, 2, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    (q0, q1), (k0, k1) = q_range, k_range
+    plan = mask.plan(32, 32).restrict(q_range, k_range)
+    out, lse = execute(get_backend(backend), call_for(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], plan, 8 ** -0.5, True))
+    keep = mask.materialize(32, 32)[..., q0:q1, k0:k1]
+    ref_out, ref_lse = attention64(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], DenseMask(keep))
+    assert (out - ref_out).abs().max() < 1e-6
+    fin = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), fin) and (lse[fin] - ref_lse[fin]).abs().max() < 1e-6

@@ -62,7 +62,8 @@ class SdpaBackend(Backend):
 
     def forward(self, call: AttentionCall):
         plan = call.plan
-        if plan.sparse is not None and plan.sparse.host is not None and plan.sparse.aligned:
+        sparse = plan.sparse
+        if sparse is not None and sparse.host is not None and sparse.covers(plan.seqlen_q, plan.seqlen_k):
             return _block_sparse(call)
         if plan.single is not None or not plan.structured or not plan.tiles:
             return _dense(call.q, call.k, call.v, plan, call.scale, call.return_lse, call.empty_rows())
@@ -84,7 +85,7 @@ def _dense_bytes(call: AttentionCall) -> int:
     if plan.mods.alibi is not None:
         b = call.batch if plan.mods.alibi.dim() == 2 else 1
         need += b * call.heads_q * sq * sk * call.q.element_size()
-    if plan.sparse is not None and (plan.sparse.host is None or not plan.sparse.aligned):
+    if plan.sparse is not None and (plan.sparse.host is None or not plan.sparse.covers(sq, sk)):
         lay = plan.sparse.as4d()
         need += lay.shape[0] * lay.shape[1] * sq * sk
     return need
@@ -265,7 +266,7 @@ def _block_sparse(call: AttentionCall):
 
 
 #: the most bytes of gathered keys and values one batched call of the block-sparse path holds
-_GATHER_BYTES = 16 << 20
+_GATHER_BYTES = 64 << 20
 
 
 def _pad_blocks(x: torch.Tensor, n: int) -> torch.Tensor:
