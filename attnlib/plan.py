@@ -464,7 +464,8 @@ class Plan:
         """False only when no query row can be empty (the structure says so and no tensor hides keys, or the
         tensor is a host block layout that lists a block in every row of a structure that hides nothing)."""
         sp = self.sparse
-        if sp is not None and sp.host is not None and self.structure_full and sp.covers(self.seqlen_q, self.seqlen_k):
+        if (sp is not None and sp.host is not None and self.structure_full and sp.covers(self.seqlen_q, self.seqlen_k)
+                and not torch.compiler.is_compiling()):       # the host counts are data to a compiled graph
             return bool((sp.host[1] == 0).any())
         return bool(self.empty_row_runs()) or not self.structured
 

@@ -15,8 +15,8 @@ Lowering reads the call's plan (:mod:`attnlib.plan`):
 - ``BlockSparse`` with a host layout: query blocks (per head, for per-head layouts) are grouped by how many
   key blocks they see; each group gathers its visible key blocks and runs as batched calls of bounded
   memory (work in proportion to the visible blocks, no padding to the longest row, a mask only where partial
-  blocks or causal attention cut the gathered keys); a device layout, or a restricted plan, runs on its
-  materialized bool mask (up to :data:`DENSE_CAP_BYTES`).
+  blocks or causal attention cut the gathered keys); a device layout, a restricted plan, or a call inside
+  ``torch.compile``, runs on its materialized bool mask (up to :data:`DENSE_CAP_BYTES`).
 - ALiBi: an additive float bias from the plan (up to :data:`DENSE_CAP_BYTES`); softcap: not served (no score
   hook in SDPA): ``why_not`` says so and auto picks a backend that has one.
 - GQA: query heads folded into the query axis when the mask allows it (no K/V copies), else
@@ -62,8 +62,7 @@ class SdpaBackend(Backend):
 
     def forward(self, call: AttentionCall):
         plan = call.plan
-        sparse = plan.sparse
-        if sparse is not None and sparse.host is not None and sparse.covers(plan.seqlen_q, plan.seqlen_k):
+        if _host_blocks_apply(plan):
             return _block_sparse(call)
         if plan.single is not None or not plan.structured or not plan.tiles:
             return _dense(call.q, call.k, call.v, plan, call.scale, call.return_lse, call.empty_rows())
@@ -85,7 +84,7 @@ def _dense_bytes(call: AttentionCall) -> int:
     if plan.mods.alibi is not None:
         b = call.batch if plan.mods.alibi.dim() == 2 else 1
         need += b * call.heads_q * sq * sk * call.q.element_size()
-    if plan.sparse is not None and (plan.sparse.host is None or not plan.sparse.covers(sq, sk)):
+    if plan.sparse is not None and not _host_blocks_apply(plan):
         lay = plan.sparse.as4d()
         need += lay.shape[0] * lay.shape[1] * sq * sk
     return need
@@ -198,6 +197,14 @@ def _sdpa_with_lse(qh, kh, vh, attn_mask, is_causal: bool, scale: float):
             scores = scores + float_mask.float()
         lse = torch.logsumexp(scores, dim=-1)
     return out, lse
+
+
+def _host_blocks_apply(plan: Plan) -> bool:
+    """A block layout whose host index (read when the mask was built) lists this call's own blocks; eager only:
+    grouping query blocks by count reads that index on the host, which a compiled graph cannot."""
+    sp = plan.sparse
+    return (sp is not None and sp.host is not None and sp.covers(plan.seqlen_q, plan.seqlen_k)
+            and not torch.compiler.is_compiling())
 
 
 def _block_sparse(call: AttentionCall):
