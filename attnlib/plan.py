@@ -195,6 +195,11 @@ class BlockLayout:
         """Block coordinates start at the call's origin (not a restricted plan's slice)."""
         return self.q_origin == 0 and self.k_origin == 0
 
+    def covers(self, sq: int, sk: int) -> bool:
+        """The layout is exactly the block grid of a ``Sq x Sk`` call at its origin, so :attr:`host` indexes
+        the call's own blocks (a restricted plan's slice, even one starting at 0, is not)."""
+        return self.aligned and tuple(self.layout.shape[-2:]) == (-(-sq // self.bq), -(-sk // self.bk))
+
     def as4d(self) -> torch.Tensor:
         t = self.layout
         return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
@@ -205,6 +210,21 @@ class BlockLayout:
         qi = (torch.arange(sq, device=lay.device) + self.q_origin) // self.bq
         kj = (torch.arange(sk, device=lay.device) + self.k_origin) // self.bk
         return lay[:, :, qi][:, :, :, kj]
+
+    def empty_rows(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """bool ``[B?, H?, Sq]``: the rows that see no key, from the rows' key runs ``lo..hi`` ``[R, Sq]``
+        (:meth:`Plan.runs_table`) and prefix counts of the listed blocks: ``O(Sq)`` on the layout's
+        device, no token grid, no host read."""
+        lay = self.as4d().to(lo.device)
+        csum = torch.nn.functional.pad(lay.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
+        qi = (torch.arange(lo.shape[1], device=lo.device) + self.q_origin) // self.bq
+        seen = torch.zeros(lay.shape[:2] + (lo.shape[1],), dtype=torch.bool, device=lo.device)
+        for r in range(lo.shape[0]):
+            first = (lo[r] + self.k_origin) // self.bk
+            last = (hi[r].clamp(min=0) + self.k_origin) // self.bk
+            listed = csum[:, :, qi, last + 1] - csum[:, :, qi, first]
+            seen = seen | ((listed > 0) & (hi[r] >= lo[r]))
+        return ~seen
 
 
 def host_blocks(layout: torch.Tensor) -> tuple:
@@ -473,7 +493,12 @@ class Plan:
 
     @property
     def may_have_empty_rows(self) -> bool:
-        """False only when no query row can be empty (the structure says so and no tensor hides keys)."""
+        """False only when no query row can be empty (the structure says so and no tensor hides keys, or the
+        tensor is a host block layout that lists a block in every row of a structure that hides nothing)."""
+        sp = self.sparse
+        if (sp is not None and sp.host is not None and self.structure_full and sp.covers(self.seqlen_q, self.seqlen_k)
+                and not torch.compiler.is_compiling()):       # the host counts are data to a compiled graph
+            return bool((sp.host[1] == 0).any())
         return bool(self.empty_row_runs()) or not self.structured
 
     def runs(self) -> tuple[tuple[int, int, int, int, Tile], ...]:
@@ -617,7 +642,9 @@ class Plan:
         """bool, broadcastable to ``[B, Hq, Sq]``: rows that see no key; None when none can.
         Structured plans: from :meth:`empty_row_runs` (cached per device); with a tensor restriction:
         computed on the device (no host read)."""
-        if self.dense is not None or self.sparse is not None:
+        if self.sparse is not None:
+            return self.sparse.empty_rows(*self.runs_table_on(device))
+        if self.dense is not None:
             m = self.materialize(device)
             m = m.reshape((1,) * (4 - m.dim()) + tuple(m.shape))
             return ~m.any(dim=-1)

@@ -2,9 +2,10 @@
 
 ``qwen_image`` (QwenImage MMDiT, equal to diffusers), ``bagel`` (Bagel's mixture-of-transformers packed
 attention with KV cache and batched CFG), ``qwen3_omni`` (code predictor, thinker attention, the
-thinker->talker condition stream), ``parity`` (the cross-backend table ``attnlib check`` prints).
+thinker->talker condition stream), ``ar_video`` (frame-autoregressive video attention with a rolling KV
+cache of frames and a sink frame), ``parity`` (the cross-backend table ``attnlib check`` prints).
 
-This module holds only what all three share: :class:`RMSNorm`.
+This module holds only what the blocks share: :class:`RMSNorm`.
 """
 from __future__ import annotations
 

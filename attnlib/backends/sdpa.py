@@ -12,9 +12,11 @@ Lowering reads the call's plan (:mod:`attnlib.plan`):
   one call per layer from the dispatch.)
 - ``KeyPadding``: a ``[B, 1, 1, Sk]`` bool mask (``[B, 1, Sq, Sk]`` with ``causal=True``). ``DenseMask``:
   passed through.
-- ``BlockSparse`` with a host layout: the visible key blocks of each query block are gathered and all
-  query blocks run as one batched call (work in proportion to the visible blocks); a device layout, or a
-  restricted plan, runs on its materialized bool mask (up to :data:`DENSE_CAP_BYTES`).
+- ``BlockSparse`` with a host layout: query blocks (per head, for per-head layouts) are grouped by how many
+  key blocks they see; each group gathers its visible key blocks and runs as batched calls of bounded
+  memory (work in proportion to the visible blocks, no padding to the longest row, a mask only where partial
+  blocks or causal attention cut the gathered keys); a device layout, a restricted plan, or a call inside
+  ``torch.compile``, runs on its materialized bool mask (up to :data:`DENSE_CAP_BYTES`).
 - ALiBi: an additive float bias from the plan (up to :data:`DENSE_CAP_BYTES`); softcap: not served (no score
   hook in SDPA): ``why_not`` says so and auto picks a backend that has one.
 - GQA: query heads folded into the query axis when the mask allows it (no K/V copies), else
@@ -65,7 +67,7 @@ class SdpaBackend(Backend):
 
     def forward(self, call: AttentionCall):
         plan = call.plan
-        if plan.sparse is not None and plan.sparse.host is not None and plan.sparse.aligned and plan.mods.alibi is None:
+        if _host_blocks_apply(plan):
             return _block_sparse(call)
         if plan.single is not None or not plan.structured or not plan.tiles:
             return _dense(call.q, call.k, call.v, plan, call.scale, call.return_lse, call.empty_rows())
@@ -89,7 +91,7 @@ def _dense_bytes(call: AttentionCall) -> int:
     if plan.mods.alibi is not None:
         b = call.batch if plan.mods.alibi.dim() == 2 else 1
         need += b * call.heads_q * sq * sk * call.q.element_size()
-    if plan.sparse is not None and (plan.sparse.host is None or not plan.sparse.aligned or plan.mods.alibi is not None):
+    if plan.sparse is not None and not _host_blocks_apply(plan):
         lay = plan.sparse.as4d()
         need += lay.shape[0] * lay.shape[1] * sq * sk
     return need
@@ -210,76 +212,89 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
+def _host_blocks_apply(plan: Plan) -> bool:
+    """A block layout whose host index (read when the mask was built) lists this call's own blocks; eager only:
+    grouping query blocks by count reads that index on the host, which a compiled graph cannot."""
+    sp = plan.sparse
+    return (sp is not None and sp.host is not None and sp.covers(plan.seqlen_q, plan.seqlen_k)
+            and not torch.compiler.is_compiling())
+
+
 def _block_sparse(call: AttentionCall):
-    """A host block layout: each query block attends to its gathered visible key blocks; every query block
-    (and head, for per-head layouts) in one batched call. Work follows the visible blocks."""
+    """A host block layout: each query block attends to its gathered visible key blocks. Query blocks (per
+    head, for per-head layouts) are grouped by how many key blocks they see, and each group runs as batched
+    calls of bounded size: work and memory follow the visible blocks, with no padding to the longest row
+    and no mask where every gathered key is visible."""
     q, k, v, plan = call.q, call.k, call.v, call.plan
     lay = plan.sparse
-    idx, count, most = lay.host
+    idx, count, _ = lay.host
     b, sq, hq, d = q.shape
     sk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
     bq, bk = lay.bq, lay.bk
     nq, nk = -(-sq // bq), -(-sk // bk)
     dev = q.device
-    if most == 0:
-        return q.new_zeros(b, sq, hq, dv), (torch.full((b, hq, sq), NEG_INF, device=dev) if call.return_lse else None)
-    lead = idx.shape[0]                                   # 1, Hq or B*Hq
-    per_head = lead != 1
-    g = hq // hkv
-    idx_d, count_d = _device_index(idx, count, str(dev))
-    idx_d, count_d = idx_d[:, :nq], count_d[:, :nq]       # a plan restricted from the origin: its first blocks
-    gather_idx = idx_d.clamp(max=nk - 1)                  # blocks past the keys: gathered, then hidden
-    # keys [B, Hkv, nK, bk, D] (padded to whole blocks)
-    kb = F.pad(k, (0, 0, 0, 0, 0, nk * bk - sk)).transpose(1, 2).reshape(b, hkv, nk, bk, d)
-    vb = F.pad(v, (0, 0, 0, 0, 0, nk * bk - sk)).transpose(1, 2).reshape(b, hkv, nk, bk, dv)
-    qb = F.pad(q, (0, 0, 0, 0, 0, nq * bq - sq)).transpose(1, 2).reshape(b, hq, nq, bq, d)
-    # which gathered key slots each query row may see: a listed block, a real key, and the structure
-    slot_block = idx_d.reshape(lead, nq, most, 1) * bk + torch.arange(bk, device=dev)   # [L, nQ, most, bk] key index
-    slot_key = slot_block.reshape(lead, nq, most * bk)
-    listed = (torch.arange(most, device=dev)[None, None, :, None] < count_d[..., None, None]).expand(
-        lead, nq, most, bk).reshape(lead, nq, most * bk)
-    ok = listed & (slot_key < sk)                                                  # [L, nQ, most*bk]
+    lead = tuple(lay.as4d().shape[:2])                                     # (1 or B, 1 or Hq)
+    shared = lead == (1, 1)
+    qp = _pad_blocks(q, nq * bq)
+    kp, vp = _pad_blocks(k, nk * bk), _pad_blocks(v, nk * bk)
+    if shared:   # a unit is one query block with all its heads; the batch rides along
+        qs = qp.reshape(b, nq, bq, hq, d)
+        ks, vs = kp.reshape(b, nk, bk, hkv, d), vp.reshape(b, nk, bk, hkv, dv)
+        heads = (hq, hkv)
+    else:        # a unit is one (batch, head, query block); keys of its kv head
+        qs = qp.permute(0, 2, 1, 3).reshape(1, b * hq * nq, bq, 1, d)
+        ks = kp.permute(0, 2, 1, 3).reshape(1, b * hkv * nk, bk, 1, d)
+        vs = vp.permute(0, 2, 1, 3).reshape(1, b * hkv * nk, bk, 1, dv)
+        heads = (1, 1)
+    bb = qs.shape[0]
+    out = q.new_zeros(bb, qs.shape[1], bq, heads[0], dv)                  # units that see nothing stay 0
+    lse = torch.full((bb, qs.shape[1], heads[0], bq), NEG_INF, dtype=_lse_dtype(q), device=dev) \
+        if call.return_lse else None
     lo, hi = plan.runs_table_on(dev)
     lo = F.pad(lo[0], (0, nq * bq - sq), value=0).view(nq, bq)
     hi = F.pad(hi[0], (0, nq * bq - sq), value=-1).view(nq, bq)
-    keep = ok[:, :, None, :] & (slot_key[:, :, None, :] >= lo[None, :, :, None]) & \
-        (slot_key[:, :, None, :] <= hi[None, :, :, None])                        # [L, nQ, bq, most*bk]
-    empty = ~keep.any(-1)
-    keep = keep | empty[..., None]                                                 # no NaN rows; zeroed below
-    if per_head:
-        # one query head per batch entry: gather its kv head's blocks
-        kv_head = (torch.arange(hq, device=dev) // g)
-        if lead == hq:
-            sel = gather_idx.reshape(1, hq, nq * most).expand(b, hq, nq * most)
-        else:
-            sel = gather_idx.reshape(b, hq, nq * most)
-        kh = kb[:, kv_head]                                                        # [B, Hq, nK, bk, D]
-        vh = vb[:, kv_head]
-        kg = torch.gather(kh, 2, sel[..., None, None].expand(b, hq, nq * most, bk, d)).view(b, hq, nq, most * bk, d)
-        vg = torch.gather(vh, 2, sel[..., None, None].expand(b, hq, nq * most, bk, dv)).view(b, hq, nq, most * bk, dv)
-        mask = keep.view(1 if lead == hq else b, hq, nq, bq, most * bk)
-        mask = mask.expand(b, hq, nq, bq, most * bk).reshape(b * hq * nq, 1, bq, most * bk)
-        out = _sdpa_maybe_lse(qb.reshape(b * hq * nq, 1, bq, d), kg.reshape(b * hq * nq, 1, most * bk, d),
-                              vg.reshape(b * hq * nq, 1, most * bk, dv), mask, call.scale, call.return_lse)
-        o, l = out
-        o = o.view(b, hq, nq * bq, dv)[:, :, :sq].transpose(1, 2)
-        l = None if l is None else l.view(b, hq, nq * bq)[..., :sq]
-        e = empty.view(1 if lead == hq else b, hq, nq * bq)[..., :sq]
+    structure_full = plan.structure_full and sk == nk * bk
+    per_key = bb * bk * heads[1] * (d + dv) * k.element_size()
+    for c, units, rows, blocks, first in _units(idx, count, lead, b, hq, hkv, nq, nk, str(dev)):
+        step = max(1, _GATHER_BYTES // (c * per_key))
+        for s0 in range(0, units.shape[0], step):
+            u, r = units[s0:s0 + step], rows[s0:s0 + step].reshape(-1)   # [U] units, [U * c] key block rows
+            n = u.shape[0]
+            # consecutive units (e.g. every query block sees as many key blocks): views, not copies
+            where = u if first is None else slice(first + s0, first + s0 + n)
+            qg = (qs.index_select(1, u) if first is None else qs[:, where]).reshape(bb * n, bq, heads[0], d)
+            qg = qg.transpose(1, 2)
+            kg = ks.index_select(1, r).reshape(bb * n, c * bk, heads[1], d).transpose(1, 2)
+            vg = vs.index_select(1, r).reshape(bb * n, c * bk, heads[1], dv).transpose(1, 2)
+            mask = None
+            if not structure_full:
+                qblock = u % nq
+                key = (blocks[s0:s0 + step, :, None] * bk + torch.arange(bk, device=dev)).reshape(n, 1, c * bk)
+                keep = (key < sk) & (key >= lo[qblock][..., None]) & (key <= hi[qblock][..., None])  # [U, bq, c*bk]
+                keep = keep | ~keep.any(-1, keepdim=True)      # rows with no key: unmasked (no NaN), zeroed after
+                mask = keep[None].expand(bb, n, bq, c * bk).reshape(bb * n, 1, bq, c * bk)
+            o, l = _sdpa_maybe_lse(qg, kg, vg, mask, call.scale, call.return_lse)
+            out[:, where] = o.transpose(1, 2).reshape(bb, n, bq, heads[0], dv)      # SDPA's output is BSHD in memory
+            if l is not None:
+                lse[:, where] = l.reshape(bb, n, heads[0], bq)
+    if shared:
+        out = out.reshape(b, nq * bq, hq, dv)[:, :sq]
+        lse = None if lse is None else lse.permute(0, 2, 1, 3).reshape(b, hq, nq * bq)[..., :sq]
     else:
-        sel = gather_idx.reshape(nq * most)
-        kg = kb.index_select(2, sel).view(b, hkv, nq, most * bk, d).transpose(1, 2)     # [B, nQ, Hkv, mb, D]
-        vg = vb.index_select(2, sel).view(b, hkv, nq, most * bk, dv).transpose(1, 2)
-        qg = qb.transpose(1, 2)                                                          # [B, nQ, Hq, bq, D]
-        mask = keep.view(1, nq, 1, bq, most * bk).expand(b, nq, 1, bq, most * bk).reshape(b * nq, 1, bq, most * bk)
-        o, l = _sdpa_maybe_lse(qg.reshape(b * nq, hq, bq, d), kg.reshape(b * nq, hkv, most * bk, d),
-                               vg.reshape(b * nq, hkv, most * bk, dv), mask, call.scale, call.return_lse)
-        o = o.view(b, nq, hq, bq, dv).permute(0, 1, 3, 2, 4).reshape(b, nq * bq, hq, dv)[:, :sq]
-        l = None if l is None else l.view(b, nq, hq, bq).permute(0, 2, 1, 3).reshape(b, hq, nq * bq)[..., :sq]
-        e = empty.view(1, 1, nq * bq)[..., :sq]
-    o = o.masked_fill(e.transpose(1, 2).unsqueeze(-1), 0.0)
-    if l is not None:
-        l = l.masked_fill(e, NEG_INF)
-    return o, l
+        out = out.reshape(b, hq, nq * bq, dv)[:, :, :sq].transpose(1, 2)
+        lse = None if lse is None else lse.reshape(b, hq, nq * bq)[..., :sq]
+    return out, lse
+
+
+#: the most bytes of gathered keys and values one batched call of the block-sparse path holds: below glibc's
+#: largest mmap threshold (32 MiB), so the buffers are reused, not page-faulted in per call (measured on CPU:
+#: 64 MiB cost 1.3-1.4x the time of 16-24 MiB at 4k tokens and 10-25 % density)
+_GATHER_BYTES = 24 << 20
+
+
+def _pad_blocks(x: torch.Tensor, n: int) -> torch.Tensor:
+    """BSHD ``x`` with its sequence zero-padded to ``n`` (itself when it has ``n`` already)."""
+    return x if x.shape[1] == n else F.pad(x, (0, 0, 0, 0, 0, n - x.shape[1]))
 
 
 def _small_tiles(plan: Plan) -> bool:
@@ -345,8 +360,30 @@ def _bucketed(call: AttentionCall):
 
 
 @host_lru(64)
-def _device_index(idx: torch.Tensor, count: torch.Tensor, device: str):
-    return idx.to(device), count.to(device)
+def _units(idx: torch.Tensor, count: torch.Tensor, lead: tuple, b: int, hq: int, hkv: int, nq: int, nk: int,
+           device: str):
+    """A host layout's units grouped by how many key blocks they see: ``[(c, units [U], rows [U, c],
+    blocks [U, c], first), ...]`` for each count ``c > 0``, on ``device``. A unit is a query block (a layout
+    shared by batch and heads) or a flat ``(batch, head, query block)``; ``rows`` index the gathered key tensor
+    (the block, or the block of the unit's kv head), ``blocks`` are the key block numbers; ``first``: the
+    first unit when the group's units are consecutive, else None. ``lead``: the layout's ``(batch, heads)``
+    dims (each 1 or full)."""
+    if lead != (1, 1) and lead != (b, hq):               # broadcast over the batch or the heads: one row per (b, h)
+        idx = idx.view(*lead, nq, -1).expand(b, hq, nq, idx.shape[-1]).reshape(b * hq, nq, -1)
+        count = count.view(*lead, nq).expand(b, hq, nq).reshape(b * hq, nq)
+    flat_count = count.reshape(-1)
+    flat_idx = idx.reshape(flat_count.shape[0], -1)
+    out = []
+    for c in sorted(set(flat_count.tolist()) - {0}):
+        units = torch.nonzero(flat_count == c).flatten()
+        blocks = flat_idx[units, :c]
+        rows = blocks
+        if lead != (1, 1):                               # (b, h, i) -> rows of (b, h // group): (b*hkv + h//g)*nk + j
+            bh = units // nq
+            rows = ((bh // hq) * hkv + (bh % hq) // (hq // hkv))[:, None] * nk + blocks
+        first = int(units[0]) if int(units[-1]) - int(units[0]) == units.numel() - 1 else None
+        out.append((c, units.to(device), rows.contiguous().to(device), blocks.contiguous().to(device), first))
+    return out
 
 
 def _sdpa_maybe_lse(qh, kh, vh, mask, scale, return_lse):
