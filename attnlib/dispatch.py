@@ -188,7 +188,13 @@ def _guard(call: AttentionCall, caps, padding_seen: bool = False):
         keep = plan.key_valid[:, :, None, None]
         call = call.replace(k=torch.where(keep, call.k, 0.0), v=torch.where(keep, call.v, 0.0))
     if not caps.propagates_nonfinite:
-        mark = _nan_where_nonfinite(call.q) + _first_key_mark(call)          # [B, Sq, Hq, 1]
+        b, sq, hq, _ = call.q.shape
+        hkv = call.heads_kv
+        k_mark = _first_key_mark(call)                                        # [B, Sq or 1, Hkv or Hq, 1]
+        if k_mark.shape[2] == hq:
+            mark = _nan_where_nonfinite(call.q) + k_mark
+        else:                                 # each kv head's mark added to its group of query heads
+            mark = (_nan_where_nonfinite(call.q).view(b, sq, hkv, hq // hkv) + k_mark).view(b, sq, hq, 1)
     return call, mark
 
 
@@ -227,22 +233,20 @@ def _unbatch(call: AttentionCall, out, lse):
 
 
 def _first_key_mark(call: AttentionCall) -> torch.Tensor:
-    """``[B, Sq or 1, Hq, 1]``: NaN where the first key a row sees (in each of its key runs) is non-finite.
+    """``[B, Sq or 1, Hkv, 1]`` (``[B, Sq, Hq, 1]`` for dense and block-sparse plans, which may differ per
+    query head): NaN where the first key a row sees (in each of its key runs) is non-finite.
     A row whose every score is NaN has such a key, and a row that sees such a key must be non-finite
     anyway: marking these rows is exact, and reads about as much of K as there are queries."""
     plan, k = call.plan, call.k
-    g = call.gqa_ratio
     if plan.structure_full:                 # every row's first key: key 0, or each batch row's first valid one
         if plan.key_valid is None:
-            term = _nan_where_nonfinite(k[:, :1])                              # [B, 1, Hkv, 1]
-        else:
-            first = plan.key_valid.to(torch.uint8).argmax(-1).to(k.device)    # [B] (any key: argmax 0)
-            term = _nan_where_nonfinite(k[torch.arange(k.shape[0], device=k.device), first])[:, None]
-        return term.repeat_interleave(g, 2) if g > 1 else term
+            return _nan_where_nonfinite(k[:, :1])                              # [B, 1, Hkv, 1]
+        rows, first = plan.tensor_derived(("first_key", str(k.device)), lambda p: _first_valid(p, k.device))
+        return _nan_where_nonfinite(k[rows, first])[:, None]
     if plan.dense is not None or plan.sparse is not None:
-        bad = (~torch.isfinite(k).all(-1)).transpose(1, 2)
-        bad = bad.repeat_interleave(g, 1) if g > 1 else bad
-        rows = plan.rows_seeing(bad).transpose(1, 2).unsqueeze(-1)
+        bad = (~torch.isfinite(k).all(-1)).transpose(1, 2)                   # [B, Hkv, Sk]
+        bad = bad.repeat_interleave(call.gqa_ratio, 1) if call.gqa_ratio > 1 else bad
+        rows = plan.rows_seeing(bad).transpose(1, 2).unsqueeze(-1)            # [B, Sq, Hq, 1]
         return torch.where(rows, torch.full((), float("nan"), device=k.device), 0.0)
     b, sk = call.batch, call.seqlen_k
     lo, hi = plan.runs_table_on(k.device)                                     # [R, Sq]
@@ -257,8 +261,13 @@ def _first_key_mark(call: AttentionCall) -> torch.Tensor:
     first = first.clamp(max=max(sk - 1, 0))
     keys = torch.gather(k, 1, first[:, :, None, None].expand(-1, -1, *k.shape[2:]))   # [B, R*Sq, Hkv, D]
     term = torch.where(seen[..., None, None], _nan_where_nonfinite(keys), 0.0)  # [B, R*Sq, Hkv, 1]
-    term = term.reshape(b, lo.shape[0], lo.shape[1], -1, 1).sum(1)             # [B, Sq, Hkv, 1]
-    return term.repeat_interleave(g, 2) if g > 1 else term
+    return term.reshape(b, lo.shape[0], lo.shape[1], -1, 1).sum(1)             # [B, Sq, Hkv, 1]
+
+
+def _first_valid(plan, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(batch rows, each row's first valid key)``, int64 ``[B]`` on ``device`` (no valid key: 0)."""
+    valid = plan.key_valid.to(device)
+    return torch.arange(valid.shape[0], device=device), valid.to(torch.uint8).argmax(-1)
 
 
 def _empty_rows_bshd(empty: torch.Tensor) -> torch.Tensor:

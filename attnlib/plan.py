@@ -368,6 +368,8 @@ class Plan:
     kv: PagedKv | None = None
     #: structure-derived values (tiles only: shared by plans that differ in tensors, modifiers or layout)
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    #: values derived from the restriction tensors: see :meth:`tensor_derived`
+    _tensor_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- per-call parts ---------------------------------------------------------------------------
     @property
@@ -638,10 +640,46 @@ class Plan:
         count = (csum[..., (hi + 1).clamp(min=0)] - csum[..., lo.clamp(max=self.seqlen_k)]).clamp(min=0)
         return count.sum(-2) > 0
 
+    def restriction_tensors(self) -> tuple:
+        """The tensors that restrict visibility beyond the tiles (key validity, a dense mask, a block layout)."""
+        return tuple(t for t in (self.key_valid, self.dense, None if self.sparse is None else self.sparse.layout)
+                     if t is not None)
+
+    def tensor_derived(self, key, build):
+        """``build(plan)``: a value that follows from the plan's restriction tensors (and ``key``), cached
+        while those very tensors are unchanged. A mask reused across layers and steps is lowered once; an
+        in-place write to its tensor bumps the tensor's version counter (a host field: no device read) and
+        rebuilds the value. Built afresh while compiling and for inference tensors (no version counter)."""
+        tensors = self.restriction_tensors()
+        if torch.compiler.is_compiling() or any(t.is_inference() for t in tensors):
+            return build(self)
+        versions = tuple(t._version for t in tensors)
+        got = self._tensor_cache.get(key)
+        if got is not None and got[1] == versions and all(a is b for a, b in zip(got[0], tensors)):
+            return got[2]
+        value = build(self)
+        self._tensor_cache[key] = (tensors, versions, value)
+        return value
+
     def empty_rows_on(self, device) -> torch.Tensor | None:
         """bool, broadcastable to ``[B, Hq, Sq]``: rows that see no key; None when none can.
         Structured plans: from :meth:`empty_row_runs` (cached per device); with a tensor restriction:
-        computed on the device (no host read)."""
+        computed on the device (no host read; cached by :meth:`tensor_derived`)."""
+        if not self.structured:
+            return self.tensor_derived(("empty", str(device)), lambda p: p._empty_rows_restricted(device))
+        if not self.empty_row_runs():
+            return None
+        device = torch.device(device)
+        key = ("empty", str(device))
+        got = self._cache.get(key)
+        if got is None:
+            rows = torch.zeros(self.seqlen_q, dtype=torch.bool)
+            for s, e in self.empty_row_runs():
+                rows[s:e] = True
+            got = self._cache[key] = rows.to(device)
+        return got
+
+    def _empty_rows_restricted(self, device) -> torch.Tensor:
         if self.sparse is not None:
             return self.sparse.empty_rows(*self.runs_table_on(device))
         if self.dense is not None:
@@ -656,17 +694,6 @@ class Plan:
             csum = torch.nn.functional.pad(valid.to(torch.int32).cumsum(-1, dtype=torch.int32), (1, 0))
             count = (csum[:, (hi + 1).clamp(min=0)] - csum[:, lo.clamp(max=self.seqlen_k)]).clamp(min=0).sum(1)
             return (count <= 0)[:, None, :]
-        if not self.empty_row_runs():
-            return None
-        device = torch.device(device)
-        key = ("empty", str(device))
-        got = self._cache.get(key)
-        if got is None:
-            rows = torch.zeros(self.seqlen_q, dtype=torch.bool)
-            for s, e in self.empty_row_runs():
-                rows[s:e] = True
-            got = self._cache[key] = rows.to(device)
-        return got
 
     # -- views ---------------------------------------------------------------------------------------
     def restrict(self, q_range: tuple[int, int], k_range: tuple[int, int]) -> "Plan":

@@ -122,3 +122,31 @@ def test_key_padding_causal_fields_are_validated():
     with pytest.raises(TypeError, match="causal"):
         KeyPadding(v, causal=1)
     assert KeyPadding(v, causal=True, window=2).features() == {"key_padding", "causal", "window"}
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_a_mask_written_in_place_is_lowered_again(backend):
+    """Lowered masks are cached while their tensors are unchanged: an in-place write (a static cache's validity
+    advancing one slot per decode step) must reach the next call, on the fast path too."""
+    import attnlib
+    from tests.reference64 import attention64
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, s, 4, 8, generator=g) for s in (1, 6, 6))
+    valid = torch.zeros(2, 6, dtype=torch.bool)
+    valid[:, :2] = True
+    mask = KeyPadding(valid)
+    for step in range(2, 6):
+        valid[:, step] = True                          # in place, same mask object
+        out = attnlib.attention(q, k, v, mask, backend=backend)
+        ref = attention64(q, k, v, KeyPadding(valid.clone()))[0]
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():                       # no version counter: lowered at every call
+        frozen = torch.zeros(2, 6, dtype=torch.bool)
+        frozen[:, :3] = True
+        m = KeyPadding(frozen)
+        first = attnlib.attention(q, k, v, m, backend=backend)
+        frozen[:, 3:] = True
+        second = attnlib.attention(q, k, v, m, backend=backend)
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second.double(), attention64(q, k, v, None)[0], atol=1e-5, rtol=1e-5)

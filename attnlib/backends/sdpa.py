@@ -121,17 +121,27 @@ def _lower(plan: Plan, dtype: torch.dtype, device: torch.device, hq: int, empty)
     bias = plan.bias(hq, device, dtype)
     if plan.structured and bias is None:
         return _structured_lowering(plan, device)
-    keep = None if plan.full else plan.materialize(device)
-    if keep is not None:
-        keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
-        if empty is not None:          # rows with no key: unmasked (SDPA would give NaN), zeroed after
-            e = empty.reshape((1,) * (3 - empty.dim()) + tuple(empty.shape))
-            keep = keep | e.unsqueeze(-1)
-    if bias is None:
-        return keep, False
+    if bias is None:      # a boolean mask: lowered once while the mask's tensors are unchanged
+        if plan.key_valid is not None and not plan.full:    # [B, 1, 1, Sk]: additive, as SDPA would convert it
+            return plan.tensor_derived(("sdpa", str(device), dtype), lambda p: _float_mask(
+                _keep(p, device, empty), dtype, device)), False
+        return plan.tensor_derived(("sdpa", str(device)), lambda p: _keep(p, device, empty)), False
+    keep = _keep(plan, device, empty)
     if keep is None:
         return bias, False
     return bias.masked_fill(~keep, NEG_INF), False
+
+
+def _keep(plan: Plan, device: torch.device, empty):
+    """bool mask broadcastable to ``[B, Hq, Sq, Sk]`` (None: every key visible), with the rows that see no
+    key (``empty``: the plan's own) unmasked: SDPA would give NaN there; they are zeroed after."""
+    keep = None if plan.full else plan.materialize(device)
+    if keep is not None:
+        keep = keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape))
+        if empty is not None:
+            e = empty.reshape((1,) * (3 - empty.dim()) + tuple(empty.shape))
+            keep = keep | e.unsqueeze(-1)
+    return keep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,11 +223,12 @@ def _lse_dtype(q: torch.Tensor) -> torch.dtype:
 
 
 def _host_blocks_apply(plan: Plan) -> bool:
-    """A block layout whose host index (read when the mask was built) lists this call's own blocks; eager only:
-    grouping query blocks by count reads that index on the host, which a compiled graph cannot."""
+    """A block layout whose host index (read when the mask was built) lists this call's own blocks, and no
+    ALiBi bias (the gathered blocks lose the key positions it needs); eager only: grouping query blocks by
+    count reads that index on the host, which a compiled graph cannot."""
     sp = plan.sparse
     return (sp is not None and sp.host is not None and sp.covers(plan.seqlen_q, plan.seqlen_k)
-            and not torch.compiler.is_compiling())
+            and plan.mods.alibi is None and not torch.compiler.is_compiling())
 
 
 def _block_sparse(call: AttentionCall):
