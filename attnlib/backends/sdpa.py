@@ -123,9 +123,9 @@ def _lower(plan: Plan, dtype: torch.dtype, device: torch.device, hq: int, empty)
         return _structured_lowering(plan, device)
     if bias is None:      # a boolean mask: lowered once while the mask's tensors are unchanged
         if plan.key_valid is not None and not plan.full:    # [B, 1, 1, Sk]: additive, as SDPA would convert it
-            return plan.tensor_derived(("sdpa", str(device), dtype), lambda p: _float_mask(
+            return plan.tensor_derived(("sdpa", str(device), dtype, empty is None), lambda p: _float_mask(
                 _keep(p, device, empty), dtype, device)), False
-        return plan.tensor_derived(("sdpa", str(device)), lambda p: _keep(p, device, empty)), False
+        return plan.tensor_derived(("sdpa", str(device), empty is None), lambda p: _keep(p, device, empty)), False
     keep = _keep(plan, device, empty)
     if keep is None:
         return bias, False
