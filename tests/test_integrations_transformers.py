@@ -277,14 +277,13 @@ def test_backend_selection_pin_context_and_env_are_honoured(monkeypatch, llama):
     import attnlib.dispatch
 
     used = []
-    real = attnlib.dispatch.select_backend
+    real = attnlib.dispatch.execute
 
-    def spy(call, backend):
-        chosen = real(call, backend)
-        used.append(chosen.name)
-        return chosen
+    def spy(backend, call, *rest):         # the backend each call runs on (fast path or not)
+        used.append(backend.name)
+        return real(backend, call, *rest)
 
-    monkeypatch.setattr(attnlib.dispatch, "select_backend", spy)
+    monkeypatch.setattr(attnlib.dispatch, "execute", spy)
     model, _ = llama
     ids = token_ids((1, 4), 8)
     hf.register("attnlib_math", backend="math")

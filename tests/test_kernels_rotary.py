@@ -595,7 +595,7 @@ def test_attnlib_rope_apply_mrope_dispatches_to_the_fused_kernel(interleaved, mo
         return real(*args, **kwargs)
 
     monkeypatch.setattr(rotary, "apply_mrope_qk", spy)
-    monkeypatch.setattr(mrope_mod, "_kernel_for", lambda x, *others: rotary)
+    monkeypatch.setattr(mrope_mod, "kernel_for", lambda x, *others: rotary)
     section = (3, 3, 2) if interleaved else (2, 3, 3)
     pos = _mrope_positions(2, 5, seed=3)
     torch.manual_seed(5)
@@ -607,7 +607,7 @@ def test_attnlib_rope_apply_mrope_dispatches_to_the_fused_kernel(interleaved, mo
     gq, gk = q.grad.clone(), k.grad.clone()
     q.grad = k.grad = None
 
-    monkeypatch.setattr(mrope_mod, "_kernel_for", lambda x, *others: None)
+    monkeypatch.setattr(mrope_mod, "kernel_for", lambda x, *others: None)
     rq, rk = mrope_mod.apply_mrope(q, k, pos, section, theta=1e4, interleaved=interleaved)
     assert len(calls) == 1
     (rq.square().sum() + rk.sum()).backward()
