@@ -20,8 +20,8 @@ Conventions (tile table, positions, alignment) are those of :mod:`attnlib_kernel
 import triton
 import triton.language as tl
 
-from attnlib_kernels._attn_fwd import (_LOG2E, _dot, _key_range, _key_rows, _layout_rows, _load, _run, _scores,
-                                       _visible)
+from attnlib_kernels._attn_fwd import (_LOG2E, _dot, _key_range, _key_rows, _layout_rows, _load, _masked_start,
+                                       _run, _scores, _seen, _visible)
 
 
 @triton.jit
@@ -76,16 +76,19 @@ def _dq_tile(dq, q, do, lse, delta, start_k, k_ptr, v_ptr, stride_ks, stride_vs,
     """Accumulate dQ of query rows ``qi`` over the run-local key tile at ``start_k``."""
     offs_k = start_k + tl.arange(0, BLOCK_K)
     in_k = offs_k < Lk
-    rows = _key_rows(kpos0 + offs_k, in_k, BlockTable, req, stride_bt, PAGED, PAGE, MASKED)
-    k_ptrs = k_ptr + rows[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = v_ptr + rows[:, None] * stride_vs + offs_dv[None, :]
+    row0, rel = _key_rows(kpos0, start_k, in_k, BlockTable, req, stride_bt, BLOCK_K, PAGED, PAGE, MASKED)
+    k_ptrs = k_ptr + row0 * stride_ks + rel[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = v_ptr + row0 * stride_vs + rel[:, None] * stride_vs + offs_dv[None, :]
     if MASKED:
         keep = in_k
         if HAS_KEY_VALID:
             keep = keep & (tl.load(kv_ptr + kpos0 + offs_k, mask=in_k, other=0) != 0)
-        # hidden keys load as 0: dS is 0 there, and 0 * garbage must not reach dQ
+        # hidden keys load as 0 (and non-finite elements become 0): dS is 0 where a row cannot see a key, and
+        # 0 * garbage must not reach dQ
         k = tl.load(k_ptrs, mask=keep[:, None] & (offs_d[None, :] < D), other=0.0)
         v = tl.load(v_ptrs, mask=keep[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        k = tl.where((k == k) & (tl.abs(k) < float("inf")), k, 0.0)
+        v = tl.where((v == v) & (tl.abs(v) < float("inf")), v, 0.0)
     else:
         k = _load(k_ptrs, offs_d[None, :] < D, BLOCK_D != D)
         v = _load(v_ptrs, offs_dv[None, :] < DV, BLOCK_DV != DV)
@@ -144,11 +147,13 @@ def _attn_bwd_dq_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_q < Lq
     q_tok = q_start + offs_q
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_tok.to(tl.int64)[:, None] * stride_qs
-                + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DOut + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
-                 + q_tok.to(tl.int64)[:, None] * stride_ds + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    rel_q = tl.arange(0, BLOCK_Q)
+    q_row0 = (q_start + q0).to(tl.int64)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_row0 * stride_qs
+                + rel_q[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DOut + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + q_row0 * stride_ds
+                 + rel_q[:, None] * stride_ds + offs_dv[None, :], mask=row_ok[:, None] & (offs_dv[None, :] < DV),
+                 other=0.0)
     stats = (b.to(tl.int64) * heads + h) * seqlen_q
     lse, delta = _row_stats(Lse + stats, Delta + stats, q_tok, row_ok)
     k_ptr = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
@@ -188,7 +193,9 @@ def _attn_bwd_dq_kernel(
                                   BLOCK_K, BLOCK_D, BLOCK_DV, True, HAS_CAUSAL, HAS_WINDOW, HAS_KEY_VALID, LAYOUT,
                                   SOFTCAP, HAS_ALIBI, PAGED, PAGE, IEEE)
         else:
-            for start_k in range(lo, a, BLOCK_K):
+            n_lo = (a - lo + BLOCK_K - 1) // BLOCK_K    # boundary tiles [lo, a), [b_, hi), then whole ones
+            for i in range(0, n_lo + (tl.maximum(hi - b_, 0) + BLOCK_K - 1) // BLOCK_K):
+                start_k = _masked_start(i, n_lo, lo, b_, BLOCK_K)
                 dq = _dq_tile(dq, q, do, lse, delta, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpos0, BlockTable,
                               req, stride_bt, kv_ptr, lay_rows, row_ok, lay_k0r, lay_bk, qi, offs_d, offs_dv, Lk, off,
                               causal, window, qk_scale, cap_scale, cap_log2, slope2, D, DV, BLOCK_K, BLOCK_D,
@@ -200,15 +207,10 @@ def _attn_bwd_dq_kernel(
                               causal, window, qk_scale, cap_scale, cap_log2, slope2, D, DV, BLOCK_K, BLOCK_D,
                               BLOCK_DV, False, HAS_CAUSAL, HAS_WINDOW, HAS_KEY_VALID, LAYOUT, SOFTCAP, HAS_ALIBI,
                               PAGED, PAGE, IEEE)
-            for start_k in range(b_, hi, BLOCK_K):
-                dq = _dq_tile(dq, q, do, lse, delta, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpos0, BlockTable,
-                              req, stride_bt, kv_ptr, lay_rows, row_ok, lay_k0r, lay_bk, qi, offs_d, offs_dv, Lk, off,
-                              causal, window, qk_scale, cap_scale, cap_log2, slope2, D, DV, BLOCK_K, BLOCK_D,
-                              BLOCK_DV, True, HAS_CAUSAL, HAS_WINDOW, HAS_KEY_VALID, LAYOUT, SOFTCAP, HAS_ALIBI,
-                              PAGED, PAGE, IEEE)
     dq = dq * sm_scale
-    tl.store(DQ + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + q_tok.to(tl.int64)[:, None] * stride_gs
-             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(DQ + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + q_row0 * stride_gs
+             + rel_q[:, None] * stride_gs + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -254,9 +256,11 @@ def _dkdv_tile(dk, dv, k, v, keep, start_q, q_ptr, do_ptr, lse_ptr, delta_ptr, q
     offs_q = start_q + tl.arange(0, BLOCK_Q)
     row_ok = offs_q < Lq
     q_tok = q_start + offs_q
-    q = tl.load(q_ptr + q_tok.to(tl.int64)[:, None] * stride_qs + offs_d[None, :],
+    rel_q = tl.arange(0, BLOCK_Q)
+    q_row0 = (q_start + start_q).to(tl.int64)
+    q = tl.load(q_ptr + q_row0 * stride_qs + rel_q[:, None] * stride_qs + offs_d[None, :],
                 mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(do_ptr + q_tok.to(tl.int64)[:, None] * stride_ds + offs_dv[None, :],
+    do = tl.load(do_ptr + q_row0 * stride_ds + rel_q[:, None] * stride_ds + offs_dv[None, :],
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse, delta = _row_stats(lse_ptr, delta_ptr, q_tok, row_ok)
     # transposed scores: [BLOCK_K, BLOCK_Q]
@@ -321,17 +325,25 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     k_ok = offs_k < k_end
-    kpos = offs_k
+    kpos0 = k0
     if PAGED:
-        kpos = offs_k - req_base
-    rows = _key_rows(kpos, k_ok, BlockTable, req, stride_bt, PAGED, PAGE, True)
+        kpos0 = k0 - req_base
+    row0, rel = _key_rows(kpos0, 0, k_ok, BlockTable, req, stride_bt, BLOCK_K, PAGED, PAGE, True)
     keep = k_ok
     if HAS_KEY_VALID:
         keep = keep & (tl.load(KeyValid + b.to(tl.int64) * stride_mb + offs_k, mask=k_ok, other=0) != 0)
-    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + rows[:, None] * stride_ks
-                + offs_d[None, :], mask=keep[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + rows[:, None] * stride_vs
-                + offs_dv[None, :], mask=keep[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    # value rows no query of any covering run may see load as 0: garbage there never meets a zero weight
+    seen = offs_k < 0
+    for c in range(c0, c1):
+        grp = tl.load(Table + contrib_off + 2 * c)
+        k_start, Lk, off, causal, window = _run(Table, grp, tl.load(Table + contrib_off + 2 * c + 1), GW)
+        seen = seen | _seen(offs_k - k_start, 0, tl.load(Table + grp * GW + 1) - 1, Lk, off, causal, window,
+                            HAS_CAUSAL, HAS_WINDOW)
+    k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + row0 * stride_ks
+                + rel[:, None] * stride_ks + offs_d[None, :], mask=keep[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + row0 * stride_vs
+                + rel[:, None] * stride_vs + offs_dv[None, :], mask=(keep & seen)[:, None] & (offs_dv[None, :] < DV),
+                other=0.0)
     ncols = tl.minimum(k_end - k0, BLOCK_K)
     lay_cols = (offs_k + lay_k0) // lay_bk
     dk = tl.zeros([BLOCK_K, BLOCK_D], dtype=tl.float32)
@@ -374,7 +386,9 @@ def _attn_bwd_dkdv_kernel(
                                             stride_yq, offs_d, offs_dv, D, DV, BLOCK_Q, True, HAS_CAUSAL,
                                             HAS_WINDOW, HAS_KEY_VALID, LAYOUT, SOFTCAP, HAS_ALIBI, IEEE)
             else:
-                for start_q in range(lo, a, BLOCK_Q):
+                n_lo = (a - lo + BLOCK_Q - 1) // BLOCK_Q    # the boundary query tiles first, then the whole ones
+                for i in range(0, n_lo + (tl.maximum(hi - b_, 0) + BLOCK_Q - 1) // BLOCK_Q):
+                    start_q = _masked_start(i, n_lo, lo, b_, BLOCK_Q)
                     dk, dv = _dkdv_tile(dk, dv, k, v, keep, start_q, q_ptr, do_ptr, Lse + stats, Delta + stats,
                                         q_start, Lq, kj, lay_base, lay_cols, lay_q0, lay_bq, off, causal, window, Lk,
                                         qk_scale, cap_scale, cap_log2, slope2, stride_qs, stride_ds, stride_yq,
@@ -385,12 +399,6 @@ def _attn_bwd_dkdv_kernel(
                                         q_start, Lq, kj, lay_base, lay_cols, lay_q0, lay_bq, off, causal, window, Lk,
                                         qk_scale, cap_scale, cap_log2, slope2, stride_qs, stride_ds, stride_yq,
                                         offs_d, offs_dv, D, DV, BLOCK_Q, False, HAS_CAUSAL, HAS_WINDOW,
-                                        HAS_KEY_VALID, LAYOUT, SOFTCAP, HAS_ALIBI, IEEE)
-                for start_q in range(b_, hi, BLOCK_Q):
-                    dk, dv = _dkdv_tile(dk, dv, k, v, keep, start_q, q_ptr, do_ptr, Lse + stats, Delta + stats,
-                                        q_start, Lq, kj, lay_base, lay_cols, lay_q0, lay_bq, off, causal, window, Lk,
-                                        qk_scale, cap_scale, cap_log2, slope2, stride_qs, stride_ds, stride_yq,
-                                        offs_d, offs_dv, D, DV, BLOCK_Q, True, HAS_CAUSAL, HAS_WINDOW,
                                         HAS_KEY_VALID, LAYOUT, SOFTCAP, HAS_ALIBI, IEEE)
     dk = dk * sm_scale
     tl.store(DK + b.to(tl.int64) * stride_gkb + hk.to(tl.int64) * stride_gkh + offs_k.to(tl.int64)[:, None] * stride_gks

@@ -77,31 +77,47 @@ def _run(Groups, g, r, GW: tl.constexpr):
 
 
 @triton.jit
-def _key_rows(kpos, in_k, BlockTable, req, stride_bt, PAGED: tl.constexpr, PAGE: tl.constexpr,
-              USE_MASK: tl.constexpr):
-    """int64 row of each key in K/V: the global key row (contiguous), or for paged keys (``kpos`` = position
-    in the request) the pool slot ``block_table[req, kpos // PAGE] * PAGE + kpos % PAGE``."""
+def _key_rows(kpos0, start, in_k, BlockTable, req, stride_bt, BLOCK_K: tl.constexpr, PAGED: tl.constexpr,
+              PAGE: tl.constexpr, USE_MASK: tl.constexpr):
+    """``(row0, rel)``: K/V row of key ``start + t`` (``t < BLOCK_K``) of a run whose first key sits at position
+    ``kpos0`` is ``row0 + rel[t]``. Contiguous keys: ``row0`` is the run's first row (int64) and ``rel = start + t``
+    (int32 offsets that depend on the loop variable, so the compiler does not hoist a whole tile of them out of
+    the key loop); paged keys (``kpos0`` = the run's position in its request): ``row0 = 0`` and ``rel`` the pool
+    slot ``block_table[req, pos // PAGE] * PAGE + pos % PAGE``."""
     if PAGED:
+        kpos = kpos0 + start + tl.arange(0, BLOCK_K)
         bt = BlockTable + req.to(tl.int64) * stride_bt + kpos // PAGE
         if USE_MASK:
             page = tl.load(bt, mask=in_k, other=0)
         else:
             page = tl.load(bt)
-        rows = page.to(tl.int64) * PAGE + (kpos % PAGE)
+        return (kpos0 * 0).to(tl.int64), page.to(tl.int64) * PAGE + (kpos % PAGE)
     else:
-        rows = kpos.to(tl.int64)
-    return rows
+        return kpos0.to(tl.int64), start + tl.arange(0, BLOCK_K)
 
 
 @triton.jit
 def _visible(qi, kj, Lk, off, causal, window, HAS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """May group-local query ``qi`` see run-local key ``kj``? The tile rule of ``attnlib.plan`` in device code
-    (``qi``/``kj`` broadcast against each other: ``[Q, 1]`` x ``[1, K]`` or transposed)."""
+    (``qi``/``kj`` broadcast against each other: ``[Q, 1]`` x ``[1, K]`` or transposed). The run's flags turn
+    into per-row key bounds first (``window`` is 0 unless the run is causal with a window)."""
     ok = kj < Lk
     if HAS_CAUSAL:
-        ok = ok & ((causal == 0) | (kj <= qi + off))
+        ok = ok & (kj <= tl.where(causal != 0, qi + off, Lk))
         if HAS_WINDOW:
-            ok = ok & ((window == 0) | (kj > qi + off - window))
+            ok = ok & (kj > tl.where(window != 0, qi + off - window, -1))
+    return ok
+
+
+@triton.jit
+def _seen(kj, i0, i1, Lk, off, causal, window, HAS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Run-local keys ``kj`` that some group row of ``[i0, i1]`` may see by the run's rule (a [K] vector: the
+    rows' union is one interval, no reduction over the tile)."""
+    ok = kj < Lk
+    if HAS_CAUSAL:
+        ok = ok & (kj <= tl.where(causal != 0, i1 + off, Lk))
+        if HAS_WINDOW:
+            ok = ok & (kj > tl.where(window != 0, i0 + off - window, -1))
     return ok
 
 
@@ -155,8 +171,15 @@ def _key_range(q0, nrows, Lq, Lk, off, causal, window,
 
 
 @triton.jit
+def _masked_start(i, n_lo, lo, b_, BLOCK: tl.constexpr):
+    """Start of the ``i``-th boundary tile: ``[lo, a)`` has ``n_lo`` tiles, then ``[b_, hi)`` (one loop for both
+    keeps one copy of the masked tile code, and its registers, in a kernel)."""
+    return tl.where(i < n_lo, lo + i * BLOCK, b_ + (i - n_lo) * BLOCK)
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpos0, BlockTable, req, stride_bt,
-              kv_ptr, lay_rows, lay_ok, lay_k0, lay_bk, qi, offs_d, offs_dv, Lk, off, causal, window,
+              kv_ptr, lay_rows, lay_ok, lay_k0, lay_bk, qi, i0, i1, offs_d, offs_dv, Lk, off, causal, window,
               qk_scale, cap_scale, cap_log2, slope2,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, HAS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -165,19 +188,28 @@ def _fwd_tile(acc, l_i, m_i, q, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpo
     """Fold the run-local key tile at ``start_k`` into the online softmax state of query rows ``qi`` ([Q, 1]).
 
     ``MASKED=False`` only for whole tiles every row sees completely (no key_valid, no element-wise layout);
-    the arithmetic after the mask is the same in both variants, so a tile gives the same bits either way."""
+    the arithmetic after the mask is the same in both variants, so a tile gives the same bits either way.
+    Keys outside the run are never read; in masked tiles a hidden key's score becomes -inf (whatever its key
+    holds) and the value rows no (real) row of the tile sees load as 0, so garbage there never meets a zero
+    weight (``0 * NaN``). A non-finite value that one row sees and another row of the same tile does not
+    reaches both (NaN, never a silent number)."""
     offs_k = start_k + tl.arange(0, BLOCK_K)
     in_k = offs_k < Lk
-    rows = _key_rows(kpos0 + offs_k, in_k, BlockTable, req, stride_bt, PAGED, PAGE, MASKED)
-    kt_ptrs = k_ptr + rows[None, :] * stride_ks + offs_d[:, None]
-    v_ptrs = v_ptr + rows[:, None] * stride_vs + offs_dv[None, :]
+    row0, rel = _key_rows(kpos0, start_k, in_k, BlockTable, req, stride_bt, BLOCK_K, PAGED, PAGE, MASKED)
+    kt_ptrs = k_ptr + row0 * stride_ks + rel[None, :] * stride_ks + offs_d[:, None]
+    v_ptrs = v_ptr + row0 * stride_vs + rel[:, None] * stride_vs + offs_dv[None, :]
     if MASKED:
-        keep = in_k
+        # values of keys no row of the tile sees load as 0: garbage there (even NaN) cannot reach a row
+        seen = _seen(offs_k, i0, i1, Lk, off, causal, window, HAS_CAUSAL, HAS_WINDOW)
         if HAS_KEY_VALID:
-            kv = tl.load(kv_ptr + kpos0 + offs_k, mask=in_k, other=0)
-            keep = keep & (kv != 0)      # hidden keys load V as 0: garbage (even NaN) in padding cannot leak
+            kv = tl.load(kv_ptr + kpos0 + offs_k, mask=in_k, other=0) != 0
+            seen = seen & kv
+        if LAYOUT:
+            col = (lay_k0 + offs_k) // lay_bk
+            lay = tl.load(lay_rows[:, None] + col[None, :], mask=lay_ok[:, None] & in_k[None, :], other=0) != 0
+            seen = seen & (tl.max(lay.to(tl.int32), 0) > 0)
         kt = tl.load(kt_ptrs, mask=in_k[None, :] & (offs_d[:, None] < D), other=0.0)
-        v = tl.load(v_ptrs, mask=keep[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        v = tl.load(v_ptrs, mask=seen[:, None] & (offs_dv[None, :] < DV), other=0.0)
     else:
         kt = _load(kt_ptrs, offs_d[:, None] < D, BLOCK_D != D)
         v = _load(v_ptrs, offs_dv[None, :] < DV, BLOCK_DV != DV)
@@ -186,11 +218,9 @@ def _fwd_tile(acc, l_i, m_i, q, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpo
     if MASKED:
         ok = _visible(qi, offs_k[None, :], Lk, off, causal, window, HAS_CAUSAL, HAS_WINDOW)
         if HAS_KEY_VALID:
-            ok = ok & keep[None, :]
+            ok = ok & kv[None, :]
         if LAYOUT:
-            col = (lay_k0 + offs_k) // lay_bk
-            lay = tl.load(lay_rows[:, None] + col[None, :], mask=lay_ok[:, None] & in_k[None, :], other=0)
-            ok = ok & (lay != 0)
+            ok = ok & lay
         x = tl.where(ok, x, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(x, 1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # row with nothing visible yet
@@ -212,11 +242,13 @@ def _fwd_run(acc, l_i, m_i, q, q0, nrows, Lq, qt, h, b, k_ptr, v_ptr, stride_ks,
              HAS_KEY_VALID: tl.constexpr, SPARSE: tl.constexpr, LAYOUT: tl.constexpr, SOFTCAP: tl.constexpr,
              HAS_ALIBI: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, IEEE: tl.constexpr):
     """Fold one run into the state: its key tiles in ``[k_lo, k_hi)`` (the split-K range; the whole run
-    otherwise) that rows ``[q0, q0 + nrows)`` may see. Dense: boundary tiles with the mask, whole visible
-    tiles without, boundary tiles again (ascending). Block-sparse: only the listed key tiles of query tile
-    ``qt``, each masked unless whole, visible by structure and the layout is exact."""
+    otherwise) that rows ``[q0, q0 + nrows)`` may see. Dense: the whole visible tiles without mask arithmetic,
+    then the boundary tiles with it (a fixed order that depends only on the group's geometry). Block-sparse:
+    only the listed key tiles of query tile ``qt`` (ascending), each masked unless whole, visible by structure
+    and the layout is exact."""
     lo, a, b_, hi = _key_range(q0, nrows, Lq, Lk, off, causal, window, HAS_KEY_VALID or LAYOUT,
                                HAS_CAUSAL, HAS_WINDOW, BLOCK_K)
+    i1 = q0 + nrows - 1
     lo = tl.maximum(lo, k_lo)
     hi = tl.minimum(hi, k_hi)
     a = tl.minimum(tl.maximum(a, lo), tl.maximum(hi, lo))
@@ -229,33 +261,29 @@ def _fwd_run(acc, l_i, m_i, q, q0, nrows, Lq, qt, h, b, k_ptr, v_ptr, stride_ks,
             if (start_k >= a) & (start_k < b_):
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpos0,
                                           BlockTable, req, stride_bt, kv_ptr, lay_rows, lay_ok, lay_k0, lay_bk,
-                                          qi, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
+                                          qi, q0, i1, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
                                           cap_log2, slope2, D, DV, BLOCK_K, BLOCK_D, BLOCK_DV, False, HAS_CAUSAL,
                                           HAS_WINDOW, HAS_KEY_VALID, LAYOUT, SOFTCAP, HAS_ALIBI, PAGED, PAGE, IEEE)
             else:
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpos0,
                                           BlockTable, req, stride_bt, kv_ptr, lay_rows, lay_ok, lay_k0, lay_bk,
-                                          qi, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
+                                          qi, q0, i1, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
                                           cap_log2, slope2, D, DV, BLOCK_K, BLOCK_D, BLOCK_DV, True, HAS_CAUSAL,
                                           HAS_WINDOW, HAS_KEY_VALID, LAYOUT, SOFTCAP, HAS_ALIBI, PAGED, PAGE, IEEE)
     else:
-        for start_k in range(lo, a, BLOCK_K):
+        n_lo = (a - lo + BLOCK_K - 1) // BLOCK_K    # the boundary tiles [lo, a) and [b_, hi) first
+        for i in range(0, n_lo + (tl.maximum(hi - b_, 0) + BLOCK_K - 1) // BLOCK_K):
+            start_k = _masked_start(i, n_lo, lo, b_, BLOCK_K)
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpos0,
                                       BlockTable, req, stride_bt, kv_ptr, lay_rows, lay_ok, lay_k0, lay_bk,
-                                      qi, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
+                                      qi, q0, i1, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
                                       cap_log2, slope2, D, DV, BLOCK_K, BLOCK_D, BLOCK_DV, True, HAS_CAUSAL,
                                       HAS_WINDOW, HAS_KEY_VALID, LAYOUT, SOFTCAP, HAS_ALIBI, PAGED, PAGE, IEEE)
-        for start_k in range(a, b_, BLOCK_K):
+        for start_k in range(a, b_, BLOCK_K):       # then the whole visible tiles, no mask arithmetic
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpos0,
                                       BlockTable, req, stride_bt, kv_ptr, lay_rows, lay_ok, lay_k0, lay_bk,
-                                      qi, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
+                                      qi, q0, i1, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
                                       cap_log2, slope2, D, DV, BLOCK_K, BLOCK_D, BLOCK_DV, False, HAS_CAUSAL,
-                                      HAS_WINDOW, HAS_KEY_VALID, LAYOUT, SOFTCAP, HAS_ALIBI, PAGED, PAGE, IEEE)
-        for start_k in range(b_, hi, BLOCK_K):
-            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpos0,
-                                      BlockTable, req, stride_bt, kv_ptr, lay_rows, lay_ok, lay_k0, lay_bk,
-                                      qi, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
-                                      cap_log2, slope2, D, DV, BLOCK_K, BLOCK_D, BLOCK_DV, True, HAS_CAUSAL,
                                       HAS_WINDOW, HAS_KEY_VALID, LAYOUT, SOFTCAP, HAS_ALIBI, PAGED, PAGE, IEEE)
     return acc, l_i, m_i
 
@@ -315,8 +343,10 @@ def _attn_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_q < Lq
     q_tok = q_start + offs_q
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_tok.to(tl.int64)[:, None] * stride_qs
-                + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    rel_q = tl.arange(0, BLOCK_Q)
+    q_row0 = (q_start + q0).to(tl.int64)
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_row0 * stride_qs
+                + rel_q[:, None] * stride_qs + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     k_ptr = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_ptr = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     kv_ptr = KeyValid + b.to(tl.int64) * stride_mb
@@ -349,9 +379,10 @@ def _attn_fwd_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * _LN2)
-    tl.store(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_tok.to(tl.int64)[:, None] * stride_os
-             + offs_dv[None, :], out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < DV))
-    tl.store(Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_tok, lse, mask=row_ok)
+    tl.store(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + q_row0 * stride_os
+             + rel_q[:, None] * stride_os + offs_dv[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_row0 + rel_q, lse, mask=row_ok)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -112,8 +112,9 @@ def kernel_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dtype,
     """The tile configuration for ``kind`` in {"fwd", "bwd_dkdv", "bwd_dq", "bwd_pre", "split"}.
 
     Depends only on the device kind, head dims and dtype (and, for block-sparse layouts, their block sizes
-    ``sparse_blocks = (bq, bk)``: every kernel then uses one ``block_q x block_k`` tile, the largest power of
-    two up to 64 that divides the layout's blocks, so each kernel tile lies in one layout block); with
+    ``sparse_blocks = (bq, bk)``: the forward then uses square-ish tiles of the largest power of two up to 64
+    that divides the layout's blocks, both backward kernels one such tile up to 32, so each kernel tile lies in
+    one layout block); with
     ``deterministic=False`` the forward may also use a smaller query tile when ``max_seqlen_q`` is small
     (decode-like calls). Chosen by hand for H100-class GPUs (sm_90; also valid on sm_80): no autotuning, so a
     config is reproducible and batch invariance holds.
@@ -129,7 +130,7 @@ def kernel_config(kind: str, head_dim: int, head_dim_v: int, dtype: torch.dtype,
     cfg = next(c for limit, c in table if d <= limit)
     if sparse_blocks is not None:
         fwd = next(c for limit, c in _CONFIGS["fwd"][1 if wide else 0] if d <= limit)
-        cap = min(fwd.block_q, fwd.block_k, 64)
+        cap = min(fwd.block_q, fwd.block_k, 64 if kind == "fwd" else 32)   # the backward holds more per tile
         return KernelConfig(_sparse_tile(sparse_blocks[0], cap), _sparse_tile(sparse_blocks[1], cap),
                             cfg.num_warps, 1 if kind != "fwd" else cfg.num_stages)
     if kind == "fwd" and not deterministic and max_seqlen_q is not None and max_seqlen_q <= 64 and cfg.block_q > 64:
@@ -155,7 +156,7 @@ _K = KernelConfig
 _CONFIGS = {
     "fwd": (((128, _K(128, 64, 8, 3)), (MAX_HEAD_DIM, _K(64, 32, 8, 2))),
             ((64, _K(32, 32, 4, 1)), (MAX_HEAD_DIM, _K(16, 16, 4, 1)))),
-    "bwd_dkdv": (((64, _K(32, 128, 8, 2)), (128, _K(32, 64, 8, 1)), (MAX_HEAD_DIM, _K(32, 32, 8, 1))),
+    "bwd_dkdv": (((64, _K(32, 128, 8, 2)), (128, _K(16, 64, 8, 1)), (MAX_HEAD_DIM, _K(32, 32, 8, 1))),
                  ((128, _K(16, 32, 4, 1)), (MAX_HEAD_DIM, _K(16, 16, 4, 1)))),
     "bwd_dq": (((64, _K(128, 64, 8, 2)), (128, _K(64, 32, 8, 2)), (MAX_HEAD_DIM, _K(32, 32, 8, 1))),
                ((64, _K(32, 16, 4, 1)), (MAX_HEAD_DIM, _K(16, 16, 4, 1)))),
@@ -474,11 +475,13 @@ class TileTable:
             put("off_rowg", row_group)
             where["split_most"] = most
         if tiles.sparse is not None:
-            geo = self._sparse_geometry(tiles.fwd[0], tiles.fwd[1], tiles.sparse)
-            for name in ("rows", "cols", "struct"):
-                if name in geo:
-                    put("off_" + name, geo.pop(name))
-            where.update(geo)
+            for suffix, (bq, bk) in (("", tiles.fwd[:2]), ("_b", tiles.dq[:2])):
+                geo = self._sparse_geometry(bq, bk, tiles.sparse)
+                for name in ("rows", "cols", "struct"):
+                    if name in geo:
+                        put("off_" + name + suffix, geo.pop(name))
+                where.update({n + (suffix if n not in ("sparse", "lay_bq", "lay_bk", "lay_q0", "lay_k0") else ""): x
+                              for n, x in geo.items()})
         if self.kv_seqlens is not None:
             cu, pos = [0], 0
             for n in self.kv_seqlens:
@@ -568,6 +571,14 @@ class _Meta:
     off_rows: int
     off_cols: int
     off_struct: int
+    exact_b: int           # the backward kernels' tile lists (their own, smaller tiles)
+    nqt_b: int
+    nkt_b: int
+    tq_b: int
+    tk_b: int
+    off_rows_b: int
+    off_cols_b: int
+    off_struct_b: int
     split: int
     split_rows: int
     split_k: int
@@ -637,20 +648,23 @@ def _lead_strides(t, dims: int = 2):
     return tuple(t.stride(i) if t.shape[i] > 1 else 0 for i in range(dims))
 
 
-def _sparse_lists(layout, table, m: _Meta, transposed: bool):
+def _sparse_lists(layout, table, m: _Meta, transposed: bool, backward: bool = False):
     """The coarse kernel-tile lists of a block layout, on its device (no host read): ``(num, idx)`` int32
     ``[B?, H?, n]`` and ``[B?, H?, n, m]`` -- the listed key tiles of each query tile (ascending), or with
-    ``transposed`` the query tiles listing each key tile."""
+    ``transposed`` the query tiles listing each key tile; for the forward's tiles or the backward's."""
+    sfx = "_b" if backward else ""
+    nqt, nkt, tq, tk = (getattr(m, n + sfx) for n in ("nqt", "nkt", "tq", "tk"))
+    off_rows, off_cols, off_struct = (getattr(m, n + sfx) for n in ("off_rows", "off_cols", "off_struct"))
     lay = layout.reshape((1,) * (4 - layout.dim()) + tuple(layout.shape))
-    rows = table[m.off_rows:m.off_rows + m.tq * m.nqt].view(m.tq, m.nqt).long()
-    cols = table[m.off_cols:m.off_cols + m.tk * m.nkt].view(m.tk, m.nkt).long()
+    rows = table[off_rows:off_rows + tq * nqt].view(tq, nqt).long()
+    cols = table[off_cols:off_cols + tk * nkt].view(tk, nkt).long()
     coarse = lay.index_select(2, rows[0])
-    for t in range(1, m.tq):
+    for t in range(1, tq):
         coarse = coarse | lay.index_select(2, rows[t])
     fine = coarse.index_select(3, cols[0])
-    for t in range(1, m.tk):
+    for t in range(1, tk):
         fine = fine | coarse.index_select(3, cols[t])
-    fine = fine & table[m.off_struct:m.off_struct + m.nqt * m.nkt].view(m.nqt, m.nkt).bool()
+    fine = fine & table[off_struct:off_struct + nqt * nkt].view(nqt, nkt).bool()
     if transposed:
         fine = fine.transpose(-1, -2)
     num = fine.sum(-1, dtype=torch.int32)
@@ -658,9 +672,9 @@ def _sparse_lists(layout, table, m: _Meta, transposed: bool):
     return num, idx
 
 
-def _layout_args(layout, m: _Meta, device):
+def _layout_args(layout, m: _Meta, device, exact: int):
     """The element-wise layout (int8 [B?, H?, nQ, nK]) and its lead/row strides, or dummies."""
-    if not m.sparse or m.exact:
+    if not m.sparse or exact:
         return _dummy(device, torch.int8), (0, 0, 0)
     lay = layout.reshape((1,) * (4 - layout.dim()) + tuple(layout.shape)).to(torch.int8).contiguous()
     return lay, _lead_strides(lay) + (lay.stride(2),)
@@ -722,7 +736,7 @@ def _forward(q, k, v, table, key_valid, alibi, sinks, block_table, layout, m: _M
     else:
         kv_num = kv_idx = _dummy(dev)
         ns = is_ = (0, 0, 0)
-    lay, ys = _layout_args(layout, m, dev)
+    lay, ys = _layout_args(layout, m, dev, m.exact)
     args = (q, kt, vt, out, lse, table, kvm, alibi_t, sinks_t, bt, kv_num, kv_idx, lay,
             *_strides3(q), *ks, *vs, *_strides3(out), *lse.stride()[:2], st["mb"], st["ab"], st["bt"], *ns, *is_,
             *ys, m.off_qf, m.lay_q0, m.lay_k0, max(m.lay_bq, 1), max(m.lay_bk, 1), qk_scale, cap_scale, cap_log2)
@@ -763,11 +777,11 @@ def _backward(dout, dlse, q, k, v, out, lse, table, key_valid, alibi, sinks, blo
         _attn_bwd_preprocess[(_cdiv(sq, m.pre_q), hq, b)](
             out, dout, dlse if dlse is not None else delta, delta, *_strides3(out), *_strides3(dout), sq, hq,
             DV=dv, HAS_DLSE=dlse is not None, BLOCK_Q=m.pre_q, BLOCK_DV=flags["BLOCK_DV"], num_warps=m.pre_w)
-    lay, ys = _layout_args(layout, m, dev)
-    sparse_kw = dict(SPARSE=bool(m.sparse), LAYOUT=bool(m.sparse and not m.exact))
+    lay, ys = _layout_args(layout, m, dev, m.exact_b)
+    sparse_kw = dict(SPARSE=bool(m.sparse), LAYOUT=bool(m.sparse and not m.exact_b))
     # 2. dK, dV: one program per (key work item, kv head), summing its GQA group in registers
     if m.sparse:
-        q_num, q_idx = _sparse_lists(layout, table, m, transposed=True)
+        q_num, q_idx = _sparse_lists(layout, table, m, transposed=True, backward=True)
         ns, is_ = _lead_strides(q_num) + (q_num.stride(2),), _lead_strides(q_idx) + (q_idx.stride(2),)
     else:
         q_num = q_idx = _dummy(dev)
@@ -782,7 +796,7 @@ def _backward(dout, dlse, q, k, v, out, lse, table, key_valid, alibi, sinks, blo
                 m.kv_w, m.kv_s, args, kw)
     # 3. dQ: one program per (query work item, query head)
     if m.sparse:
-        kv_num, kv_idx = _sparse_lists(layout, table, m, transposed=False)
+        kv_num, kv_idx = _sparse_lists(layout, table, m, transposed=False, backward=True)
         ns, is_ = _lead_strides(kv_num) + (kv_num.stride(2),), _lead_strides(kv_idx) + (kv_idx.stride(2),)
     else:
         kv_num = kv_idx = _dummy(dev)
@@ -920,7 +934,8 @@ def _meta_for(tiles: _Tiles, where: dict, table: TileTable, page: int, determini
                  int(table.any_causal), int(table.any_window), page, int(deterministic),
                  g("sparse", 0), g("exact", 0), g("lay_bq", 0), g("lay_bk", 0), g("lay_q0", 0), g("lay_k0", 0),
                  g("nqt", 0), g("nkt", 0), g("tq", 0), g("tk", 0), g("off_rows", 0), g("off_cols", 0),
-                 g("off_struct", 0), int(tiles.split is not None), split[0], split[1], split[3], split[4],
+                 g("off_struct", 0), g("exact_b", 0), g("nqt_b", 0), g("nkt_b", 0), g("tq_b", 0), g("tk_b", 0),
+                 g("off_rows_b", 0), g("off_cols_b", 0), g("off_struct_b", 0), int(tiles.split is not None), split[0], split[1], split[3], split[4],
                  g("off_items", 0), g("n_items", 0), g("off_gitems", 0), g("off_rowg", 0), g("off_cukv", 0),
                  g("n_req", 0), table.seqlen_k)
 

@@ -49,9 +49,12 @@ class TritonBackend(Backend):
         features=frozenset({"causal", "window", "multi_tile", "block_diagonal", "key_padding", "block_sparse",
                             "softcap", "alibi", "sinks", "paged"}),
         exact_empty_rows=True,
-        isolates_padding=True,        # padded and other sequences' keys are never loaded
+        # keys outside a row's runs (padding, other sequences, unread pages) are never read; inside a run, keys
+        # no row of a tile sees load as 0 and hidden scores are -inf, but a non-finite value that one row of a
+        # tile sees and another does not reaches both (as NaN): no isolates_hidden claim
+        isolates_padding=True,
         isolates_sequences=True,
-        propagates_nonfinite=True,    # (a causally hidden value still meets a zero weight in a masked tile)
+        propagates_nonfinite=True,
     )
     implementation = "attnlib_kernels Triton FA2-style forward + backward on tile tables"
 
