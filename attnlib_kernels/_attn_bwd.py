@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from attnlib_kernels._attn_fwd import (_LOG2E, _dot, _key_range, _key_rows, _layout_rows, _load, _masked_start,
-                                       _run, _scores, _seen, _visible)
+                                       _run, _scores, _seen_span, _visible)
 
 
 @triton.jit
@@ -337,8 +337,9 @@ def _attn_bwd_dkdv_kernel(
     for c in range(c0, c1):
         grp = tl.load(Table + contrib_off + 2 * c)
         k_start, Lk, off, causal, window = _run(Table, grp, tl.load(Table + contrib_off + 2 * c + 1), GW)
-        seen = seen | _seen(offs_k - k_start, 0, tl.load(Table + grp * GW + 1) - 1, Lk, off, causal, window,
-                            HAS_CAUSAL, HAS_WINDOW)
+        kbeg, kend = _seen_span(0, tl.load(Table + grp * GW + 1) - 1, Lk, off, causal, window, HAS_CAUSAL,
+                                HAS_WINDOW)
+        seen = seen | ((offs_k - k_start >= kbeg) & (offs_k - k_start < kend))
     k = tl.load(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + row0 * stride_ks
                 + rel[:, None] * stride_ks + offs_d[None, :], mask=keep[:, None] & (offs_d[None, :] < D), other=0.0)
     v = tl.load(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + row0 * stride_vs

@@ -110,15 +110,16 @@ def _visible(qi, kj, Lk, off, causal, window, HAS_CAUSAL: tl.constexpr, HAS_WIND
 
 
 @triton.jit
-def _seen(kj, i0, i1, Lk, off, causal, window, HAS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Run-local keys ``kj`` that some group row of ``[i0, i1]`` may see by the run's rule (a [K] vector: the
-    rows' union is one interval, no reduction over the tile)."""
-    ok = kj < Lk
+def _seen_span(i0, i1, Lk, off, causal, window, HAS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """``[kbeg, kend)``: the run-local keys some group row of ``[i0, i1]`` may see by the run's rule (the rows'
+    union is one interval: two scalars, no work per tile)."""
+    kbeg = Lk * 0
+    kend = Lk
     if HAS_CAUSAL:
-        ok = ok & (kj <= tl.where(causal != 0, i1 + off, Lk))
+        kend = tl.where(causal != 0, tl.minimum(Lk, i1 + off + 1), Lk)
         if HAS_WINDOW:
-            ok = ok & (kj > tl.where(window != 0, i0 + off - window, -1))
-    return ok
+            kbeg = tl.where(window != 0, tl.maximum(i0 + off - window + 1, 0), 0)
+    return kbeg, kend
 
 
 @triton.jit
@@ -179,7 +180,7 @@ def _masked_start(i, n_lo, lo, b_, BLOCK: tl.constexpr):
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpos0, BlockTable, req, stride_bt,
-              kv_ptr, lay_rows, lay_ok, lay_k0, lay_bk, qi, i0, i1, offs_d, offs_dv, Lk, off, causal, window,
+              kv_ptr, lay_rows, lay_ok, lay_k0, lay_bk, qi, kbeg, kend, offs_d, offs_dv, Lk, off, causal, window,
               qk_scale, cap_scale, cap_log2, slope2,
               D: tl.constexpr, DV: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, MASKED: tl.constexpr, HAS_CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
@@ -199,8 +200,10 @@ def _fwd_tile(acc, l_i, m_i, q, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpo
     kt_ptrs = k_ptr + row0 * stride_ks + rel[None, :] * stride_ks + offs_d[:, None]
     v_ptrs = v_ptr + row0 * stride_vs + rel[:, None] * stride_vs + offs_dv[None, :]
     if MASKED:
-        # values of keys no row of the tile sees load as 0: garbage there (even NaN) cannot reach a row
-        seen = _seen(offs_k, i0, i1, Lk, off, causal, window, HAS_CAUSAL, HAS_WINDOW)
+        # keys and values no row of the tile sees load as 0: garbage there (even NaN) cannot reach a row
+        seen = offs_k < kend
+        if HAS_WINDOW:
+            seen = seen & (offs_k >= kbeg)
         if HAS_KEY_VALID:
             kv = tl.load(kv_ptr + kpos0 + offs_k, mask=in_k, other=0) != 0
             seen = seen & kv
@@ -208,7 +211,7 @@ def _fwd_tile(acc, l_i, m_i, q, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpo
             col = (lay_k0 + offs_k) // lay_bk
             lay = tl.load(lay_rows[:, None] + col[None, :], mask=lay_ok[:, None] & in_k[None, :], other=0) != 0
             seen = seen & (tl.max(lay.to(tl.int32), 0) > 0)
-        kt = tl.load(kt_ptrs, mask=in_k[None, :] & (offs_d[:, None] < D), other=0.0)
+        kt = tl.load(kt_ptrs, mask=seen[None, :] & (offs_d[:, None] < D), other=0.0)
         v = tl.load(v_ptrs, mask=seen[:, None] & (offs_dv[None, :] < DV), other=0.0)
     else:
         kt = _load(kt_ptrs, offs_d[:, None] < D, BLOCK_D != D)
@@ -248,7 +251,7 @@ def _fwd_run(acc, l_i, m_i, q, q0, nrows, Lq, qt, h, b, k_ptr, v_ptr, stride_ks,
     and the layout is exact."""
     lo, a, b_, hi = _key_range(q0, nrows, Lq, Lk, off, causal, window, HAS_KEY_VALID or LAYOUT,
                                HAS_CAUSAL, HAS_WINDOW, BLOCK_K)
-    i1 = q0 + nrows - 1
+    kbeg, kend = _seen_span(q0, q0 + nrows - 1, Lk, off, causal, window, HAS_CAUSAL, HAS_WINDOW)
     lo = tl.maximum(lo, k_lo)
     hi = tl.minimum(hi, k_hi)
     a = tl.minimum(tl.maximum(a, lo), tl.maximum(hi, lo))
@@ -261,29 +264,35 @@ def _fwd_run(acc, l_i, m_i, q, q0, nrows, Lq, qt, h, b, k_ptr, v_ptr, stride_ks,
             if (start_k >= a) & (start_k < b_):
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpos0,
                                           BlockTable, req, stride_bt, kv_ptr, lay_rows, lay_ok, lay_k0, lay_bk,
-                                          qi, q0, i1, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
+                                          qi, kbeg, kend, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
                                           cap_log2, slope2, D, DV, BLOCK_K, BLOCK_D, BLOCK_DV, False, HAS_CAUSAL,
                                           HAS_WINDOW, HAS_KEY_VALID, LAYOUT, SOFTCAP, HAS_ALIBI, PAGED, PAGE, IEEE)
             else:
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpos0,
                                           BlockTable, req, stride_bt, kv_ptr, lay_rows, lay_ok, lay_k0, lay_bk,
-                                          qi, q0, i1, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
+                                          qi, kbeg, kend, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
                                           cap_log2, slope2, D, DV, BLOCK_K, BLOCK_D, BLOCK_DV, True, HAS_CAUSAL,
                                           HAS_WINDOW, HAS_KEY_VALID, LAYOUT, SOFTCAP, HAS_ALIBI, PAGED, PAGE, IEEE)
     else:
-        n_lo = (a - lo + BLOCK_K - 1) // BLOCK_K    # the boundary tiles [lo, a) and [b_, hi) first
-        for i in range(0, n_lo + (tl.maximum(hi - b_, 0) + BLOCK_K - 1) // BLOCK_K):
-            start_k = _masked_start(i, n_lo, lo, b_, BLOCK_K)
+        # ascending tiles (the order depends only on the group's geometry: batch invariance): boundary tiles
+        # with mask arithmetic, the whole visible tiles without, boundary tiles again
+        for start_k in range(lo, a, BLOCK_K):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpos0,
                                       BlockTable, req, stride_bt, kv_ptr, lay_rows, lay_ok, lay_k0, lay_bk,
-                                      qi, q0, i1, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
+                                      qi, kbeg, kend, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
                                       cap_log2, slope2, D, DV, BLOCK_K, BLOCK_D, BLOCK_DV, True, HAS_CAUSAL,
                                       HAS_WINDOW, HAS_KEY_VALID, LAYOUT, SOFTCAP, HAS_ALIBI, PAGED, PAGE, IEEE)
-        for start_k in range(a, b_, BLOCK_K):       # then the whole visible tiles, no mask arithmetic
+        for start_k in range(a, b_, BLOCK_K):
             acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpos0,
                                       BlockTable, req, stride_bt, kv_ptr, lay_rows, lay_ok, lay_k0, lay_bk,
-                                      qi, q0, i1, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
+                                      qi, kbeg, kend, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
                                       cap_log2, slope2, D, DV, BLOCK_K, BLOCK_D, BLOCK_DV, False, HAS_CAUSAL,
+                                      HAS_WINDOW, HAS_KEY_VALID, LAYOUT, SOFTCAP, HAS_ALIBI, PAGED, PAGE, IEEE)
+        for start_k in range(b_, hi, BLOCK_K):
+            acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, start_k, k_ptr, v_ptr, stride_ks, stride_vs, kpos0,
+                                      BlockTable, req, stride_bt, kv_ptr, lay_rows, lay_ok, lay_k0, lay_bk,
+                                      qi, kbeg, kend, offs_d, offs_dv, Lk, off, causal, window, qk_scale, cap_scale,
+                                      cap_log2, slope2, D, DV, BLOCK_K, BLOCK_D, BLOCK_DV, True, HAS_CAUSAL,
                                       HAS_WINDOW, HAS_KEY_VALID, LAYOUT, SOFTCAP, HAS_ALIBI, PAGED, PAGE, IEEE)
     return acc, l_i, m_i
 

@@ -288,6 +288,7 @@ class TileTable:
         self._requests = self._group_requests()
         self._packed: dict = {}
         self._device: dict = {}
+        self._launch: dict = {}
 
     # -- constructors of the classic masks --------------------------------------------------------------
     @classmethod
@@ -593,11 +594,17 @@ class _Meta:
     seqlen_k: int          # keys of the table (paged: the logical keys)
 
     def to_list(self) -> list[int]:
-        return [int(getattr(self, f.name)) for f in fields(self)]
+        return [int(getattr(self, n)) for n in _META_FIELDS]
 
     @classmethod
     def from_list(cls, values) -> "_Meta":
         return cls(*[int(v) for v in values])
+
+
+#: the metadata's field names in schema order (a plain tuple: torch.compile reads it without tracing
+#: dataclasses.fields), and where the block-sparse flag sits in the list
+_META_FIELDS = tuple(f.name for f in fields(_Meta))
+_SPARSE = _META_FIELDS.index("sparse")
 
 
 def _pow2(n: int) -> int:
@@ -895,15 +902,19 @@ _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 # configuration of one call
 # --------------------------------------------------------------------------------------------
 def _visible_keys(table: TileTable, bk: int) -> int:
-    """The most keys (rounded out to key tiles) any group's rows may see: what split-K would divide."""
-    most = 0
-    for _, q_len, runs in table.groups:
-        n = 0
-        for run in runs:
-            lo, hi = _key_bounds(0, q_len, q_len, run, bk)
-            n += hi - lo
-        most = max(most, n)
-    return most
+    """The most keys (rounded out to key tiles) any group's rows may see: what split-K would divide (cached)."""
+    got = None if torch.compiler.is_compiling() else table._launch.get(("visible", bk))
+    if got is None:
+        got = 0
+        for _, q_len, runs in table.groups:
+            n = 0
+            for run in runs:
+                lo, hi = _key_bounds(0, q_len, q_len, run, bk)
+                n += hi - lo
+            got = max(got, n)
+        if not torch.compiler.is_compiling():
+            table._launch[("visible", bk)] = got
+    return got
 
 
 def _tiles_for(table: TileTable, q, k, v, deterministic: bool, sparse) -> _Tiles:
@@ -927,17 +938,16 @@ def _tiles_for(table: TileTable, q, k, v, deterministic: bool, sparse) -> _Tiles
 
 
 def _meta_for(tiles: _Tiles, where: dict, table: TileTable, page: int, deterministic: bool) -> _Meta:
-    g = where.get
+    """The op's metadata: tile sizes, the offsets of the packed table's parts and the call's flags."""
     split = tiles.split or (0, 0, 0, 0, 0)
-    return _Meta(*tiles.fwd, *tiles.dq, *tiles.dkdv, tiles.pre[0], tiles.pre[2], g("R"), g("GW"), g("n_groups"),
-                 g("off_qf"), g("n_qf"), g("off_qd"), g("n_qd"), g("off_kw"), g("n_kw"), g("off_ct"),
-                 int(table.any_causal), int(table.any_window), page, int(deterministic),
-                 g("sparse", 0), g("exact", 0), g("lay_bq", 0), g("lay_bk", 0), g("lay_q0", 0), g("lay_k0", 0),
-                 g("nqt", 0), g("nkt", 0), g("tq", 0), g("tk", 0), g("off_rows", 0), g("off_cols", 0),
-                 g("off_struct", 0), g("exact_b", 0), g("nqt_b", 0), g("nkt_b", 0), g("tq_b", 0), g("tk_b", 0),
-                 g("off_rows_b", 0), g("off_cols_b", 0), g("off_struct_b", 0), int(tiles.split is not None), split[0], split[1], split[3], split[4],
-                 g("off_items", 0), g("n_items", 0), g("off_gitems", 0), g("off_rowg", 0), g("off_cukv", 0),
-                 g("n_req", 0), table.seqlen_k)
+    values = dict(zip(("fwd_q", "fwd_k", "fwd_w", "fwd_s"), tiles.fwd))
+    values.update(zip(("dq_q", "dq_k", "dq_w", "dq_s"), tiles.dq))
+    values.update(zip(("kv_q", "kv_k", "kv_w", "kv_s"), tiles.dkdv))
+    values.update(pre_q=tiles.pre[0], pre_w=tiles.pre[2], any_causal=int(table.any_causal),
+                  any_window=int(table.any_window), page=page, deterministic=int(deterministic),
+                  split=int(tiles.split is not None), split_rows=split[0], split_k=split[1], split_w=split[3],
+                  split_s=split[4], seqlen_k=table.seqlen_k)
+    return _Meta(**{n: values.get(n, where.get(n, 0)) for n in _META_FIELDS})
 
 
 # --------------------------------------------------------------------------------------------
@@ -1061,13 +1071,25 @@ def _prepare(q, k, v, table, scale, key_valid, softcap, alibi_slopes, sinks, blo
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     if b == 0 or sq == 0:
         return None
-    tiles = _tiles_for(table, q, k, v, bool(deterministic), sparse)
-    table_t, where = table.on(q.device, tiles)
-    meta = _meta_for(tiles, where, table, page, bool(deterministic))
-    if not meta.sparse:
+    table_t, meta = _launch_plan(table, q, k, v, bool(deterministic), sparse, page)
+    if not meta[_SPARSE]:
         layout = None
-    return (q, k, v, table_t, key_valid, alibi_slopes, sinks, block_table, layout, meta.to_list(), float(scale),
+    return (q, k, v, table_t, key_valid, alibi_slopes, sinks, block_table, layout, meta, float(scale),
             float(softcap or 0.0))
+
+
+def _launch_plan(table: TileTable, q, k, v, deterministic: bool, sparse, page: int):
+    """``(int32 table on q's device, op metadata list)`` for a call's shapes (cached in the table per tile
+    configuration: a few dict lookups per call once warm)."""
+    tiles = _tiles_for(table, q, k, v, deterministic, sparse)
+    key = (str(q.device), tiles, page, deterministic)
+    got = None if torch.compiler.is_compiling() else table._launch.get(key)
+    if got is None:
+        table_t, where = table.on(q.device, tiles)
+        got = (table_t, _meta_for(tiles, where, table, page, deterministic).to_list())
+        if not torch.compiler.is_compiling():
+            table._launch[key] = got
+    return got
 
 
 def attention_tiles(q, k, v, table: TileTable, *, scale: float, key_valid=None, softcap: float | None = None,
@@ -1120,10 +1142,8 @@ def attention_tiles_backward(q, k, v, out, lse, dout, dlse, table: TileTable, *,
 def op_args(q, k, v, *, scale: float, causal: bool = False):
     """The arguments of one ``attnlib::triton_attention_fwd`` call for dense BSHD tensors (tests: opcheck)."""
     table = _dense_table(q.shape[1], k.shape[1], causal, False, None)
-    tiles = _tiles_for(table, q, k, v, True, None)
-    table_t, where = table.on(q.device, tiles)
-    meta = _meta_for(tiles, where, table, 0, True)
-    return (q, k, v, table_t, None, None, None, None, None, meta.to_list(), float(scale), 0.0)
+    table_t, meta = _launch_plan(table, q, k, v, True, None, 0)
+    return (q, k, v, table_t, None, None, None, None, None, meta, float(scale), 0.0)
 
 
 @functools.lru_cache(maxsize=256)
