@@ -120,15 +120,16 @@ def _restrictions(call: AttentionCall) -> dict:
     kw = dict(key_valid=plan.key_valid, softcap=mods.softcap, alibi_slopes=mods.alibi, sinks=mods.sinks)
     if plan.sparse is not None:
         lay = plan.sparse
-        kw["block_layout"] = (_layout_on(lay, str(call.device)), lay.bq, lay.bk, lay.q_origin, lay.k_origin)
+        layout = lay.layout if lay.layout.device == call.device else _layout_on(lay, str(call.device))
+        kw["block_layout"] = (layout, lay.bq, lay.bk, lay.q_origin, lay.k_origin)
     if plan.kv is not None:
         kw["block_table"] = plan.kv.block_table
     return kw
 
 
-@host_lru(64)
+@host_lru(16)
 def _layout_on(lay, device: str) -> torch.Tensor:
-    """A block layout on the call's device (a host layout is copied once per layout object)."""
+    """A host block layout on the call's device (copied once per layout object)."""
     return lay.layout.to(device, non_blocking=True)
 
 
