@@ -80,11 +80,17 @@ def _run(Groups, g, r, GW: tl.constexpr):
 def _key_rows(kpos0, start, in_k, BlockTable, req, stride_bt, BLOCK_K: tl.constexpr, PAGED: tl.constexpr,
               PAGE: tl.constexpr, USE_MASK: tl.constexpr):
     """``(row0, rel)``: K/V row of key ``start + t`` (``t < BLOCK_K``) of a run whose first key sits at position
-    ``kpos0`` is ``row0 + rel[t]``. Contiguous keys: ``row0`` is the run's first row (int64) and ``rel = start + t``
-    (int32 offsets that depend on the loop variable, so the compiler does not hoist a whole tile of them out of
-    the key loop); paged keys (``kpos0`` = the run's position in its request): ``row0 = 0`` and ``rel`` the pool
-    slot ``block_table[req, pos // PAGE] * PAGE + pos % PAGE``."""
-    if PAGED:
+    ``kpos0`` is ``row0 + rel[t]``. Contiguous keys (``PAGED=0``): ``row0`` is the run's first row (int64) and
+    ``rel = start + t`` (int32 offsets that depend on the loop variable, so the compiler does not hoist a whole
+    tile of them out of the key loop). Paged keys (``kpos0`` = the run's position in its request): with
+    ``PAGED=2`` every key tile lies in one page (page size a multiple of ``BLOCK_K``, runs aligned to it): one
+    table read per tile, ``row0`` its first slot and ``rel = t``; with ``PAGED=1`` each key's slot
+    ``block_table[req, pos // PAGE] * PAGE + pos % PAGE`` (``row0 = 0``)."""
+    if PAGED == 2:
+        pos = kpos0 + start
+        page = tl.load(BlockTable + req.to(tl.int64) * stride_bt + pos // PAGE)
+        return page.to(tl.int64) * PAGE + pos % PAGE, tl.arange(0, BLOCK_K)
+    elif PAGED == 1:
         kpos = kpos0 + start + tl.arange(0, BLOCK_K)
         bt = BlockTable + req.to(tl.int64) * stride_bt + kpos // PAGE
         if USE_MASK:

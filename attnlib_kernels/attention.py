@@ -333,6 +333,12 @@ class TileTable:
             out.append(req)
         return tuple(out)
 
+    def runs_aligned(self, bk: int) -> bool:
+        """Every run starts at a multiple of ``bk`` keys from its request's first key (paged keys: then each
+        key tile of a run lies in one page when the page size is a multiple of ``bk``)."""
+        return all((k_start - base) % bk == 0 for (_, _, runs), (_, base) in zip(self.groups, self._requests)
+                   for k_start, *_ in runs)
+
     def _query_work(self, bq: int, bk: int) -> list[int]:
         """Flat ``(group, q0)`` per query tile, heaviest (most key tiles) first."""
         items = []
@@ -558,6 +564,7 @@ class _Meta:
     any_causal: int
     any_window: int
     page: int              # 0: contiguous keys
+    page_tiles: int        # paged: bit 0/1/2 -> the forward / dQ / split-K key tiles each lie in one page
     deterministic: int
     sparse: int
     exact: int
@@ -698,11 +705,19 @@ def _common(q, k, v, table, key_valid, alibi, block_table, m: _Meta, softcap: fl
     bt = block_table if block_table is not None else _dummy(dev)
     flags = dict(GROUP=q.shape[2] // k.shape[2], D=q.shape[-1], DV=v.shape[-1], GW=m.GW,
                  HAS_CAUSAL=bool(m.any_causal), HAS_WINDOW=bool(m.any_window), HAS_KEY_VALID=key_valid is not None,
-                 SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None, PAGED=paged, PAGE=max(m.page, 1),
+                 SOFTCAP=softcap > 0, HAS_ALIBI=alibi is not None, PAGED=int(paged), PAGE=max(m.page, 1),
                  BLOCK_D=_pow2(q.shape[-1]), BLOCK_DV=_pow2(v.shape[-1]), IEEE=q.dtype == torch.float32)
     strides = dict(kv=(kt, ks, vt, vs), mb=kvm.stride(0) if key_valid is not None else 0, ab=stride_ab,
                    bt=bt.stride(0) if block_table is not None else 0)
     return kvm, alibi_t, bt, flags, strides
+
+
+def _paged_mode(m: _Meta, kernel: int) -> int:
+    """The kernels' ``PAGED`` flag: 0 contiguous keys, 2 one page per key tile (bit ``kernel`` of
+    ``page_tiles``), 1 a page lookup per key."""
+    if not m.page:
+        return 0
+    return 2 if (m.page_tiles >> kernel) & 1 else 1
 
 
 def _forward(q, k, v, table, key_valid, alibi, sinks, block_table, layout, m: _Meta, scale: float, softcap: float):
@@ -727,11 +742,9 @@ def _forward(q, k, v, table, key_valid, alibi, sinks, block_table, layout, m: _M
         if m.n_items:
             args = (q, kt, vt, opart, lpart, table, kvm, alibi_t, bt, *_strides3(q), *ks, *vs,
                     *lpart.stride()[:3], st["mb"], st["ab"], st["bt"], m.off_items, qk_scale, cap_scale, cap_log2)
-            kw = dict(flags, ROWS=rows, BLOCK_K=m.split_k)
-            kw.pop("GW")
+            kw = dict(flags, ROWS=rows, BLOCK_K=m.split_k, PAGED=_paged_mode(m, 2))
             _launch(_attn_fwd_split_kernel, (m.n_items, hkv, b), ("split", dev.type, rows, m.split_k, q.dtype,
-                                                                   flags["D"], dv), m.split_w, m.split_s, args,
-                    dict(kw, GW=m.GW))
+                                                                   flags["D"], dv), m.split_w, m.split_s, args, kw)
         _attn_split_merge_kernel[(sq, hq, b)](
             opart, lpart, out, lse, table, sinks_t, *lpart.stride()[:3], *_strides3(out), *lse.stride()[:2],
             m.off_gitems, m.off_rowg, GROUP=flags["GROUP"], DV=dv, GW=m.GW, HAS_SINKS=sinks is not None,
@@ -748,6 +761,7 @@ def _forward(q, k, v, table, key_valid, alibi, sinks, block_table, layout, m: _M
             *_strides3(q), *ks, *vs, *_strides3(out), *lse.stride()[:2], st["mb"], st["ab"], st["bt"], *ns, *is_,
             *ys, m.off_qf, m.lay_q0, m.lay_k0, max(m.lay_bq, 1), max(m.lay_bk, 1), qk_scale, cap_scale, cap_log2)
     kw = dict(flags, R=m.R, HAS_SINKS=sinks is not None, SPARSE=bool(m.sparse), LAYOUT=bool(m.sparse and not m.exact),
+              PAGED=_paged_mode(m, 0),
               BLOCK_Q=m.fwd_q, BLOCK_K=m.fwd_k)
     _launch(_attn_fwd_kernel, (m.n_qf, hq, b), ("fwd", dev.type, m.fwd_q, m.fwd_k, q.dtype, flags["D"], dv),
             m.fwd_w, m.fwd_s, args, kw)
@@ -812,7 +826,7 @@ def _backward(dout, dlse, q, k, v, out, lse, table, key_valid, alibi, sinks, blo
                 *_strides3(q), *ks, *vs, *_strides3(dout), *_strides3(dq), st["mb"], st["ab"], st["bt"], *ns, *is_,
                 *ys, sq, hq, m.off_qd, m.lay_q0, m.lay_k0, max(m.lay_bq, 1), max(m.lay_bk, 1),
                 qk_scale, scale, cap_scale, cap_log2)
-        kw = dict(flags, R=m.R, **sparse_kw, BLOCK_Q=m.dq_q, BLOCK_K=m.dq_k)
+        kw = dict(flags, R=m.R, **sparse_kw, BLOCK_Q=m.dq_q, BLOCK_K=m.dq_k, PAGED=_paged_mode(m, 1))
         _launch(_attn_bwd_dq_kernel, (m.n_qd, hq, b), ("bwd_dq", dev.type, m.dq_q, m.dq_k, q.dtype, d, dv),
                 m.dq_w, m.dq_s, args, kw)
     if paged:     # logical keys -> page pool slots (shared pages add up)
@@ -946,7 +960,9 @@ def _meta_for(tiles: _Tiles, where: dict, table: TileTable, page: int, determini
     values.update(pre_q=tiles.pre[0], pre_w=tiles.pre[2], any_causal=int(table.any_causal),
                   any_window=int(table.any_window), page=page, deterministic=int(deterministic),
                   split=int(tiles.split is not None), split_rows=split[0], split_k=split[1], split_w=split[3],
-                  split_s=split[4], seqlen_k=table.seqlen_k)
+                  split_s=split[4], seqlen_k=table.seqlen_k,
+                  page_tiles=sum(int(page > 0 and page % bk == 0 and table.runs_aligned(bk)) << i
+                                 for i, bk in enumerate((tiles.fwd[1], tiles.dq[1], split[1] or 1))))
     return _Meta(**{n: values.get(n, where.get(n, 0)) for n in _META_FIELDS})
 
 

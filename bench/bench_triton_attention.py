@@ -347,7 +347,8 @@ VARIANTS = {
     "modifiers": {"HAS_CAUSAL": True, "SOFTCAP": True, "HAS_ALIBI": True, "HAS_SINKS": True},
     "sparse": {"HAS_CAUSAL": True, "SPARSE": True},
     "sparse+layout": {"SPARSE": True, "LAYOUT": True},
-    "paged16": {"HAS_CAUSAL": True, "PAGED": True, "PAGE": 16},
+    "paged16": {"HAS_CAUSAL": True, "PAGED": 1, "PAGE": 16},          # a page lookup per key
+    "paged256": {"HAS_CAUSAL": True, "PAGED": 2, "PAGE": 256},        # one page per key tile
 }
 _FLAGS = ("HAS_CAUSAL", "HAS_WINDOW", "HAS_KEY_VALID", "SOFTCAP", "HAS_ALIBI", "HAS_SINKS", "PAGED", "SPARSE", "LAYOUT")
 
@@ -383,7 +384,8 @@ def compile_check(arch: int = 90, head_dims=((64, 64), (128, 128), (256, 256), (
     for kind, name, (d, dv), dtype in itertools.product(only or kernels, variants or VARIANTS, head_dims, dtypes):
         flags = VARIANTS[name]
         fn = kernels[kind]
-        if kind in ("split", "merge") and (flags.get("SPARSE") or name not in ("plain", "modifiers", "paged16")):
+        if kind in ("split", "merge") and (flags.get("SPARSE") or name not in ("plain", "modifiers", "paged16",
+                                                                                  "paged256")):
             continue          # split-K decode: no block-sparse layouts; a few variants are enough
         if kind == "merge" and (d, dv) != head_dims[0]:
             continue
@@ -393,7 +395,7 @@ def compile_check(arch: int = 90, head_dims=((64, 64), (128, 128), (256, 256), (
         const = dict(GROUP=2, D=d, DV=dv, R=flags.get("R", 1), GW=4 + 5 * flags.get("R", 1), PAGE=flags.get("PAGE", 1),
                      BLOCK_Q=cfg.block_q, BLOCK_K=cfg.block_k, ROWS=16,
                      BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_DV=max(16, triton.next_power_of_2(dv)),
-                     IEEE=dtype == torch.float32, **{f: bool(flags.get(f, False)) for f in _FLAGS})
+                     IEEE=dtype == torch.float32, **{f: flags.get(f, False) for f in _FLAGS})
         const = {n: c for n, c in const.items() if n in fn.arg_names}
         sig = {}
         for arg in fn.arg_names:
