@@ -1150,7 +1150,7 @@ def attention_tiles_backward(q, k, v, out, lse, dout, dlse, table: TileTable, *,
     if args is None:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     q, k, v, rest = args[0], args[1], args[2], args[3:]
-    dout = torch.zeros_like(out) if dout is None else dout
+    dout = torch.zeros(out.shape, dtype=q.dtype, device=q.device) if dout is None else dout.to(q.dtype)
     dq, dk, dv, _ = _bwd_op(dout, dlse, q, k, v, out, lse.float(), *rest)
     return dq, dk, dv
 
