@@ -433,6 +433,18 @@ class Plan:
             self._cache["max_runs"] = got
         return got
 
+    def derived(self, key, build):
+        """``build(plan)``: a value that follows from the plan's structure (its tiles and lengths) and ``key``,
+        cached with the structure (shared by :meth:`with_call` copies; rebuilt while compiling). A backend keeps
+        its per-plan lowering here, e.g. a kernel's tile table."""
+        if torch.compiler.is_compiling():
+            return build(self)
+        key = ("derived", key)
+        got = self._cache.get(key)
+        if got is None:
+            got = self._cache[key] = build(self)
+        return got
+
     def layers(self) -> tuple["Plan", ...]:
         """Plans in which every row sees at most one tile (layer ``r``: the ``r``-th tile of each group),
         for kernels that take one key run per row: their results merge by the LSE rule. Sinks are left

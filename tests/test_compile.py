@@ -240,7 +240,7 @@ def test_triton_custom_op_passes_torch_library_opcheck():
     from attnlib_kernels import attention as kernels
 
     q, k, v = (t.requires_grad_(True) for t in _inputs(None, 5, 9))
-    args = (q, k, v, None, None, None, 0.25, False, 2, 5, 9, True, False, -1, False)
+    args = kernels.op_args(q, k, v, scale=0.25, causal=True)
     torch.library.opcheck(kernels._fwd_op, args, test_utils=("test_schema", "test_autograd_registration",
                                                               "test_faketensor", "test_aot_dispatch_dynamic"))
 

@@ -428,36 +428,33 @@ def test_output_keeps_q_layout_dtype_and_value_head_dim():
 
 
 # ---------------------------------------------------------------------------------------------
-# the triton backend's mask lowering (attnlib/backends/triton.py)
+# the triton backend's lowering: the plan's groups and key runs become the kernels' tile table
 # ---------------------------------------------------------------------------------------------
-def test_backend_lowers_each_mask_to_kernel_arguments_and_refuses_dense_masks():
-    from attnlib.backends.triton import TritonBackend, _lower
+def test_backend_builds_the_tile_table_from_the_plan_and_refuses_only_dense_masks():
+    from attnlib.backends.triton import TritonBackend, tile_table
     from attnlib.inputs import validate_call
-    from attnlib.masks import BlockDiagonal, Causal, DenseMask, KeyPadding
+    from attnlib.masks import BlockDiagonal, BlockSparse, Causal, DenseMask, KeyPadding
 
-    q, k, v = rand(1, 6, 2, 16, dtype=torch.float32, seed=1), rand(1, 8, 2, 16, dtype=torch.float32, seed=2), rand(1, 8, 2, 16, dtype=torch.float32, seed=3)
+    q, k = rand(1, 6, 2, 16, dtype=torch.float32, seed=1), rand(1, 8, 2, 16, dtype=torch.float32, seed=2)
 
-    def lower(mask, q=q, k=k, v=v):
-        return _lower(validate_call(q, k, v, mask))
+    def table(mask, q=q, k=k, **mods):
+        call = validate_call(q, k, k, mask, **mods)
+        assert TritonBackend().why_not(call) == []
+        return tile_table(call.plan)
 
-    assert lower(None) == {}
-    assert lower(Causal()) == {"causal": True, "top_left": False, "window": None}
-    assert lower(Causal(align="top_left", window=3)) == {"causal": True, "top_left": True, "window": 3}
+    assert table(None).groups == ((0, 6, ((0, 8, 2, False, None),)),)       # ALiBi's offset: bottom-right
+    assert table(Causal(align="top_left", window=3)).groups == ((0, 6, ((0, 8, 0, True, 3),)),)
     qp, kp = rand(8, 2, 16, dtype=torch.float32, seed=4), rand(10, 2, 16, dtype=torch.float32, seed=5)
-    bd = lower(BlockDiagonal([3, 5], [4, 6], causal=True), qp, kp, kp)
-    assert bd["cu_seqlens_q"].tolist() == [0, 3, 8] and bd["cu_seqlens_k"].tolist() == [0, 4, 10]
-    assert (bd["max_seqlen_q"], bd["max_seqlen_k"], bd["causal"], bd["check_cu_seqlens"]) == (5, 6, True, False)
+    assert table(BlockDiagonal([3, 5], [4, 6], causal=True), qp, kp).groups == (
+        (0, 3, ((0, 4, 1, True, None),)), (3, 5, ((4, 6, 1, True, None),)))
+    sink = table(Causal(window=2, sink=1), softcap=3.0, sinks=torch.zeros(2, device=DEVICE))
+    assert sink.runs == 2 and sink.groups[0][2] == ((0, 1, 2, True, None), (1, 7, 1, True, 2))
     valid = torch.ones(1, 8, dtype=torch.bool, device=DEVICE)
-    assert lower(KeyPadding(valid))["key_valid"] is valid
-    assert lower(KeyPadding(valid, causal=True, window=2)) == {"causal": True, "top_left": False, "window": 2,
-                                                                "key_valid": valid}
-    q, k, v = _qkv()
-    dense = DenseMask(torch.ones(1, 1, 8, 8, dtype=torch.bool, device=DEVICE))
-    reasons = TritonBackend().why_not(validate_call(q, k, v, dense))
+    assert table(KeyPadding(valid, causal=True)).groups == ((0, 6, ((0, 8, 2, True, None),)),)
+    assert table(BlockSparse(torch.ones(1, 1, dtype=torch.bool), 8)).runs == 1
+    dense = DenseMask(torch.ones(1, 1, 6, 8, dtype=torch.bool, device=DEVICE))
+    reasons = TritonBackend().why_not(validate_call(q, k, k, dense))
     assert any("DenseMask" in r and "dense" in r for r in reasons)
-    assert TritonBackend().why_not(validate_call(q, k, v, Causal(window=2))) == []
-    with pytest.raises(TypeError, match="DenseMask"):
-        lower(dense, q, k, v)
 
 
 # ---------------------------------------------------------------------------------------------
