@@ -206,9 +206,12 @@ def _nan_where_nonfinite(x: torch.Tensor) -> torch.Tensor:
 def _sanitized(call: AttentionCall):
     """Every non-finite key and value zeroed (differentiable); the rows that see one, or whose query is
     non-finite, to be marked NaN."""
-    k_ok = torch.isfinite(call.k).all(-1)                                     # [B, Sk, Hkv]
+    k_ok = torch.isfinite(call.k).all(-1)                                     # [B, Sk, Hkv] (or a page pool's)
     v_ok = torch.isfinite(call.v).all(-1)
-    bad = (~(k_ok & v_ok)).transpose(1, 2)
+    bad = ~(k_ok & v_ok)
+    if call.plan.kv is not None:              # pool slots [P, page, Hkv] -> the logical keys [1, Tk, Hkv]
+        bad = bad.flatten(0, 1).index_select(0, call.plan.kv.slot_index()).unsqueeze(0)
+    bad = bad.transpose(1, 2)
     zero = torch.zeros((), dtype=call.k.dtype, device=call.k.device)
     call = call.replace(k=torch.where(k_ok[..., None], call.k, zero), v=torch.where(v_ok[..., None], call.v, zero))
     if call.gqa_ratio > 1:
@@ -238,6 +241,8 @@ def _first_key_mark(call: AttentionCall) -> torch.Tensor:
     A row whose every score is NaN has such a key, and a row that sees such a key must be non-finite
     anyway: marking these rows is exact, and reads about as much of K as there are queries."""
     plan, k = call.plan, call.k
+    if plan.kv is not None:                   # a kernel that reads pages: the logical keys it sees
+        k = plan.kv.gather(k).unsqueeze(0)
     if plan.structure_full:                 # every row's first key: key 0, or each batch row's first valid one
         if plan.key_valid is None:
             return _nan_where_nonfinite(k[:, :1])                              # [B, 1, Hkv, 1]

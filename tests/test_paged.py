@@ -119,6 +119,24 @@ def test_paged_on_compiled_and_interpreted_backends(backend):
     _close(got, want, atol=1e-5)
 
 
+def test_strict_guard_on_a_kernel_that_reads_pages(monkeypatch):
+    """``ATTNLIB_NONFINITE_GUARD=strict`` on a backend that reads the pool through the table: non-finite keys
+    are found per logical key (the pool's slots mapped through the table), so exactly the rows that see one
+    are NaN and the unused NaN pages reach nothing."""
+    _serves("triton")
+    monkeypatch.setenv("ATTNLIB_NONFINITE_GUARD", "strict")
+    q_lens, kv_lens = (1, 3), (7, 5)
+    q, keys, vals = _requests(q_lens, kv_lens, seed=4)
+    keys[1][2, 0, 0] = float("inf")          # request 1's key 2, kv head 0: every one of its query rows sees it
+    kp, vp, table = _pages(keys, vals, 2)
+    mask = BlockDiagonal(q_lens, kv_lens, causal=True)
+    out = attnlib.attention(q, kp, vp, mask, block_table=table, backend="triton")
+    assert torch.isnan(out[1:, :H // HKV]).all()                     # the query heads of kv head 0
+    want = attnlib.attention(q, torch.cat(keys), torch.cat(vals), mask, backend="math")
+    assert torch.isfinite(out[:1]).all() and torch.isfinite(out[1:, H // HKV:]).all()
+    _close([out[:1], out[1:, H // HKV:]], [want[:1], want[1:, H // HKV:]], atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # key lengths on the device
 # ---------------------------------------------------------------------------------------------------
