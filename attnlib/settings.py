@@ -74,10 +74,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "inside the pool, via `torch._assert_async`); costs a little per call",
            "`1` on, anything else off"),
     EnvVar(NONFINITE_GUARD, "`1` (on)",
-           "after a kernel that returns a row as 0 when every one of its scores is NaN (SDPA, flex, flash-attn, "
-           "xformers), the rows with a non-finite query or that see a non-finite key are set to NaN, so garbage "
-           "in visible inputs is never silently dropped; costs one read of q and k per call",
-           "`0` off, anything else on"),
+           "garbage isolation for kernels that lack it: padded key slots are zeroed before kernels that would "
+           "read them (one copy of K and V per call with `KeyPadding` on sdpa), and after a kernel that returns "
+           "a row as 0 when every one of its scores is NaN (SDPA, flex, flash-attn, xformers) the rows with a "
+           "non-finite query or first visible key are set to NaN. A few small ops per call: on the 2-core CPU a "
+           "tiny decode step costs +35 us with `Causal()` and +76 us with `KeyPadding` (bench/bench_overhead.py)",
+           "`0` off (inputs known finite and padding known clean), `strict` also zeroes non-finite keys hidden "
+           "by causality, windows or sparsity (one more pass over K and V), anything else on"),
     EnvVar(ROTARY_KERNEL, "`1` (on)",
            "CUDA rotary / mRoPE calls use attnlib's Triton kernels; `0` runs the torch implementation",
            "`0` off, anything else on"),
