@@ -109,13 +109,13 @@ def _run_probes() -> None:
 
 
 def _ensure_probed() -> None:
-    if _probed[0]:
-        return
-    if torch.compiler.is_compiling():      # the first call ever is being traced: probe at trace time
+    if torch.compiler.is_compiling():
+        # probed at trace time if the first call ever is being traced; the flag is read inside comptime so
+        # that the traced path is the same when dynamo restarts its analysis (a changed path is an error)
         from torch._dynamo.comptime import comptime
 
-        comptime(lambda ctx: _run_probes())
-    else:
+        comptime(lambda ctx: None if _probed[0] else _run_probes())
+    elif not _probed[0]:
         _run_probes()
 
 
