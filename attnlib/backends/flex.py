@@ -71,6 +71,7 @@ Tensors: BSHD in, flex takes BHSD (transposed views, no copy); packed THD is bat
 """
 from __future__ import annotations
 
+import operator
 import os
 import shutil
 import threading
@@ -555,8 +556,10 @@ def _build(plan: Plan, batch: int, hq: int, device: torch.device, psq: int | Non
     own = _owned if device.type == "cpu" and torch.compiler.is_compiling() else _as_is
     bs = _block_size(device)
     parts, structure, mask_mod, lo_hi = [], None, None, None
-    if plan.structured or not plan.structure_full:
-        # the key runs each row sees; hi <= sk - 1 hides padded keys, padded query rows see nothing
+    # the key runs each row sees: hi <= sk - 1 hides padded keys, padded query rows see nothing. Needed unless
+    # the structure hides nothing and a restriction hides the padding itself (a layout's partial last block
+    # would show padded keys)
+    if plan.structured or not plan.structure_full or (plan.sparse is not None and psk != sk):
         lo, hi = plan.runs_table()
         lo_d = own(_pad_dim(lo, 1, psq, 0).to(device=device, dtype=torch.int32))
         hi_d = own(_pad_dim(hi, 1, psq, -1).to(device=device, dtype=torch.int32))
@@ -693,6 +696,13 @@ def _pad_last(x: torch.Tensor, to: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 def _forward(call: AttentionCall):
     q, k, v = call.q, call.k, call.v
+    static = q.device.type == "cpu" and cpu_guard_enabled()
+    if static and torch.compiler.is_compiling():
+        # the CPU shape guard inside a caller's compile (dynamic=True, automatic dynamic shapes): every size a
+        # constant of the graph (operator.index specializes a symbolic size; another size recompiles), so the
+        # kernel, its scale (D ** -0.5 by default) included, is built for static shapes
+        for n in (*q.shape, *k.shape, *v.shape):
+            operator.index(n)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))          # BSHD -> BHSD views
     b, hq, sq, sk = qh.shape[0], call.heads_q, call.seqlen_q, call.seqlen_k
     dv = call.head_dim_v
@@ -703,7 +713,6 @@ def _forward(call: AttentionCall):
     if call.plan.packed:
         vh = _finite_values(vh)
     # the CPU shape guard: static shapes, lengths padded to a bucket (module docstring)
-    static = dev.type == "cpu" and cpu_guard_enabled()
     psq, psk = (_bucket(sq), _bucket(sk, minimum=_MIN_KEY_BUCKET)) if static else (sq, sk)
     compiling = torch.compiler.is_compiling()   # inside the caller's graph: no caches, locks or inner compile
     low = (_build(call.plan, b, hq, dev, psq, psk) if compiling
