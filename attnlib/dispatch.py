@@ -20,12 +20,14 @@ happens here, once:
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import torch
 
 from .backends.base import Backend, as_batch, gathers, native_parts
 from .inputs import AttentionCall
 from .merge import apply_sinks, merge_partials
+from .plan import Modifiers
 from .reference import attention_backward, sink_gradient
 from .inputs import validate_call
 from .registry import record_fallback, registry_generation, registry_override, registry_warn_again, select_backend
@@ -122,8 +124,8 @@ def execute(backend: Backend, call: AttentionCall, _padding_seen: bool = False):
     if len(parts) == 1 and parts[0] is call and not lse_grad:
         out, lse = _native(backend, call, marked)
     elif call.requires_grad:
-        sinks = call.plan.mods.sinks
-        out, lse = _Composite.apply(call.q, call.k, call.v, sinks, (backend, call, parts, sinks_here, marked))
+        out, lse = _Composite.apply(call.q, call.k, call.v, call.plan.mods.sinks, marked,
+                                    (backend, call, sinks_here))
     else:
         out, lse = _composite(backend, call, parts, sinks_here, marked)
     return out, (lse if call.return_lse else None)
@@ -314,33 +316,49 @@ def _composite(backend: Backend, call: AttentionCall, parts, sinks_here: bool, m
 
 class _Composite(torch.autograd.Function):
     """A call run in parts, differentiated in one pass: each part's gradient from the final output and LSE
-    (the fused backward rule), plus the sinks' own."""
+    (the fused backward rule), plus the sinks' own.
+
+    ``spec = (backend, call, sinks_here)`` carries no tensor the function reads (the guard's ``mark`` is an
+    argument): forward and backward each
+    rebuild the call from their own tensor arguments (:func:`_own_call`), with plans whose caches are new,
+    so that under ``torch.compile`` neither writes to an object created outside it (dynamo traces both as
+    subgraphs and refuses such side effects)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, spec):
-        backend, call, parts, sinks_here, mark = spec
+    def forward(ctx, q, k, v, sinks, mark, spec):
+        backend, call, sinks_here = spec
+        call = _own_call(call, q, k, v, sinks)
         with torch.no_grad():
-            out, lse = _composite(backend, call, parts, sinks_here, mark)
-        ctx.save_for_backward(q, k, v, out, lse)
+            out, lse = _composite(backend, call, native_parts(call, backend.capabilities), sinks_here, mark)
+        ctx.save_for_backward(q, k, v, sinks, out, lse)
         ctx.spec = spec
         ctx.set_materialize_grads(False)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        backend, call, parts, sinks_here, _ = ctx.spec
+        q, k, v, sinks, out, lse = ctx.saved_tensors
+        backend, call, _ = ctx.spec
+        call = _own_call(call, q, k, v, sinks)
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         if dout is not None or dlse is not None:
-            for part in parts:
+            for part in native_parts(call, backend.capabilities):
                 block_backward(backend, part, out, lse, dout, dlse, dq, dk, dv)
         dsinks = None
-        sinks = call.plan.mods.sinks
         if ctx.needs_input_grad[3] and sinks is not None:
             dsinks = sink_gradient(out, lse, dout, dlse, sinks)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dsinks, None, None
+
+
+def _own_call(call: AttentionCall, q, k, v, sinks) -> AttentionCall:
+    """``call`` on these tensors, its plan with a structure cache of its own (and these sinks)."""
+    plan = call.plan
+    mods = plan.modifiers
+    if sinks is not None:
+        mods = Modifiers(mods.softcap, mods.alibi, sinks)
+    return call.replace(q=q, k=k, v=v, plan=replace(plan, modifiers=mods, _cache={}, _tensor_cache={}))
 
 
 def block_backward(backend: Backend, call: AttentionCall, out, lse, dout, dlse, dq, dk, dv) -> None:

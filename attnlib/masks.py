@@ -133,8 +133,8 @@ class _TensorPlans:
     across layers plans once."""
 
     def _cached_plan(self, sq: int, sk: int, build) -> Plan:
-        if torch.compiler.is_compiling():       # symbolic sizes: the compiled graph is the cache
-            return build()
+        if torch.compiler.is_compiling():   # the compiled graph is the cache; writing onto a mask built outside
+            return build()                  # the compiled region would be a side effect dynamo cannot replay
         plans = self.__dict__.get("_plans")
         if plans is None:
             plans = {}

@@ -28,10 +28,16 @@ def merge_partials(parts, like: torch.Tensor | None = None):
     cd = _compute_dtype(parts[0][0])
     if len(parts) == 1:
         return parts[0][0], parts[0][1].to(cd)
-    lse = torch.stack([l.to(cd) for _, l in parts])                   # [n, B, H, S]
-    top = lse.detach().amax(0)
+    # pairwise, not over a torch.stack of the parts: inductor (torch 2.13, CPU) can reuse a slice of a stacked
+    # buffer for another tensor while the stack is still read (wrong merged rows in large compiled graphs)
+    lses = [l.to(cd) for _, l in parts]                               # each [B, H, S]
+    top = lses[0].detach()
+    for l in lses[1:]:
+        top = torch.maximum(top, l.detach())                           # NaN propagates, as amax does
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    total = torch.exp(lse - top).sum(0)
+    total = torch.exp(lses[0] - top)
+    for l in lses[1:]:
+        total = total + torch.exp(l - top)
     seen = total != 0                                                  # NaN (a non-finite input) propagates
     merged = top + torch.log(torch.where(seen, total, torch.ones_like(total)))
     out = None

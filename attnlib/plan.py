@@ -493,10 +493,15 @@ class Plan:
         got = self._cache.get("empty_runs")
         if got is None:
             seen = []
-            for g in self.groups():
-                rows = sorted((g.q_start + a, g.q_start + z) for a, z in (t.visible_rows() for t in g.tiles) if z > a)
+            for g in self.groups():      # groups are disjoint and sorted: sorting within each one is enough
+                rows = []
+                for a, z in (t.visible_rows() for t in g.tiles):
+                    if z > a:            # insertion by comparison, not sorted(): sizes may be symbolic (compile)
+                        i = len(rows)
+                        while i and rows[i - 1][0] > g.q_start + a:
+                            i -= 1
+                        rows.insert(i, (g.q_start + a, g.q_start + z))
                 seen += rows
-            seen.sort()
             runs, pos = [], 0
             for a, z in seen + [(self.seqlen_q, self.seqlen_q)]:
                 if a > pos:

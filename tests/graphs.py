@@ -1,4 +1,4 @@
-"""What the compile tests share: a dynamo backend that records the graphs it is handed."""
+"""What the compile tests share: dynamo backends that record the graphs they are handed."""
 
 
 class GraphRecorder(list):
@@ -11,6 +11,23 @@ class GraphRecorder(list):
 
     def ops(self, i: int = 0) -> list:
         return [n.target for n in self[i].graph.nodes if n.op == "call_function"]
+
+    @property
+    def nonempty(self) -> int:
+        """How many graphs hold at least one op (dynamo may hand over an empty one when it specializes a
+        size it had traced as symbolic)."""
+        return sum(1 for i in range(len(self)) if self.ops(i))
+
+
+class InductorRecorder(GraphRecorder):
+    """:class:`GraphRecorder` whose graphs are compiled by inductor, exactly as ``torch.compile``'s default
+    backend does (``compile_fx``): the path users run, with the graphs counted."""
+
+    def __call__(self, gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        self.append(gm)
+        return compile_fx(gm, example_inputs)
 
 
 def assert_one_node_and_eager_numbers(backend: str, op, q, k, mask) -> None:

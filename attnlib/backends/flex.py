@@ -1,24 +1,42 @@
 """``flex``: ``torch.nn.attention.flex_attention``, compiled with ``torch.compile``.
 
 On CPU inductor generates a C++ kernel, on CUDA a Triton one. The call's plan (:mod:`attnlib.plan`)
-becomes a ``BlockMask`` (``create_block_mask``) over one of five ``mask_mod`` families, built once per
-(mask, shape, device) and kept in a bounded LRU so repeated layers reuse it:
+becomes a ``mask_mod`` (and a ``score_mod`` for the score modifiers) made of these parts, and a
+``BlockMask`` built from the plan itself, once per (plan, shape, device), kept in a bounded LRU so
+repeated layers reuse it:
 
-========================  ===========================================================================
-family                    lowering
-========================  ===========================================================================
-``interval``              structured plans (``None``, ``Causal``, ``BlockDiagonal``): under each, query row
-                          ``i`` sees one contiguous run of keys ``lo[i] <= j <= hi[i]`` in global key
-                          coordinates (``Plan.intervals``); ``lo``/``hi`` are int32 lookup tensors, so the
-                          mask_mod is two gathers and two compares, and one compiled kernel serves full,
-                          causal and varlen calls alike (full blocks never evaluate the mask_mod)
-``key_padding``           ``valid[b, j]`` (per-batch lookup; any pattern: left, right, holes)
-``key_padding_interval``  ``KeyPadding(causal=True)``: the interval test and ``valid[b, j]``
-``dense_bool``            ``mask[b, h, i, j]`` on the broadcast-expanded tensor (block mask over its own
-                          batch/head extent)
-``dense_bias``            additive float mask: ``score_mod`` adds ``bias[b, h, i, j]``; a ``mask_mod``
-                          ``bias > -inf`` makes the block mask skip hidden blocks and rows
-========================  ===========================================================================
+=================  ================================================================================
+part               mask_mod
+=================  ================================================================================
+``runs``           the key runs of each row by structure: ``lo[r, i] <= j <= hi[r, i]`` for ``r < R``
+                   (``Plan.runs_table``, int32 lookup tensors; ``R`` is 2 for sink + window): one compiled
+                   kernel serves full, causal, windowed, chunked and varlen calls alike. Left out when
+                   the structure hides nothing and a tensor restriction follows.
+``key_padding``    ``valid[b, j]`` (any pattern: left, right, holes)
+``dense_bool``     ``mask[b, h, i, j]`` (index 0 along the mask's broadcast dims, no expanded copy)
+``dense_bias``     ``bias[b, h, i, j] > -inf``; the ``score_mod`` adds the bias
+``block_sparse``   ``layout[b, h, (i + q0) // bq, (j + k0) // bk]`` (``q0``/``k0``: a restricted plan's
+                   origin; the layout is padded so that padded rows and keys land on hidden blocks)
+=================  ================================================================================
+
+``score_mod``: ``softcap`` (``c * tanh(s / c)``), then ALiBi (``- slope[b, h] * |aligned[i] - j|``), then the
+dense bias. Sinks go through the LSE (the dispatch).
+
+The ``BlockMask`` lists, per (query tile, key tile), whether any pair may be visible and whether every pair
+is: from the runs table per row (exact for one run per row), the key validity per key tile, the dense
+mask reduced per tile, and the block layout through 2-D prefix sums at its own block size. Tiles that see
+nothing are never read by the kernel (no ``create_block_mask`` over the whole ``Sq x Sk`` grid); whole tiles
+skip the mask_mod. A tile may be listed without a visible pair (the mask_mod then hides every pair), never
+as whole unless it is.
+
+Inside a caller's ``torch.compile`` the lowering runs at trace time and becomes part of the graph; on CPU
+each tensor the mods read passes through one opaque copy (``attnlib::flex_buffer``), without which
+inductor's C++ flex template cannot lower a mod that reads a tensor computed in the graph.
+
+Paged KV: the dispatch gathers the visible pages into contiguous keys. torch's paged flex support
+(``torch.nn.attention.experimental._paged_attention``, private and experimental in torch 2.13) maps one
+request per batch row through a physical-to-logical table; attnlib's paged calls pack several requests
+(prefill and decode mixed) along one token axis, and on CPU the kernel would walk the pool in 64-slot tiles.
 
 Compiled functions are cached per (device type, family, dtype, head dims, head counts, LSE, scale; flex bakes
 the scale into the kernel, and the default ``D ** -0.5`` adds no key of its own): each key gets its
@@ -33,7 +51,8 @@ Tensors: BSHD in, flex takes BHSD (transposed views, no copy); packed THD is bat
 - LSE: on CUDA flex returns it (natural log since torch 2.5; the kernel's base-2 value is converted by
   the ``flex_attention`` front end). torch's CPU flex kernel is inference-only and cannot return the LSE
   (torch 2.13), so on CPU the LSE is a second, exact float32 pass over query chunks, each restricted to the
-  key span its rows can see (the ``interval`` family makes varlen calls cost their blocks, not ``T^2``).
+  key span its rows can see (the runs table makes varlen calls cost their blocks, not ``T^2``), with the
+  lowering's own mask_mod and score_mod evaluated on index grids.
 - Rows with no visible key: output 0, LSE ``-inf`` (enforced after the kernel on every path).
 - Autograd: CUDA only (torch's CPU flex kernel has no backward): reported in ``why_not``.
 - CPU shape guard (torch's CPU flex kernel, every torch version that has it, up to at least 2.13): when
@@ -52,7 +71,7 @@ Tensors: BSHD in, flex takes BHSD (transposed views, no copy); packed THD is bat
 """
 from __future__ import annotations
 
-import functools
+import operator
 import os
 import shutil
 import threading
@@ -78,6 +97,8 @@ COMPILED_CACHE_SIZE = 32
 #: partially visible tiles (bench/results/flex_cpu.md: 64 beat 128 by 15-20 % on varlen, equal on dense);
 #: CUDA keeps flex's default (128), which its Triton kernels are tuned for.
 BLOCK_SIZE = {"cpu": 64}
+#: flex's own default tile (``torch.nn.attention.flex_attention``'s ``_DEFAULT_SPARSE_BLOCK_SIZE``)
+_DEFAULT_BLOCK = 128
 #: the CPU shape guard (module docstring); ``ATTNLIB_FLEX_CPU_GUARD=0`` disables it
 ENV_CPU_GUARD = settings.FLEX_CPU_GUARD
 #: the padded shapes' granularity above 64 (one BlockMask tile on CPU) and the smallest key bucket
@@ -265,7 +286,8 @@ def _lru_put(cache: OrderedDict, key, value, size: int):
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class _Lowered:
-    """A plan in flex's terms. ``family`` names the mask_mod family (and with ``score`` the score_mod's)."""
+    """A plan in flex's terms. ``family`` names the mask_mod's parts (``runs``, ``key_padding``,
+    ``dense_bool``, ``dense_bias``, ``block_sparse``, joined by ``+``)."""
 
     family: str
     block_mask: Any = None
@@ -278,9 +300,45 @@ class _Lowered:
     anchors: tuple = ()
 
 
+# The tensors a mask_mod or score_mod reads, when built inside a compiled region on CPU, pass through one
+# opaque copy: inductor's C++ flex template (torch 2.13, and torch's main branch as of this writing) lists the
+# mods' captured buffers by name before it materializes them, so a captured tensor computed in the graph
+# (every lookup table attnlib builds at trace time) fails with "NoValidChoicesError: No choices to select"
+# (the template's NotImplementedError from ``Pointwise.get_name``, swallowed). An extern kernel's output
+# always has a name. Captured graph inputs need nothing; CUDA's Triton template realizes them first.
+if hasattr(torch, "library") and hasattr(torch.library, "custom_op"):
+    @torch.library.custom_op("attnlib::flex_buffer", mutates_args=())
+    def _flex_buffer(x: torch.Tensor) -> torch.Tensor:
+        return x.clone(memory_format=torch.contiguous_format)
+
+    @_flex_buffer.register_fake
+    def _flex_buffer_fake(x):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+else:  # pragma: no cover - torch < 2.4 has no flex either
+    _flex_buffer = None
+
+
+def _as_is(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a buffer of its own (see above); no gradient flows through torch's CPU flex kernel."""
+    return _flex_buffer(t.detach())
+
+
 # mask_mod / score_mod factories. Each family has one code object, so dynamo compiles a kernel once per
 # family and treats the closure tensors as inputs (shape guards only, never values). They are written with
 # broadcasting tensor ops, so the CPU LSE pass evaluates them on index grids too.
+def _at(t4: torch.Tensor):
+    """``t4[b, h, q, kv]`` with index 0 along the broadcast (size-1) dims of a 4-D tensor."""
+    keep_b, keep_h, keep_q, keep_k = (n != 1 for n in t4.shape)
+
+    def value(b, h, q_idx, kv_idx):
+        return t4[b if keep_b else 0, h if keep_h else 0, q_idx if keep_q else 0, kv_idx if keep_k else 0]
+    return value
+
+
 def _runs_mod(lo: torch.Tensor, hi: torch.Tensor):
     """Row q sees the key runs ``lo[r, q] <= kv <= hi[r, q]`` (``r < R``, a static size)."""
     def mask_mod(b, h, q_idx, kv_idx):
@@ -297,32 +355,38 @@ def _key_padding_mod(valid: torch.Tensor):
     return mask_mod
 
 
-def _runs_valid_mod(lo: torch.Tensor, hi: torch.Tensor, valid: torch.Tensor):
-    runs = _runs_mod(lo, hi)
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        return runs(b, h, q_idx, kv_idx) & valid[b, kv_idx]
-    return mask_mod
-
-
 def _dense_bool_mod(mask4: torch.Tensor):
+    at = _at(mask4)
+
     def mask_mod(b, h, q_idx, kv_idx):
-        return mask4[b, h, q_idx, kv_idx]
+        return at(b, h, q_idx, kv_idx)
     return mask_mod
 
 
 def _dense_finite_mod(bias4: torch.Tensor):
+    at = _at(bias4)
+
     def mask_mod(b, h, q_idx, kv_idx):
-        return bias4[b, h, q_idx, kv_idx] > _NEG_INF
+        return at(b, h, q_idx, kv_idx) > _NEG_INF
     return mask_mod
 
 
-def _block_sparse_mod(lo: torch.Tensor, hi: torch.Tensor, layout4: torch.Tensor, bq: int, bk: int, q0: int, k0: int):
-    """The runs and ``layout[b, h, (q + q0) // bq, (kv + k0) // bk]`` (``q0``/``k0``: a restricted plan's origin)."""
-    runs = _runs_mod(lo, hi)
+def _block_sparse_mod(layout4: torch.Tensor, bq: int, bk: int, q0: int, k0: int):
+    """``layout[b, h, (q + q0) // bq, (kv + k0) // bk]`` (``q0``/``k0``: a restricted plan's origin)."""
+    keep_b, keep_h = layout4.shape[0] != 1, layout4.shape[1] != 1
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return runs(b, h, q_idx, kv_idx) & layout4[b, h, (q_idx + q0) // bq, (kv_idx + k0) // bk]
+        return layout4[b if keep_b else 0, h if keep_h else 0, (q_idx + q0) // bq, (kv_idx + k0) // bk]
+    return mask_mod
+
+
+def _both(first, second):
+    """The conjunction of two mask_mods (either may be None)."""
+    if first is None or second is None:
+        return first if second is None else second
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return first(b, h, q_idx, kv_idx) & second(b, h, q_idx, kv_idx)
     return mask_mod
 
 
@@ -331,16 +395,106 @@ def _score_mod(softcap: float | None, slopes: torch.Tensor | None, aligned: torc
     """softcap, then ALiBi (``- slope[b, h] * |aligned[q] - kv|``), then an additive dense bias; None if none."""
     if softcap is None and slopes is None and bias4 is None:
         return None
+    bias = None if bias4 is None else _at(bias4)
 
     def score_mod(score, b, h, q_idx, kv_idx):
         if softcap is not None:
             score = softcap * torch.tanh(score / softcap)
         if slopes is not None:
             score = score - slopes[b, h] * (aligned[q_idx] - kv_idx).abs()
-        if bias4 is not None:
-            score = score + bias4[b, h, q_idx, kv_idx]
+        if bias is not None:
+            score = score + bias(b, h, q_idx, kv_idx)
         return score
     return score_mod
+
+
+# block structure from the plan: which (query block, key block) tiles hold a visible pair ("meets") and
+# which are visible whole ("covers"; the kernel skips the mask_mod there). Tiles that meet nothing are not
+# listed, so the kernel never reads them. A tile may be listed as meeting when it does not (the mask_mod
+# then hides it pair by pair); it is never listed as whole unless it is. Tiles that stick out past the
+# padded lengths are never whole (as in torch's create_block_mask).
+def _runs_blocks(lo: torch.Tensor, hi: torch.Tensor, psq: int, psk: int, bq: int, bk: int):
+    """``(meets, covers)`` bool ``[nQ, nK]`` of the runs table ``lo``/``hi`` ``[R, psq]``."""
+    nq, nk = -(-psq // bq), -(-psk // bk)
+    first = torch.arange(nk, device=lo.device, dtype=torch.int32) * bk
+    last = first + (bk - 1)
+    lo3, hi3 = lo[:, :, None], hi[:, :, None]
+    meets = ((lo3 <= last) & (hi3 >= first) & (hi3 >= lo3)).any(0)          # [psq, nK]
+    covers = ((lo3 <= first) & (hi3 >= last)).any(0)
+    return (_pad_dim(meets, 0, nq * bq, False).view(nq, bq, nk).any(1),
+            _pad_dim(covers, 0, nq * bq, False).view(nq, bq, nk).all(1))
+
+
+def _token_blocks(vis4: torch.Tensor, psq: int, psk: int, bq: int, bk: int):
+    """``(meets, covers)`` of a bool ``[B?, H?, Sq', Sk']`` visibility (size-1 dims broadcast) per tile."""
+    meets, covers = vis4, vis4
+    for dim, n, size in ((2, -(-psq // bq), bq), (3, -(-psk // bk), bk)):
+        if vis4.shape[dim] == 1:
+            continue
+        def split(x, reduce):
+            x = _pad_dim(x, dim, n * size, False)
+            return reduce(x.reshape(x.shape[:dim] + (n, size) + x.shape[dim + 1:]), dim + 1)
+        meets = split(meets, torch.any)
+        covers = split(covers, torch.all)
+    return meets, covers
+
+
+def _layout_blocks(lay4: torch.Tensor, sp, psq: int, psk: int, bq: int, bk: int):
+    """``(meets, covers)`` of a block layout (its own block sizes and origins) per kernel tile, from 2-D
+    prefix sums of the layout: a tile meets when it spans a visible layout block, is covered when every
+    layout block it spans is visible."""
+    nq, nk = -(-psq // bq), -(-psk // bk)
+    dev = lay4.device
+    counts = torch.nn.functional.pad(lay4.to(torch.int32).cumsum(2).cumsum(3), (1, 0, 1, 0))
+
+    def spans(n, size, total, origin, lsize):
+        start = torch.arange(n, device=dev) * size
+        stop = (start + size).clamp(max=total)
+        return (start + origin) // lsize, (stop - 1 + origin) // lsize + 1
+
+    r0, r1 = spans(nq, bq, psq, sp.q_origin, sp.bq)
+    c0, c1 = spans(nk, bk, psk, sp.k_origin, sp.bk)
+
+    def at(r, c):
+        return counts[:, :, r[:, None], c[None, :]]
+
+    n = at(r1, c1) - at(r0, c1) - at(r1, c0) + at(r0, c0)
+    return n > 0, n == (r1 - r0)[:, None] * (c1 - c0)[None, :]
+
+
+def _ordered(blocks: torch.Tensor):
+    """A bool ``[B, H, nQ, nK]`` tile matrix as flex's ``(num_blocks, indices)`` (listed tiles first)."""
+    num = blocks.sum(-1, dtype=torch.int32)
+    idx = torch.argsort(blocks.to(torch.int32), dim=-1, descending=True, stable=True).to(torch.int32)
+    return num.contiguous(), idx.contiguous()
+
+
+def _block_size(device: torch.device) -> int:
+    return BLOCK_SIZE.get(device.type, _DEFAULT_BLOCK)
+
+
+def _block_mask(mask_mod, psq: int, psk: int, device: torch.device, structure, restriction):
+    """flex's ``BlockMask`` from the plan's tiles (``structure``: ``(meets, covers)`` of the runs, None when
+    every key is visible by structure) and the tensor restriction's tiles; ``mask_mod`` decides the rest."""
+    fa, _ = _flex_module()
+    if not torch.compiler.is_compiling():      # inside a compiled region the block mask is part of the graph
+        with _LOCK:
+            _STATS["block_masks"] += 1
+    bs = _block_size(device)
+    nq, nk = -(-psq // bs), -(-psk // bs)
+    whole_q = (torch.arange(1, nq + 1, device=device) * bs <= psq)[:, None]
+    whole_k = (torch.arange(1, nk + 1, device=device) * bs <= psk)[None, :]
+    meets, covers = structure if structure is not None else (torch.ones(nq, nk, dtype=torch.bool, device=device),
+                                                             whole_q & whole_k)
+    if restriction is not None:
+        meets, covers = meets & restriction[0], covers & restriction[1]
+    meets, covers = _as4d(meets), _as4d(covers & whole_q & whole_k)
+    shape = torch.broadcast_shapes(meets.shape, covers.shape)
+    meets, covers = meets.expand(shape), covers.expand(shape) & meets
+    num, idx = _ordered(meets & ~covers)
+    full_num, full_idx = _ordered(covers)
+    return fa.BlockMask.from_kv_blocks(num, idx, full_num, full_idx, BLOCK_SIZE=(bs, bs), mask_mod=mask_mod,
+                                       seq_lengths=(psq, psk))
 
 
 def _tensor_key(t):
@@ -380,16 +534,6 @@ def _lowered(plan: Plan, batch: int, hq: int, device: torch.device, padded: tupl
     return got
 
 
-def _create_block_mask(mask_mod, b, h, sq: int, sk: int, device):
-    fa, _ = _flex_module()
-    if not torch.compiler.is_compiling():      # inside a compiled region the block mask is part of the graph
-        with _LOCK:
-            _STATS["block_masks"] += 1
-    size = BLOCK_SIZE.get(torch.device(device).type)
-    extra = {} if size is None else {"BLOCK_SIZE": size}
-    return fa.create_block_mask(mask_mod, b, h, sq, sk, device=device, **extra)
-
-
 def _pad_dim(x: torch.Tensor, dim: int, to: int, value) -> torch.Tensor:
     """``x`` extended along ``dim`` to length ``to`` with ``value``."""
     extra = to - x.shape[dim]
@@ -409,54 +553,58 @@ def _build(plan: Plan, batch: int, hq: int, device: torch.device, psq: int | Non
     """Lower the plan to a BlockMask and mods: padded rows see nothing, padded keys are hidden."""
     sq, sk = plan.seqlen_q, plan.seqlen_k
     psq, psk = (sq if psq is None else psq), (sk if psk is None else psk)
-    lo, hi = plan.runs_table()                    # hi <= sk - 1: padded keys are never visible
-    lo_d = _pad_dim(lo, 1, psq, 0).to(device=device, dtype=torch.int32)
-    hi_d = _pad_dim(hi, 1, psq, -1).to(device=device, dtype=torch.int32)   # padded query rows see nothing
-    mods = plan.mods
-    slopes = aligned = None
-    if mods.alibi is not None:
-        slopes = _as4d(mods.alibi)[0, 0] if mods.alibi.dim() == 1 else mods.alibi
-        slopes = slopes.reshape(-1, hq).expand(batch, hq).to(device=device, dtype=torch.float32)
-        aligned = _pad_dim(plan.aligned_keys(), 0, psq, 0).to(device=device, dtype=torch.int32)
-    bias_full = None
-    if plan.dense is not None:
-        m4 = _as4d(plan.dense)
-        mb, mh = m4.shape[0], m4.shape[1]
+    own = _owned if device.type == "cpu" and torch.compiler.is_compiling() else _as_is
+    bs = _block_size(device)
+    parts, structure, mask_mod, lo_hi = [], None, None, None
+    # the key runs each row sees: hi <= sk - 1 hides padded keys, padded query rows see nothing. Needed unless
+    # the structure hides nothing and a restriction hides the padding itself (a layout's partial last block
+    # would show padded keys)
+    if plan.structured or not plan.structure_full or (plan.sparse is not None and psk != sk):
+        lo, hi = plan.runs_table()
+        lo_d = own(_pad_dim(lo, 1, psq, 0).to(device=device, dtype=torch.int32))
+        hi_d = own(_pad_dim(hi, 1, psq, -1).to(device=device, dtype=torch.int32))
+        parts.append("runs")
+        mask_mod, structure, lo_hi = _runs_mod(lo_d, hi_d), _runs_blocks(lo_d, hi_d, psq, psk, bs, bs), (lo, hi)
+    restriction, bias4 = None, None
+    if plan.key_valid is not None:
+        valid = own(_pad_dim(plan.key_valid.to(device), 1, psk, False))          # padded keys: hidden
+        parts.append("key_padding")
+        mask_mod = _both(mask_mod, _key_padding_mod(valid))
+        restriction = _token_blocks(valid[:, None, None, :], psq, psk, bs, bs)
+    elif plan.dense is not None:
+        m4 = _as4d(plan.dense).to(device)
         hidden = False if m4.dtype == torch.bool else _NEG_INF
-        if (psq, psk) != (sq, sk):
-            m4 = _pad_dim(_pad_dim(m4.expand(mb, mh, sq, sk), 2, psq, hidden), 3, psk, hidden)
-        full = m4.expand(batch, hq, psq, psk)
+        if psk != sk:                  # padded keys: hidden (a mask broadcast over keys gets its key axis)
+            m4 = _pad_dim(m4.expand(*m4.shape[:3], sk), 3, psk, hidden)
+        if psq != sq and m4.shape[2] != 1:
+            m4 = _pad_dim(m4, 2, psq, hidden)
+        m4 = own(m4)
         if m4.dtype == torch.bool:
-            mod, family = _dense_bool_mod(full), "dense_bool"
+            parts.append("dense_bool")
+            mod, vis = _dense_bool_mod(m4), m4
         else:
-            mod, family, bias_full = _dense_finite_mod(full), "dense_bias", full
-        bm = _create_block_mask(mod, mb, mh, psq, psk, device)
-        return _Lowered(family, bm, mod, _score_mod(mods.softcap, slopes, aligned, bias_full), None, _anchors(plan))
-    if plan.sparse is not None:
+            parts.append("dense_bias")
+            mod, vis, bias4 = _dense_finite_mod(m4), m4 > _NEG_INF, m4
+        mask_mod = _both(mask_mod, mod)
+        restriction = _token_blocks(vis, psq, psk, bs, bs)
+    elif plan.sparse is not None:
         sp = plan.sparse
         lay = _as4d(sp.layout).to(device)
         # padded rows and keys (and a restricted plan's origin) must land inside the layout: pad it, hidden
         need_q = (psq - 1 + sp.q_origin) // sp.bq + 1 if psq else 0
         need_k = (psk - 1 + sp.k_origin) // sp.bk + 1 if psk else 0
-        lay = _pad_dim(_pad_dim(lay, 2, max(need_q, lay.shape[2]), False), 3, max(need_k, lay.shape[3]), False)
-        mod = _block_sparse_mod(lo_d, hi_d, lay.expand(batch, hq, *lay.shape[2:]), sp.bq, sp.bk, sp.q_origin,
-                                sp.k_origin)
-        bm = _create_block_mask(mod, lay.shape[0], lay.shape[1], psq, psk, device)
-        return _Lowered("block_sparse", bm, mod, _score_mod(mods.softcap, slopes, aligned, None), (lo, hi),
-                        _anchors(plan))
-    score = _score_mod(mods.softcap, slopes, aligned, None)
-    if plan.key_valid is None:
-        mod = _runs_mod(lo_d, hi_d)
-        bm = _create_block_mask(mod, None, None, psq, psk, device)
-        return _Lowered("runs", bm, mod, score, (lo, hi), _anchors(plan))
-    valid_p = _pad_dim(plan.key_valid, 1, psk, False)
-    if plan.structure_full:
-        mod = _key_padding_mod(valid_p)
-        bm = _create_block_mask(mod, batch, None, psq, psk, device)
-        return _Lowered("key_padding", bm, mod, score, None, _anchors(plan))
-    mod = _runs_valid_mod(lo_d, hi_d, valid_p)
-    bm = _create_block_mask(mod, batch, None, psq, psk, device)
-    return _Lowered("key_padding_runs", bm, mod, score, (lo, hi), _anchors(plan))
+        lay = own(_pad_dim(_pad_dim(lay, 2, max(need_q, lay.shape[2]), False), 3, max(need_k, lay.shape[3]), False))
+        parts.append("block_sparse")
+        mask_mod = _both(mask_mod, _block_sparse_mod(lay, sp.bq, sp.bk, sp.q_origin, sp.k_origin))
+        restriction = _layout_blocks(lay, sp, psq, psk, bs, bs)
+    mods = plan.mods
+    slopes = aligned = None
+    if mods.alibi is not None:
+        slopes = own(mods.alibi.reshape(-1, hq).expand(batch, hq).to(device=device, dtype=torch.float32))
+        aligned = own(_pad_dim(plan.aligned_keys(), 0, psq, 0).to(device=device, dtype=torch.int32))
+    block_mask = _block_mask(mask_mod, psq, psk, device, structure, restriction)
+    return _Lowered("+".join(parts), block_mask, mask_mod, _score_mod(mods.softcap, slopes, aligned, bias4), lo_hi,
+                    _anchors(plan))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,6 +696,13 @@ def _pad_last(x: torch.Tensor, to: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 def _forward(call: AttentionCall):
     q, k, v = call.q, call.k, call.v
+    static = q.device.type == "cpu" and cpu_guard_enabled()
+    if static and torch.compiler.is_compiling():
+        # the CPU shape guard inside a caller's compile (dynamic=True, automatic dynamic shapes): every size a
+        # constant of the graph (operator.index specializes a symbolic size; another size recompiles), so the
+        # kernel, its scale (D ** -0.5 by default) included, is built for static shapes
+        for n in (*q.shape, *k.shape, *v.shape):
+            operator.index(n)
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))          # BSHD -> BHSD views
     b, hq, sq, sk = qh.shape[0], call.heads_q, call.seqlen_q, call.seqlen_k
     dv = call.head_dim_v
@@ -556,7 +711,6 @@ def _forward(call: AttentionCall):
         out = q.new_zeros(b, sq, hq, dv)
         return out, (torch.full((b, hq, sq), _NEG_INF, device=dev) if call.return_lse else None)
     # the CPU shape guard: static shapes, lengths padded to a bucket (module docstring)
-    static = dev.type == "cpu" and cpu_guard_enabled()
     psq, psk = (_bucket(sq), _bucket(sk, minimum=_MIN_KEY_BUCKET)) if static else (sq, sk)
     compiling = torch.compiler.is_compiling()   # inside the caller's graph: no caches, locks or inner compile
     low = (_build(call.plan, b, hq, dev, psq, psk) if compiling
