@@ -185,9 +185,10 @@ class BlockLayout:
     bk: int
     q_origin: int = 0
     k_origin: int = 0
-    #: for a host (CPU) layout, read once when the mask was built: ``(idx, count, most)`` with ``idx`` int64
-    #: ``[L, nQ, most]`` the visible key blocks of each query block (ascending, padded), ``count`` ``[L, nQ]``,
-    #: ``most`` the largest count (``L``: the layout's flattened leading dims)
+    #: for a host (CPU) layout, read once when the mask was built: ``(idx, count, most, counts)`` with ``idx``
+    #: int64 ``[L, nQ, most]`` the visible key blocks of each query block (ascending, padded), ``count``
+    #: ``[L, nQ]``, ``most`` the largest count, ``counts`` the same counts as a flat tuple of ints (calls read
+    #: them without touching a tensor; ``L``: the layout's flattened leading dims)
     host: tuple | None = None
 
     @property
@@ -228,12 +229,13 @@ class BlockLayout:
 
 
 def host_blocks(layout: torch.Tensor) -> tuple:
-    """``(idx, count, most)`` of a CPU layout (see :attr:`BlockLayout.host`); reads it on the host."""
+    """``(idx, count, most, counts)`` of a CPU layout (see :attr:`BlockLayout.host`); reads it on the host."""
     lay = layout.reshape(-1, layout.shape[-2], layout.shape[-1])
     count = lay.sum(-1, dtype=torch.int64)
-    most = int(count.max()) if count.numel() else 0
+    counts = tuple(count.reshape(-1).tolist())
+    most = max(counts, default=0)
     order = torch.sort((~lay).to(torch.int8), dim=-1, stable=True).indices
-    return order[..., :most].contiguous(), count, most
+    return order[..., :most].contiguous(), count, most, counts
 
 
 @dataclass(frozen=True, eq=False)
@@ -517,7 +519,7 @@ class Plan:
         sp = self.sparse
         if (sp is not None and sp.host is not None and self.structure_full and sp.covers(self.seqlen_q, self.seqlen_k)
                 and not torch.compiler.is_compiling()):       # the host counts are data to a compiled graph
-            return bool((sp.host[1] == 0).any())
+            return 0 in sp.host[3]
         return bool(self.empty_row_runs()) or not self.structured
 
     def runs(self) -> tuple[tuple[int, int, int, int, Tile], ...]:

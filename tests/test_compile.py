@@ -408,7 +408,7 @@ def test_a_backend_first_asked_inside_a_compiled_region_is_probed_at_trace_time_
             return attnlib.get_backend("math").forward(call)
 
     attnlib.register_backend(Probed())
-    q, k, v = _inputs(None, 12, 12)
+    q, k, v = INPUTS["dense"]
     from torch._dynamo.testing import CompileCounter
 
     counter = CompileCounter()

@@ -238,7 +238,7 @@ def _block_sparse(call: AttentionCall):
     and no mask where every gathered key is visible."""
     q, k, v, plan = call.q, call.k, call.v, call.plan
     lay = plan.sparse
-    idx, count, _ = lay.host
+    idx, _, _, counts = lay.host
     b, sq, hq, d = q.shape
     sk, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
     bq, bk = lay.bq, lay.bk
@@ -266,7 +266,7 @@ def _block_sparse(call: AttentionCall):
     hi = F.pad(hi[0], (0, nq * bq - sq), value=-1).view(nq, bq)
     structure_full = plan.structure_full and sk == nk * bk
     per_key = bb * bk * heads[1] * (d + dv) * k.element_size()
-    for c, units, rows, blocks, first in _units(idx, count, lead, b, hq, hkv, nq, nk, str(dev)):
+    for c, units, rows, blocks, first in _units(idx, counts, lead, b, hq, hkv, nq, nk, str(dev)):
         step = max(1, _GATHER_BYTES // (c * per_key))
         for s0 in range(0, units.shape[0], step):
             u, r = units[s0:s0 + step], rows[s0:s0 + step].reshape(-1)   # [U] units, [U * c] key block rows
@@ -371,28 +371,34 @@ def _bucketed(call: AttentionCall):
 
 
 @host_lru(64)
-def _units(idx: torch.Tensor, count: torch.Tensor, lead: tuple, b: int, hq: int, hkv: int, nq: int, nk: int,
+def _units(idx: torch.Tensor, counts: tuple, lead: tuple, b: int, hq: int, hkv: int, nq: int, nk: int,
            device: str):
     """A host layout's units grouped by how many key blocks they see: ``[(c, units [U], rows [U, c],
     blocks [U, c], first), ...]`` for each count ``c > 0``, on ``device``. A unit is a query block (a layout
     shared by batch and heads) or a flat ``(batch, head, query block)``; ``rows`` index the gathered key tensor
     (the block, or the block of the unit's kv head), ``blocks`` are the key block numbers; ``first``: the
     first unit when the group's units are consecutive, else None. ``lead``: the layout's ``(batch, heads)``
-    dims (each 1 or full)."""
+    dims (each 1 or full); ``counts``: the layout's flat per-query-block counts (Python ints: no tensor is
+    read here)."""
     if lead != (1, 1) and lead != (b, hq):               # broadcast over the batch or the heads: one row per (b, h)
         idx = idx.view(*lead, nq, -1).expand(b, hq, nq, idx.shape[-1]).reshape(b * hq, nq, -1)
-        count = count.view(*lead, nq).expand(b, hq, nq).reshape(b * hq, nq)
-    flat_count = count.reshape(-1)
-    flat_idx = idx.reshape(flat_count.shape[0], -1)
+        rows_of = [(i if lead[0] > 1 else 0) * lead[1] + (h if lead[1] > 1 else 0) for i in range(b) for h in range(hq)]
+        counts = tuple(counts[r * nq + j] for r in rows_of for j in range(nq))
+    flat_idx = idx.reshape(len(counts), -1)
+    by_count: dict = {}
+    for unit, c in enumerate(counts):
+        if c:
+            by_count.setdefault(c, []).append(unit)
     out = []
-    for c in sorted(set(flat_count.tolist()) - {0}):
-        units = torch.nonzero(flat_count == c).flatten()
+    for c in sorted(by_count):
+        listed = by_count[c]
+        units = torch.tensor(listed, dtype=torch.int64)
         blocks = flat_idx[units, :c]
         rows = blocks
         if lead != (1, 1):                               # (b, h, i) -> rows of (b, h // group): (b*hkv + h//g)*nk + j
             bh = units // nq
             rows = ((bh // hq) * hkv + (bh % hq) // (hq // hkv))[:, None] * nk + blocks
-        first = int(units[0]) if int(units[-1]) - int(units[0]) == units.numel() - 1 else None
+        first = listed[0] if listed[-1] - listed[0] == len(listed) - 1 else None
         out.append((c, units.to(device), rows.contiguous().to(device), blocks.contiguous().to(device), first))
     return out
 
