@@ -20,8 +20,8 @@ Conventions (tile table, positions, alignment) are those of :mod:`attnlib_kernel
 import triton
 import triton.language as tl
 
-from attnlib_kernels._attn_fwd import (_LOG2E, _dot, _key_range, _key_rows, _layout_rows, _load, _masked_start,
-                                       _run, _scores, _seen_span, _visible)
+from attnlib_kernels._attn_fwd import (_LOG2E, _dot, _group, _key_range, _key_rows, _layout_rows, _load,
+                                       _masked_start, _run, _scores, _seen_span, _visible)
 
 
 @triton.jit
@@ -138,10 +138,7 @@ def _attn_bwd_dq_kernel(
     hk = h // GROUP
     g = tl.load(Table + work_off + 2 * w)
     q0 = tl.load(Table + work_off + 2 * w + 1)
-    q_start = tl.load(Table + g * GW)
-    Lq = tl.load(Table + g * GW + 1)
-    req = tl.load(Table + g * GW + 2)
-    req_base = tl.load(Table + g * GW + 3)
+    q_start, Lq, req, req_base = _group(Table, g, GW)
     offs_q = q0 + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)

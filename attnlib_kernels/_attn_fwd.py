@@ -70,6 +70,13 @@ def _tanh(x):
 
 
 @triton.jit
+def _group(Groups, g, GW: tl.constexpr):
+    """Group ``g``'s head: ``(q_start, q_len, request, request_key_base)``."""
+    p = Groups + g * GW
+    return tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3)
+
+
+@triton.jit
 def _run(Groups, g, r, GW: tl.constexpr):
     """``(k_start, k_len, offset, causal, window)`` of run ``r`` of group ``g``."""
     p = Groups + g * GW + 4 + r * 5
@@ -348,10 +355,7 @@ def _attn_fwd_kernel(
     hk = h // GROUP
     g = tl.load(Table + work_off + 2 * w)
     q0 = tl.load(Table + work_off + 2 * w + 1)
-    q_start = tl.load(Table + g * GW)
-    Lq = tl.load(Table + g * GW + 1)
-    req = tl.load(Table + g * GW + 2)
-    req_base = tl.load(Table + g * GW + 3)
+    q_start, Lq, req, req_base = _group(Table, g, GW)
 
     offs_q = q0 + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, BLOCK_D)
@@ -430,10 +434,7 @@ def _attn_fwd_split_kernel(
     r = tl.load(Table + item_off + 4 * it + 1)
     k_lo = tl.load(Table + item_off + 4 * it + 2)
     k_hi = tl.load(Table + item_off + 4 * it + 3)
-    q_start = tl.load(Table + g * GW)
-    Lq = tl.load(Table + g * GW + 1)
-    req = tl.load(Table + g * GW + 2)
-    req_base = tl.load(Table + g * GW + 3)
+    q_start, Lq, req, req_base = _group(Table, g, GW)
     k_start, Lk, off, causal, window = _run(Table, g, r, GW)
 
     rho = tl.arange(0, ROWS)

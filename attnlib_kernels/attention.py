@@ -985,7 +985,7 @@ def _check_common(q, k, v, scale):
         raise ValueError(f"scale must be a positive finite float, got {scale}; the usual value is head_dim ** -0.5")
 
 
-def _check_heads(q, k, v):
+def _check_heads(q, k, v, packed: bool = False):
     hq, d = q.shape[-2], q.shape[-1]
     hkv, dk = k.shape[-2], k.shape[-1]
     if k.shape[:-1] != v.shape[:-1]:
@@ -997,7 +997,7 @@ def _check_heads(q, k, v):
     for name, n in (("q/k head dim", d), ("v head dim", v.shape[-1])):
         if not 1 <= n <= MAX_HEAD_DIM:
             raise ValueError(f"{name} {n} is not supported by the triton kernels (1..{MAX_HEAD_DIM})")
-    if hq > 65535 or q.shape[0] > 65535:
+    if hq > 65535 or (not packed and q.shape[0] > 65535):
         raise ValueError(f"batch={q.shape[0]}, Hq={hq}: the kernels launch one grid row per batch row and per head, "
                          "at most 65535 each; split the call")
 
@@ -1230,19 +1230,7 @@ def attention(q, k, v, *, scale: float,
     return (out, lse) if return_lse else out
 def _check_inputs(q, k, v, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   causal, top_left, window, key_valid, check_cu_seqlens):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name}.dtype={t.dtype} is not supported; use float16, bfloat16 or float32")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them first")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite float, got {scale}; the usual value is head_dim ** -0.5")
+    _check_common(q, k, v, scale)
 
     packed = cu_seqlens_q is not None or cu_seqlens_k is not None
     if packed:
@@ -1261,22 +1249,7 @@ def _check_inputs(q, k, v, scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_
                              f"ranks {q.dim()}, {k.dim()}, {v.dim()} (for packed [T, H, D] pass cu_seqlens_q/k)")
         if not (q.shape[0] == k.shape[0] == v.shape[0]):
             raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
-    hq, d = q.shape[-2], q.shape[-1]
-    hkv, dk = k.shape[-2], k.shape[-1]
-    if k.shape[:-1] != v.shape[:-1]:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in all but the last dim")
-    if d != dk:
-        raise ValueError(f"q head dim {d} != k head dim {dk}")
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"Hq={hq} must be a multiple of Hkv={hkv} (GQA/MQA)")
-    dv = v.shape[-1]
-    for name, n in (("q/k head dim", d), ("v head dim", dv)):
-        if not 1 <= n <= MAX_HEAD_DIM:
-            raise ValueError(f"{name} {n} is not supported by the triton kernels (1..{MAX_HEAD_DIM})")
-
-    if hq > 65535 or (not packed and q.shape[0] > 65535):
-        raise ValueError(f"batch={q.shape[0]}, Hq={hq}: the kernels launch one grid row per batch row and per "
-                         "head, at most 65535 each; split the call")
+    _check_heads(q, k, v, packed)
     if top_left and not causal:
         raise ValueError("top_left=True selects the causal alignment; it needs causal=True")
     if window is not None:

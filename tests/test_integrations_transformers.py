@@ -1,5 +1,4 @@
 """attn_implementation="attnlib" in transformers gives eager's numbers on tiny random models."""
-import contextlib
 import copy
 import warnings
 
@@ -9,6 +8,7 @@ import torch
 import attnlib
 from attnlib import BlockDiagonal, Causal, KeyPadding
 from attnlib.testing import assert_close_to_reference, reference_and_naive
+from tests.hostreads import HostReadError, no_host_reads
 
 transformers = pytest.importorskip("transformers")
 import attnlib.integrations.transformers as hf  # noqa: E402
@@ -584,24 +584,6 @@ def test_packed_position_ids_in_two_rows_match_eager(make, rec):
     want = {BlockDiagonal([5, 3, 2, 6], causal=True)} | ({BlockDiagonal([5, 3, 2, 6], causal=True, window=window)}
                                                         if window else set())
     assert masks == want and {p.path for p in rec.translations} == {"lengths"}
-
-
-class HostReadError(AssertionError):
-    pass
-
-
-@contextlib.contextmanager
-def no_host_reads():
-    """Inside, reading a tensor's value into Python raises (on an accelerator: a device sync)."""
-    def boom(name):
-        def read(self, *args, **kwargs):
-            raise HostReadError(f"Tensor.{name} called on the hot path")
-        return read
-
-    with pytest.MonkeyPatch.context() as m:
-        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
-            m.setattr(torch.Tensor, name, boom(name))
-        yield
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

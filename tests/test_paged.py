@@ -14,6 +14,7 @@ import torch
 import attnlib
 from attnlib import BlockDiagonal
 from attnlib.kvcache import PagedKVCache
+from tests.hostreads import no_host_reads
 from tests.reference64 import attention64
 
 H, HKV, D = 4, 2, 8
@@ -393,20 +394,6 @@ def test_cache_errors():
 # ---------------------------------------------------------------------------------------------------
 # decode steps: no host reads, one compiled graph, one CUDA graph
 # ---------------------------------------------------------------------------------------------------
-@pytest.fixture
-def no_host_reads(monkeypatch):
-    """Reading a tensor on the host (``.item()``, ``bool(t)``, ``.tolist()``, ``int(t)``...) raises."""
-    def refuse(name):
-        def method(self, *args, **kwargs):
-            raise AssertionError(f"hot path called Tensor.{name}")
-        return method
-
-    def arm():
-        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
-            monkeypatch.setattr(torch.Tensor, name, refuse(name))
-    return arm
-
-
 def _prefilled(layers=2, device="cpu", dtype=torch.float32, seed=8, lens=(5, 9, 2)):
     g = torch.Generator().manual_seed(seed)
     cache = PagedKVCache(layers, 24, 4, HKV, D, dtype=dtype, device=device)
@@ -419,20 +406,20 @@ def _prefilled(layers=2, device="cpu", dtype=torch.float32, seed=8, lens=(5, 9, 
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa"])
-def test_a_decode_step_reads_nothing_on_the_host(backend, no_host_reads):
+def test_a_decode_step_reads_nothing_on_the_host(backend):
     cache, seqs = _prefilled()
     static = cache.static_step(seqs, 16)
     g = torch.Generator().manual_seed(9)
     inputs = [[_rand(3, n, D, g=g) for n in (H, HKV, HKV)] for _ in range(4)]
-    no_host_reads()
-    for q, k, v in inputs[:2]:              # static buffers: device lengths
-        static.advance()
-        for layer in range(2):
-            static.attention(layer, q, k, v, backend=backend, return_lse=True)
-    for q, k, v in inputs[2:]:              # a fresh step each time: host lengths
-        step = cache.step({s: 1 for s in seqs})
-        for layer in range(2):
-            step.attention(layer, q, k, v, backend=backend, return_lse=True)
+    with no_host_reads():
+        for q, k, v in inputs[:2]:              # static buffers: device lengths
+            static.advance()
+            for layer in range(2):
+                static.attention(layer, q, k, v, backend=backend, return_lse=True)
+        for q, k, v in inputs[2:]:              # a fresh step each time: host lengths
+            step = cache.step({s: 1 for s in seqs})
+            for layer in range(2):
+                step.attention(layer, q, k, v, backend=backend, return_lse=True)
 
 
 def _decode_fn(static, backend):
