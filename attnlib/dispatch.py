@@ -201,8 +201,12 @@ def _guard(call: AttentionCall, caps, padding_seen: bool = False):
 
 
 def _nan_where_nonfinite(x: torch.Tensor) -> torch.Tensor:
-    """``[..., 1]``: NaN where a row of ``x`` holds a non-finite value, else 0 (``0 * inf`` is NaN too)."""
-    return (x * 0).sum(-1, keepdim=True, dtype=torch.float32)
+    """``[..., 1]``: NaN where a row of ``x`` holds a non-finite value, else 0: the row's sum times 0 (one pass
+    over ``x``; ``0 * inf`` is NaN). A finite row whose sum overflows (entries near the dtype's largest value,
+    which overflow any score they enter) is marked too."""
+    if x.dtype in (torch.float32, torch.float64):
+        return x.sum(-1, keepdim=True) * 0
+    return x.sum(-1, keepdim=True, dtype=torch.float32) * 0
 
 
 def _sanitized(call: AttentionCall):
