@@ -205,10 +205,11 @@ LOWER = "time relative to the group's baseline (dashed line = 1; shorter bar = f
 
 
 def plot_core(path):
-    t = table("core_cpu.md", "After the plan refactor", "group")
+    t = table("core_cpu.md", "After the score modifiers", "group")
     ratio_figure(ratio_groups(t, "group", "variant", "median (ms)", "ratio to baseline"),
-                 "attnlib's sdpa lowering vs raw SDPA and hand-written baselines (CPU, fp32, forward)",
-                 "2-core AMD EPYC VM, nothing else running (load average ~1, the benchmark itself); 2026-12-01; "
+                 "attnlib's sdpa lowering vs raw SDPA and hand-written baselines (CPU, fp32, forward, "
+                 "non-finite guard on)",
+                 "2-core AMD EPYC VM, nothing else running (load average 0.9-1.4, the benchmark itself); 2026-12-07; "
                  "torch 2.13.0+cpu; pytest-benchmark medians (bench/bench_core.py, bench/results/core_cpu.md)",
                  path, xlabel=LOWER)
 
