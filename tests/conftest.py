@@ -27,6 +27,14 @@ except ImportError:  # pragma: no cover
 def pytest_addoption(parser):
     parser.addoption("--fuzz-long", action="store_true", default=False,
                      help="differential fuzzer: 20x the CI budget, random (not derandomized) examples")
+    parser.addoption("--full-grid", action="store_true", default=False,
+                     help="conformance: every case in every dtype on flex and triton on a CPU (3x their "
+                          "cases; by default each case runs in one dtype there, rotating)")
+
+
+def pytest_configure(config):
+    if config.getoption("--full-grid"):      # read when the test modules build their parameters
+        os.environ["ATTNLIB_TESTS_FULL_GRID"] = "1"
 
 
 @pytest.fixture
