@@ -575,6 +575,8 @@ def _spec_visible(spec, plan):
     got = torch.zeros(sq, sk, dtype=torch.bool)
     if spec.kind is K.EMPTY:
         return got
+    if spec.kind is K.TILES:                      # one call per run of tiles: each run's own causal class
+        return plan.materialize()
     if spec.kind is K.TENSOR:
         bias, empty = additive_bias(plan, 1, 1, torch.float32, "cpu")
         rows = torch.zeros(sq, dtype=torch.bool) if empty is None else empty.expand(1, 1, sq)[0, 0]
